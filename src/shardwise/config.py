@@ -1,0 +1,163 @@
+"""Typed training configuration: TOML file, then command-line flags on top.
+
+    config = load_config(Path("run.toml"), overrides={"batch_size": 32})
+    config.batch_size  # 32, whatever the file said
+
+Every field carries its own help text: the CLI builds its flags from these fields, so the TOML
+keys, the flags and `shardwise train --help` can never drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardwise.errors import ShardwiseError
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; the resolved copy is saved as RUN_DIR/config.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # What to train on.
+    data: Path | None = Field(
+        None,
+        description="Training text: a plain-text file (paragraphs separated by blank lines) or "
+        "JSONL with a 'text' or 'tokens' field. Default: Python's own documentation text.",
+    )
+    model: str = Field(
+        "lstm",
+        description="Built-in model (lstm, gru, transformer) or 'package.module:factory' "
+        "returning an nn.Module.",
+    )
+    max_len: int = Field(256, ge=2, description="Longest sequence in tokens; longer ones are cut.")
+    long_sequences: Literal["split", "truncate"] = Field(
+        "split", description="What to do with sequences longer than --max-len."
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0.0, le=0.5, description="Share of sequences held out to measure eval loss."
+    )
+    # Where and how wide.
+    nproc: int | None = Field(
+        None, ge=1, description="Worker processes on this machine. Default: every GPU, else 2."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when a GPU is present."
+    )
+    nnodes: int = Field(1, ge=1, description="Machines taking part (multi-node runs).")
+    node_rank: int | None = Field(
+        None, ge=0, description="This machine's rank; implies static rendezvous at the endpoint."
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="HOST:PORT of the rendezvous. Default: a free local port."
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="Seconds before a missing or hung peer becomes an error."
+    )
+    # Optimisation.
+    max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
+    batch_size: int = Field(16, ge=1, description="Sequences per rank per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated per optimizer step.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 autocast (CPU or GPU) or fp16 with loss scaling (GPU)."
+    )
+    clip_norm: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this value (0: no clipping)."
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a share of --lr.")
+    seed: int = Field(0, description="Seeds weights, data order and sampling.")
+    # Run directory, checkpoints, reporting.
+    run_dir: Path | None = Field(None, description="Run directory. Default: runs/<timestamp>.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a checkpoint every N steps (0: only at the end)."
+    )
+    resume: Path | None = Field(
+        None, description="Resume from a checkpoint directory, or the latest one in a run dir."
+    )
+    log_every: int = Field(10, ge=1, description="Steps between metrics rows.")
+    num_workers: int = Field(0, ge=0, description="Data-loading worker processes per rank.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files if installed.")
+    sample_bytes: int = Field(
+        200, ge=0, description="Bytes of text to sample from the model at the end."
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("a multi-node run needs rdzv_endpoint HOST:PORT on every node")
+        if self.rdzv_endpoint is not None:
+            parse_endpoint(self.rdzv_endpoint)
+        return self
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (unset optional values are left out)."""
+        values = self.model_dump(mode="json", exclude_none=True)
+        return tomli_w.dumps(values)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split 'host:port' and check the port.
+
+    >>> parse_endpoint("localhost:29500")
+    ('localhost', 29500)
+    """
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rdzv_endpoint {endpoint!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file, accepting dashed keys (as on the command line) too."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardwiseError(f"--config {path}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ShardwiseError(f"--config {path}: not valid TOML ({exc})") from None
+    return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate raw values into a TrainConfig, turning pydantic's report into one clear line."""
+    _reject_unknown_keys(values, source)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise ShardwiseError(_describe_validation_error(exc, source)) from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Values from the TOML file at `path` (if any), with `overrides` (flags) taking precedence."""
+    values = read_toml(path) if path is not None else {}
+    source = f"--config {path}" if path is not None else "config"
+    return build_config({**values, **(overrides or {})}, source)
+
+
+def _reject_unknown_keys(values: dict[str, Any], source: str) -> None:
+    known = set(TrainConfig.model_fields)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ShardwiseError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _describe_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if not field:
+        return f"{source}: {message}"
+    return f"{source}: {field} = {first.get('input')!r}: {message}"

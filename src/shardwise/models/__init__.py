@@ -1,0 +1,162 @@
+"""Built-in byte-level language models, and building a model from a name or a factory path.
+
+model = build_model("gru")                        # a built-in
+model = build_model("my_project.models:tiny_lm")  # your own factory
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from shardwise.errors import ShardwiseError
+from shardwise.models.generate import generate
+from shardwise.models.recurrent import RecurrentLM
+from shardwise.models.transformer import TransformerLM
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "RecurrentLM",
+    "TransformerLM",
+    "build_model",
+    "check_model_spec",
+    "generate",
+]
+
+_BUILTINS: dict[str, Callable[..., nn.Module]] = {
+    "lstm": partial(RecurrentLM, cell="lstm"),
+    "gru": partial(RecurrentLM, cell="gru"),
+    "transformer": TransformerLM,
+}
+BUILTIN_MODELS: tuple[str, ...] = tuple(_BUILTINS)
+
+_FORM = "'package.module:factory'"
+
+
+def build_model(spec: str, vocab_size: int = 256) -> nn.Module:
+    """Build the model `spec` names: a built-in, or a factory given as 'package.module:factory'.
+
+        model = build_model("transformer", vocab_size=260)
+        model = build_model("my_project.models:tiny_lm")
+
+    A factory is called with `vocab_size=vocab_size` when its signature names a `vocab_size`
+    parameter, and with no arguments otherwise; it must return an `nn.Module`. Anything a
+    user can get wrong (unknown name, import failure, missing or uncallable attribute, the
+    factory raising, a non-module result) raises `ShardwiseError` naming the spec.
+    """
+    if spec in _BUILTINS:
+        return _BUILTINS[spec](vocab_size=vocab_size)
+    factory = _resolve_factory(spec)
+    takes_vocab = _takes_vocab_size(factory)
+    try:
+        model = factory(vocab_size=vocab_size) if takes_vocab else factory()
+    except Exception as error:
+        raise ShardwiseError(
+            f"model {spec!r}: the factory raised {_one_line(error)}; fix the factory"
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise ShardwiseError(
+            f"model {spec!r}: the factory returned {type(model).__name__}, not a "
+            "torch.nn.Module; make it return the model"
+        )
+    return model
+
+
+def check_model_spec(spec: str) -> None:
+    """Check that `spec` names a built-in or an importable, callable factory, without building.
+
+        check_model_spec("lstm")                       # fine
+        check_model_spec("my_project.models:tiny_lm")  # imports my_project.models
+
+    Raises `ShardwiseError` for the same mistakes as `build_model`, short of calling the
+    factory; a factory whose signature needs arguments other than `vocab_size` fails here too.
+    """
+    if spec not in _BUILTINS:
+        _resolve_factory(spec)
+
+
+def _resolve_factory(spec: str) -> Callable[..., Any]:
+    module_name, attribute = _split_spec(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        # A module that fails while importing is as much a user mistake as a missing one.
+        raise ShardwiseError(
+            f"model {spec!r}: cannot import {module_name!r} ({_one_line(error)}); install it "
+            "or put its folder on PYTHONPATH"
+        ) from error
+    factory: Any = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise ShardwiseError(
+                f"model {spec!r}: {module_name!r} has no attribute {attribute!r}"
+                f"{_did_you_mean(part, dir(factory))}; name a function or class in it"
+            )
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ShardwiseError(
+            f"model {spec!r}: {attribute!r} is of type {type(factory).__name__}, not callable; "
+            "name a function or class that returns an nn.Module"
+        )
+    _check_callable_without_arguments(spec, factory)
+    return factory
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    if ":" not in spec:
+        raise ShardwiseError(
+            f"model {spec!r} is not a built-in ({', '.join(BUILTIN_MODELS)})"
+            f"{_did_you_mean(spec, BUILTIN_MODELS)}; use one of those or {_FORM}"
+        )
+    module_name, _, attribute = spec.partition(":")
+    module_name, attribute = module_name.strip(), attribute.strip()
+    parts_ok = all(p.isidentifier() for p in (*module_name.split("."), *attribute.split(".")))
+    if not parts_ok:
+        raise ShardwiseError(f"model {spec!r} is not of the form {_FORM}; e.g. 'my_pkg.lm:build'")
+    return module_name, attribute
+
+
+def _takes_vocab_size(factory: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions have no signature
+        return False
+    parameter = parameters.get("vocab_size")
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def _check_callable_without_arguments(spec: str, factory: Callable[..., Any]) -> None:
+    # Catch a factory that needs arguments before workers launch, not inside each of them.
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    takes_vocab = _takes_vocab_size(factory)
+    try:
+        signature.bind(**({"vocab_size": 256} if takes_vocab else {}))
+    except TypeError as error:
+        call = "factory(vocab_size=...)" if takes_vocab else "factory()"
+        raise ShardwiseError(
+            f"model {spec!r}: the factory cannot be called as {call} ({error}); "
+            "give its other parameters defaults"
+        ) from error
+
+
+def _did_you_mean(name: str, options: Any) -> str:
+    by_lower = {str(option).lower(): str(option) for option in options}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

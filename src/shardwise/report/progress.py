@@ -1,0 +1,171 @@
+"""The rank-0 training progress display: a live bar in a terminal, plain lines elsewhere.
+
+    with TrainProgress(total_steps=400) as progress:
+        progress.update(step, loss=2.31, tokens_per_s=41_200.0)
+
+In CI logs and pipes a live bar is noise (or nothing at all), so there the display prints one
+line every ~10% of the run instead: `step 120/400 loss 2.31 tok/s 41,200 eta 1m05s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from time import monotonic
+from types import TracebackType
+from typing import Any, Self
+
+from shardwise.report.summary import format_duration
+
+log = logging.getLogger(__name__)
+
+# How many plain lines a whole run prints when there is no terminal (plus the last step).
+PLAIN_LINES_PER_RUN = 10
+
+
+class TrainProgress:
+    """Show training progress on rank 0; a context manager.
+
+        with TrainProgress(total_steps=400, start_step=100) as progress:
+            progress.update(120, loss=2.31, tokens_per_s=41_200.0)
+
+    `step` is the number of steps completed, so the last update is `update(total_steps, ...)`.
+    `enabled=False` prints nothing at all, messages included. If stdout goes away (a closed
+    pipe) the display turns itself off rather than stopping training.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True) -> None:
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.enabled = enabled
+        self._progress: Any = None  # a rich Progress while the live bar is shown
+        self._task: Any = None
+        self._entered = False
+        self._start_time = monotonic()
+        self._every = max(1, math.ceil(total_steps / PLAIN_LINES_PER_RUN))
+        self._last_printed = start_step
+
+    @property
+    def live(self) -> bool:
+        """Whether the rich live bar is showing (a terminal), rather than plain lines."""
+        return self._progress is not None
+
+    def __enter__(self) -> Self:
+        self._entered = True
+        self._start_time = monotonic()
+        if self.enabled:
+            self._start_live_if_terminal()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop_live()
+
+    def update(
+        self, step: int, loss: float | None = None, tokens_per_s: float | None = None
+    ) -> None:
+        """Record that `step` steps are done, with the latest loss and throughput if known.
+
+        progress.update(120, loss=2.31, tokens_per_s=41_200.0)
+        progress.update(121, loss=None, tokens_per_s=None)   # not measured this step
+        """
+        if not self._entered:
+            raise RuntimeError("TrainProgress.update called outside `with TrainProgress(...)`")
+        if not self.enabled:
+            return
+        try:
+            if self._progress is not None:
+                self._progress.update(
+                    self._task,
+                    completed=step,
+                    loss="-" if loss is None else f"{loss:.4g}",
+                    tok_s="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                )
+            elif self._due(step):
+                print(self._plain_line(step, loss, tokens_per_s), flush=True)
+                self._last_printed = step
+        except OSError as error:
+            self._turn_off(error)
+
+    def print_message(self, text: str) -> None:
+        """Print a line of text above the live bar (or plainly when there is none).
+
+        progress.print_message("saved checkpoint at step 200")
+        progress.print_message("eval loss 2.45")
+        """
+        if not self.enabled:
+            return
+        try:
+            if self._progress is not None:
+                self._progress.console.print(text, markup=False, highlight=False)
+            else:
+                print(text, flush=True)
+        except OSError as error:
+            self._turn_off(error)
+
+    def _start_live_if_terminal(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        console = Console()
+        # is_interactive honours TTY_INTERACTIVE / TTY_COMPATIBLE, for users who need to force it.
+        if not (console.is_interactive or console.is_jupyter):
+            return
+        self._progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("tok/s {task.fields[tok_s]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            refresh_per_second=4,  # enough for a human; the refresh thread competes with training
+        )
+        self._task = self._progress.add_task(
+            "train", total=self.total_steps, completed=self.start_step, loss="-", tok_s="-"
+        )
+        self._progress.start()
+
+    def _due(self, step: int) -> bool:
+        if step <= self._last_printed:
+            return False
+        crossed_mark = step // self._every > self._last_printed // self._every
+        return crossed_mark or step >= self.total_steps
+
+    def _plain_line(self, step: int, loss: float | None, tokens_per_s: float | None) -> str:
+        parts = [f"step {step}/{self.total_steps}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4g}")
+        if tokens_per_s is not None:
+            parts.append(f"tok/s {tokens_per_s:,.0f}")
+        elapsed = monotonic() - self._start_time
+        if step >= self.total_steps:
+            parts.append(f"elapsed {format_duration(elapsed)}")
+        elif step > self.start_step:
+            remaining = elapsed / (step - self.start_step) * (self.total_steps - step)
+            parts.append(f"eta {format_duration(remaining)}")
+        return " ".join(parts)
+
+    def _turn_off(self, error: OSError) -> None:
+        log.warning("progress display turned off: %s", error)
+        self.enabled = False
+        self._stop_live()
+
+    def _stop_live(self) -> None:
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            with contextlib.suppress(OSError):  # stdout is gone; nothing left to tidy
+                progress.stop()

@@ -1,0 +1,282 @@
+"""The end-of-run summary: `summary.json` for tools, a few aligned lines for people.
+
+    path = write_summary(run_dir, {"steps": 400, "tokens": 3_276_800, "eval_loss": 2.45})
+    print(format_summary(json.loads(path.read_text())))
+
+Every key is optional: a key that is missing (or None) is left out of the text, so a run
+that stopped early or skipped evaluation still gets a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+# The keys `summary_rows` knows how to present; any other scalar key is shown as-is by the
+# markdown report.
+KNOWN_KEYS = frozenset(
+    {
+        "run_dir", "world_size", "device", "steps", "tokens", "tokens_per_s", "wall_time_s",
+        "final_train_loss", "eval_loss", "peak_rss_bytes", "padding_fraction", "imbalance",
+        "wait_fraction", "data_notes", "sample_text",
+    }
+)  # fmt: skip
+
+# Past this many ranks a per-rank list stops being readable on one line; the markdown report
+# has the full per-rank table.
+_MAX_RANKS_INLINE = 4
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path | None:
+    """Write `summary` to `run_dir/summary.json` atomically; return its path, or None on failure.
+
+        path = write_summary(Path("runs/exp1"), {"steps": 400, "final_train_loss": 2.31})
+        assert json.loads(path.read_text())["steps"] == 400
+
+    A reader never sees a half-written file. A failure to write (disk full, permissions) is
+    logged and returns None rather than failing a run whose training already finished.
+    """
+    text = json.dumps(summary, indent=2, default=json_value) + "\n"
+    try:
+        return atomic_write_text(Path(run_dir) / SUMMARY_FILE, text)
+    except OSError as error:
+        log.warning("could not write %s: %s", Path(run_dir) / SUMMARY_FILE, error)
+        return None
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Replace `path` with `text` so that readers see the old file or the new one, never a part.
+
+    atomic_write_text(run_dir / "report.md", "# Run report\\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary))
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file must live in the same directory: os.replace is atomic only within one
+    # filesystem.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable across a power loss; not possible on every platform.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def json_value(value: Any) -> Any:
+    """Turn numpy/torch scalars and arrays into plain Python for `json.dumps(default=...)`.
+
+    json.dumps({"loss": torch.tensor(2.3)}, default=json_value)   # '{"loss": 2.299...}'
+    json.dumps({"out": Path("runs/x")}, default=json_value)       # '{"out": "runs/x"}'
+    """
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A short human summary of a run: aligned `label  value` lines, then the sample text.
+
+    print(format_summary({"world_size": 2, "device": "cpu", "eval_loss": 2.45}))
+    # ranks      2 on cpu
+    # eval loss  2.4500  (perplexity 11.59)
+    """
+    rows = summary_rows(summary)
+    width = max((len(label) for label, _ in rows), default=0)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    sample = summary.get("sample_text")
+    if sample:
+        lines += ["Sample:", textwrap.indent(str(sample).rstrip("\n"), "    ", lambda _: True)]
+    return "\n".join(lines)
+
+
+def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The summary's known scalars as (label, formatted value), skipping missing keys.
+
+    summary_rows({"steps": 400, "tokens": 3_276_800})
+    # [("steps", "400  (3,276,800 tokens)")]
+    """
+    get = summary.get
+    rows: list[tuple[str, str]] = []
+
+    def add(label: str, value: str | None) -> None:
+        if value:
+            rows.append((label, value))
+
+    add("run", _text(get("run_dir")))
+    if get("world_size") is None:
+        add("device", _text(get("device")))
+    else:
+        add("ranks", _joined(_count(get("world_size")), _text(get("device")), sep=" on "))
+    # Tokens and throughput ride along in parentheses when their main figure is there.
+    if get("steps") is None:
+        add("tokens", _count(get("tokens")))
+    else:
+        add("steps", _joined(_count(get("steps")), _paren(_count(get("tokens")), "tokens")))
+    if get("wall_time_s") is None:
+        add("tokens/s", _rate(get("tokens_per_s")))
+    else:
+        add(
+            "time",
+            _joined(_duration(get("wall_time_s")), _paren(_rate(get("tokens_per_s")), "tok/s")),
+        )
+    add("train loss", _loss(get("final_train_loss")))
+    eval_loss = get("eval_loss")
+    if eval_loss is not None:
+        add("eval loss", f"{_loss(eval_loss)}  (perplexity {format_perplexity(eval_loss)})")
+    add("peak memory", _per_rank_bytes(get("peak_rss_bytes")))
+    add("padding", _percent(get("padding_fraction")))
+    add("imbalance", _number(get("imbalance")))
+    add("wait", _percent(get("wait_fraction")))
+    add("data", _notes(get("data_notes")))
+    return rows
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the per-token perplexity of a mean cross-entropy loss; inf where that overflows.
+
+    perplexity(2.0)     # 7.389...
+    perplexity(1000.0)  # inf
+    """
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def format_perplexity(loss: float) -> str:
+    """Perplexity of `loss` as text: 2 decimals, scientific when huge, "inf" on overflow.
+
+    format_perplexity(2.45)   # "11.59"
+    format_perplexity(30.0)   # "1.07e+13"
+    """
+    ppl = perplexity(float(loss))
+    if math.isinf(ppl):
+        return "inf (overflow)"
+    return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3g}"
+
+
+def format_bytes(n: float) -> str:
+    """A byte count in MiB below 1 GiB, otherwise in GiB.
+
+    format_bytes(512 * 2**20)   # "512.0 MiB"
+    format_bytes(3 * 2**30)     # "3.00 GiB"
+    """
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as `4.2s`, `42s`, `1m05s` or `2h03m10s`; "?" when unknown.
+
+    format_duration(65)     # "1m05s"
+    format_duration(7390)   # "2h03m10s"
+    """
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# Each formatter below returns None for a missing value, so callers can drop the line.
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _count(value: Any) -> str | None:
+    return None if value is None else f"{value:,}"
+
+
+def _rate(value: Any) -> str | None:
+    return None if value is None else f"{value:,.0f}"
+
+
+def _loss(value: Any) -> str | None:
+    return None if value is None else f"{value:.4f}"
+
+
+def _percent(value: Any) -> str | None:
+    return None if value is None else f"{value:.1%}"
+
+
+def _number(value: Any) -> str | None:
+    if value is None:
+        return None
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _duration(value: Any) -> str | None:
+    return None if value is None else format_duration(value)
+
+
+def _notes(value: Any) -> str | None:
+    if not value:
+        return None
+    return value if isinstance(value, str) else "; ".join(map(str, value))
+
+
+def _paren(value: str | None, unit: str) -> str | None:
+    return None if value is None else f"({value} {unit})"
+
+
+def _joined(*parts: str | None, sep: str = "  ") -> str | None:
+    present = [part for part in parts if part]
+    return sep.join(present) or None
+
+
+def _per_rank_bytes(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        return format_bytes(value)
+    if not value:
+        return None
+    if len(value) <= _MAX_RANKS_INLINE:
+        return ", ".join(format_bytes(n) for n in value)
+    high = max(range(len(value)), key=value.__getitem__)
+    low = min(range(len(value)), key=value.__getitem__)
+    return (
+        f"max {format_bytes(value[high])} (rank {high}), "
+        f"min {format_bytes(value[low])} (rank {low})"
+    )

@@ -1,0 +1,54 @@
+"""One worker's whole job: data, model, run directory, training, and the report.
+
+    env = init_distributed()
+    summary = train(TrainConfig(max_steps=50), env)
+
+This is the single training entry point: our own launcher calls it in each worker process, a
+user's `torchrun -m shardwise train ...` reaches it through the CLI, and a single process calls it
+directly.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from shardwise.checkpoint import STATE_FILE
+from shardwise.config import TrainConfig
+from shardwise.data.prepare import prepare_corpus
+from shardwise.distributed import DistEnv, barrier, broadcast_object
+from shardwise.models import build_model
+from shardwise.report import format_summary, plot_metrics, write_report, write_summary
+from shardwise.train.trainer import Trainer
+
+
+def train(config: TrainConfig, env: DistEnv) -> dict:
+    """Train as described by `config` on this rank; rank 0 writes the report and prints it."""
+    torch.manual_seed(config.seed)
+    corpus = prepare_corpus(
+        config.data, config.max_len, config.long_sequences, config.eval_fraction, config.seed
+    )
+    model = build_model(config.model, corpus.vocab_size)
+    run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    barrier(env)
+    summary = Trainer(config, env, corpus, model, run_dir).fit()
+    if env.is_main:
+        write_summary(run_dir, summary)
+        write_report(run_dir, summary, plot_metrics(run_dir))
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def resolve_run_dir(config: TrainConfig) -> Path:
+    """--run-dir, else the run being resumed, else a fresh runs/<timestamp>."""
+    if config.run_dir is not None:
+        return config.run_dir
+    if config.resume is not None:
+        resumed = config.resume
+        return resumed.parent.parent if (resumed / STATE_FILE).is_file() else resumed
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
