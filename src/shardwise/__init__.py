@@ -7,6 +7,7 @@ session = shardwise.setup()          # your own loop: see README, five changed l
 from __future__ import annotations
 
 from shardwise.errors import ShardwiseError
+from shardwise.session import Session, setup
 
-__all__ = ["ShardwiseError", "__version__"]
+__all__ = ["Session", "ShardwiseError", "__version__", "setup"]
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -96,17 +97,16 @@ def load_checkpoint(
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise ShardwiseError(f"--resume {path}: not a complete shardwise checkpoint")
+    check_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     bundle = {"model": model_state, "optim": optim_state}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(bundle, checkpoint_id=path, storage_reader=SafeFileSystemReader(path))
-    except pickle.UnpicklingError as exc:
-        raise ShardwiseError(f"--resume {path}: refused to load ({exc})") from None
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (CheckpointException, RuntimeError, KeyError, ValueError, AssertionError) as exc:
         raise ShardwiseError(
-            f"--resume {path}: does not fit this model and optimizer ({_first_line(exc)})"
+            f"--resume {path}: does not fit this model and optimizer ({_root_cause(exc)})"
         ) from None
     set_state_dict(
         model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"]
@@ -146,6 +146,14 @@ def agree_on_checkpoint(path: Path | None, env: DistEnv) -> Path | None:
     return Path(chosen) if chosen else None
 
 
+def check_metadata(path: Path) -> None:
+    """Read DCP's metadata with the restricted unpickler; refuse the checkpoint if it objects."""
+    try:
+        SafeFileSystemReader(path).read_metadata()
+    except (pickle.UnpicklingError, OSError, EOFError) as exc:
+        raise ShardwiseError(f"--resume {path}: refused to load ({exc})") from None
+
+
 class SafeFileSystemReader(FileSystemReader):
     """FileSystemReader whose metadata unpickling admits only DCP's plain record types."""
 
@@ -165,15 +173,26 @@ class SafeFileSystemReader(FileSystemReader):
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         found = super().find_class(module, name)
-        if _allowed_in_metadata(module, found):
+        if _allowed_in_metadata(module, name, found):
             return found
         raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, not allowed")
 
 
-def _allowed_in_metadata(module: str, found: object) -> bool:
+# Plain values DCP's metadata refers to by name; none of them can run code when called.
+_ALLOWED_NAMES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "Path"),
+}
+
+
+def _allowed_in_metadata(module: str, name: str, found: object) -> bool:
     if isinstance(found, torch.dtype | torch.layout | torch.memory_format):
         return True
-    if found is torch.Size or (module == "collections" and found.__name__ == "OrderedDict"):
+    if (module, name) in _ALLOWED_NAMES:
         return True
     # DCP's own dataclasses and enums: constructing them runs no user code.
     return module.startswith("torch.distributed.checkpoint") and isinstance(found, type)
@@ -204,6 +223,7 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+def _root_cause(exc: BaseException) -> str:
+    # DCP wraps each rank's error in a CheckpointException whose text ends with the real one.
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

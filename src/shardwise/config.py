@@ -160,4 +160,5 @@ def _describe_validation_error(exc: ValidationError, source: str) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if not field:
         return f"{source}: {message}"
-    return f"{source}: {field} = {first.get('input')!r}: {message}"
+    flag = "--" + field.replace("_", "-")
+    return f"{source}: {field} ({flag}) = {first.get('input')!r}: {message}"

@@ -10,15 +10,19 @@ print; any other failure keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shardwise.config import TrainConfig, parse_endpoint
@@ -27,6 +31,8 @@ from shardwise.errors import ShardwiseError
 from shardwise.train.run import train
 
 _ERROR_FILE = "error-rank{rank}.txt"
+_EXIT_FAILED = 2
+_ROOT_CAUSE_GRACE_S = 1.0
 
 
 def launch_workers(config: TrainConfig, nproc: int) -> dict:
@@ -56,24 +62,61 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict:
             results = elastic_launch(launch_config, run_worker)(config.model_dump_json(), error_dir)
         except ChildFailedError as exc:
             raise ShardwiseError(_failure_message(exc, Path(error_dir))) from None
+        except RendezvousError as exc:
+            raise ShardwiseError(
+                f"rendezvous at {endpoint}: the {config.nnodes} nodes did not all join within "
+                f"{config.timeout_s:g}s ({type(exc).__name__}); start `shardwise train` on every "
+                "node with the same --nnodes and --rdzv-endpoint"
+            ) from None
     return results.get(0) or next(iter(results.values()), {})
 
 
 def run_worker(config_json: str, error_dir: str | None = None) -> dict:
-    """A worker process's entry point: join the group, train, leave the group."""
+    """A worker process's entry point: join the group, train, leave the group.
+
+    A user error is reported through `error_dir` (for the launcher to print) or raised when there
+    is no launcher. A lost peer ends the process at once: tearing down a process group whose
+    peer is dead or hung can block forever in the communication library's destructors.
+    """
     config = TrainConfig.model_validate_json(config_json)
     try:
         env = init_distributed(config.device, config.timeout_s)
-        try:
-            return train(config, env)
-        finally:
-            shutdown_distributed()
+        summary = train(config, env)
+    except RuntimeError as exc:
+        if not _is_peer_failure(exc):
+            raise
+        rank = os.environ.get("RANK", "0")
+        lost = PeerLostError(
+            f"rank {rank} lost contact with its peers ({_first_line(exc)}): a peer died or "
+            f"hung; if steps are legitimately slower than {config.timeout_s:g}s, raise --timeout-s"
+        )
+        _report(lost, error_dir)
+        # Give the agent (polling every 0.1 s) time to see a peer that really died exit first,
+        # so the run is reported by its root cause rather than by this symptom.
+        time.sleep(_ROOT_CAUSE_GRACE_S)
+        os._exit(_EXIT_FAILED)
     except ShardwiseError as exc:
         if error_dir is None:
             raise
+        _report(exc, error_dir)
+        sys.exit(_EXIT_FAILED)
+    shutdown_distributed()
+    return summary
+
+
+def _report(exc: ShardwiseError, error_dir: str | None) -> None:
+    if error_dir is None:
+        print(f"shardwise: error: {exc}", file=sys.stderr)
+    else:
+        report = {"message": str(exc), "peer_lost": isinstance(exc, PeerLostError)}
         rank = os.environ.get("RANK", "0")
-        Path(error_dir, _ERROR_FILE.format(rank=rank)).write_text(str(exc), encoding="utf-8")
-        sys.exit(2)
+        Path(error_dir, _ERROR_FILE.format(rank=rank)).write_text(json.dumps(report))
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+class PeerLostError(ShardwiseError):
+    """This rank is fine, but a collective failed because a peer died or stopped answering."""
 
 
 def free_port() -> int:
@@ -97,17 +140,53 @@ def check_port_free(endpoint: str) -> None:
 
 
 def _failure_message(exc: ChildFailedError, error_dir: Path) -> str:
-    messages = sorted(error_dir.glob("error-rank*.txt"))
-    if messages:
-        return messages[0].read_text(encoding="utf-8")
+    """The root cause: a user error or a crashed worker comes before the peers it took down."""
+    reports = {
+        int(path.stem.removeprefix("error-rank")): json.loads(path.read_text(encoding="utf-8"))
+        for path in error_dir.glob("error-rank*.txt")
+    }
+    for report in reports.values():
+        if not report["peer_lost"]:
+            return report["message"]
+    for rank, failure in sorted(exc.failures.items()):
+        # The agent stops the surviving workers with SIGTERM; those are not the cause.
+        if rank not in reports and failure.exitcode != -signal.SIGTERM:
+            killed = " (killed by a signal)" if failure.exitcode < 0 else ""
+            return (
+                f"worker rank {rank} failed with exit code {failure.exitcode}{killed}; "
+                "see its output above"
+            )
+    if reports:
+        return next(iter(reports.values()))["message"]
     rank, failure = exc.get_first_failure()
-    return (
-        f"worker rank {rank} failed with exit code {failure.exitcode}"
-        f"{' (killed by a signal)' if failure.exitcode < 0 else ''}; see its output above"
-    )
+    return f"worker rank {rank} failed with exit code {failure.exitcode}; see its output above"
+
+
+# What gloo and NCCL say when a collective's peer is gone or silent past the timeout.
+_PEER_FAILURE_MARKERS = (
+    "Timed out",
+    "timed out",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+    "Broken pipe",
+)
+
+
+def _is_peer_failure(exc: RuntimeError) -> bool:
+    return any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _quiet_agent_logs() -> None:
-    # The agent's INFO chatter drowns the progress bar; its warnings and errors still show.
+    # The agent's INFO chatter drowns the progress bar, and when a worker fails the agent logs
+    # its own stack trace of the process pool: we report the failure ourselves, once, and a
+    # worker's real traceback (a bug) is still printed by the worker.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     logging.getLogger("torch.distributed.launcher").setLevel(logging.WARNING)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)

@@ -1,0 +1,60 @@
+"""Transparency: data-parallel training computes what single-process training computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_same_weights, final_weights, metrics, quick_config, train
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(4, 1), (2, 2)], ids=["plain", "accum"])
+def test_two_ranks_match_one_rank_with_twice_the_batch(
+    corpus: Path, tmp_path: Path, batch_size: int, grad_accum: int
+) -> None:
+    # clip_norm small enough that every step clips: the clipped update must match too.
+    single = quick_config(corpus, tmp_path / "one", batch_size=8, clip_norm=0.5)
+    double = quick_config(
+        corpus, tmp_path / "two", batch_size=batch_size, grad_accum=grad_accum, clip_norm=0.5
+    )
+    train(single, nproc=1)
+    summary = train(double, nproc=2)
+
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), 1e-5)
+    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for one, two in zip(one_rows, two_rows, strict=True):
+        assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-5)
+        assert one["grad_norm"] > 0.5  # clipping really happened
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert summary["world_size"] == 2
+    assert len(two_rows[-1]["rank_step_time_s"]) == 2
+
+
+def test_summary_and_run_directory_hold_what_the_user_is_promised(
+    corpus: Path, tmp_path: Path
+) -> None:
+    config = quick_config(corpus, tmp_path / "run", max_len=32, tensorboard=True, sample_bytes=20)
+    summary = train(config, nproc=2)
+    run = tmp_path / "run"
+    for key in (
+        "world_size",
+        "steps",
+        "tokens",
+        "tokens_per_s",
+        "final_train_loss",
+        "eval_loss",
+        "padding_fraction",
+    ):
+        assert summary[key] is not None, key
+    assert len(summary["peak_rss_bytes"]) == 2
+    assert all(rss > 50 * 2**20 for rss in summary["peak_rss_bytes"])
+    assert 0 < summary["padding_fraction"] < 1
+    assert "split into chunks" in summary["data_notes"]  # 40-word paragraphs exceed 32 tokens
+    assert len(summary["sample_text"]) >= 20
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "report.md", "loss.png"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "step_00000003" / "trainer_state.json").is_file()
