@@ -80,7 +80,7 @@ def test_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:
     model, optimizer = model_and_optimizer(0)
     path = save_checkpoint(tmp_path, model, optimizer, TrainerState(step=1), ENV)
     (path / ".metadata").write_bytes(pickle.dumps(_Boom()))
-    with pytest.raises(ShardwiseError, match="refused to load.*not allowed"):
+    with pytest.raises(ShardwiseError, match=r"refused to load.*not allowed"):
         load_checkpoint(path, *model_and_optimizer(1), ENV)
 
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import quick_config, train
 
+from helpers import quick_config, train
 from shardwise.errors import ShardwiseError
 from shardwise.launch import free_port
 

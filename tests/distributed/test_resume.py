@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from helpers import assert_same_weights, final_weights, metrics, quick_config, train
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,0 +1,165 @@
+"""Does shardwise's data-parallel step cost more than a hand-written DDP loop? How does it scale?
+
+    python benchmarks/dp_overhead.py [--steps 40] [--rounds 5]
+
+On identical fixed-length data (no padding) and the same model, each round runs in one 2-rank
+gloo job: shardwise's Trainer for `--steps` optimizer steps, then a hand-written DDP loop doing the
+same work (DistributedSampler + DataLoader, token-mean cross-entropy, global-norm clipping,
+AdamW, LR schedule), alternating which goes first. Each round also runs the Trainer alone on
+1 rank for the scaling figure. Each rank gets one thread, as on a machine with a core per rank.
+Figures are medians over rounds:
+
+- overhead_ratio: shardwise step time / hand-written step time at 2 ranks (target <= 1.05)
+- scaling_efficiency: tokens/s on 2 ranks / (2 x tokens/s on 1 rank)
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from shardwise.config import TrainConfig
+from shardwise.data.fit import FitReport
+from shardwise.data.prepare import PreparedCorpus
+from shardwise.distributed import init_distributed, shutdown_distributed
+from shardwise.launch import free_port
+from shardwise.models import build_model
+from shardwise.train.schedule import warmup_cosine
+from shardwise.train.trainer import Trainer
+
+SEQ_LEN = 129  # 128 next-token targets per sequence
+N_SEQUENCES = 4096
+
+
+def fixed_length_corpus(seed: int = 0) -> PreparedCorpus:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(N_SEQUENCES, SEQ_LEN), dtype=np.uint8)
+    nothing = FitReport(N_SEQUENCES, N_SEQUENCES, 0, 0, 0, 0, SEQ_LEN, 2)
+    return PreparedCorpus(list(data), list(data[:8]), 256, nothing)
+
+
+def run_shardwise(config: TrainConfig, corpus: PreparedCorpus) -> float:
+    """Seconds per optimizer step of the Trainer's loop (its own clock, excluding eval/report)."""
+    env = init_distributed("cpu", config.timeout_s)
+    torch.set_num_threads(1)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, 256)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, env, corpus, model, Path(run_dir))
+        trainer.fit()
+        return trainer.totals["train_s"] / config.max_steps
+
+
+def run_hand_written(config: TrainConfig, corpus: PreparedCorpus) -> float:
+    """Seconds per optimizer step of a plain DDP loop doing the same work."""
+    env = init_distributed("cpu", config.timeout_s)
+    torch.set_num_threads(1)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, 256)
+    if env.world_size > 1:
+        model = DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.max_steps, 0.1)
+    data = torch.from_numpy(np.stack(corpus.train).astype(np.int64))
+    dataset = TensorDataset(data[:, :-1], data[:, 1:])
+    sampler = DistributedSampler(dataset, env.world_size, env.rank, seed=config.seed)
+    loader = iter(DataLoader(dataset, config.batch_size, sampler=sampler, drop_last=True))
+    started = time.perf_counter()
+    for _ in range(config.max_steps):
+        tokens, targets = next(loader)
+        logits = model(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return (time.perf_counter() - started) / config.max_steps
+
+
+def worker(config_json: str, order: list[str]) -> dict[str, float]:
+    config = TrainConfig.model_validate_json(config_json)
+    corpus = fixed_length_corpus()
+    runners = {"shardwise": run_shardwise, "hand_written": run_hand_written}
+    try:
+        return {name: runners[name](config, corpus) for name in order}
+    finally:
+        shutdown_distributed()
+
+
+def launch(nproc: int, config: TrainConfig, order: list[str]) -> dict[str, float]:
+    launch_config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:8],
+        rdzv_backend="c10d", rdzv_endpoint=f"localhost:{free_port()}", max_restarts=0,
+        monitor_interval=0.1, start_method="spawn",
+    )
+    results = elastic_launch(launch_config, worker)(config.model_dump_json(), order)
+    return results[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--model", default="lstm")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = TrainConfig(
+        model=args.model, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=5,
+        log_every=10, checkpoint_every=args.steps, tensorboard=False, sample_bytes=0,
+        eval_fraction=0.0, timeout_s=120,
+    )
+    tokens_per_rank_step = args.batch_size * (SEQ_LEN - 1)
+    ratios, shardwise_2, hand_2, shardwise_1 = [], [], [], []
+    for round_index in range(args.rounds):
+        order = ["shardwise", "hand_written"][:: 1 if round_index % 2 == 0 else -1]
+        two = launch(2, config, order)
+        one = launch(1, config, ["shardwise"])
+        ratios.append(two["shardwise"] / two["hand_written"])
+        shardwise_2.append(two["shardwise"])
+        hand_2.append(two["hand_written"])
+        shardwise_1.append(one["shardwise"])
+        print(
+            f"round {round_index}: 2 ranks shardwise {two['shardwise'] * 1e3:.1f} ms/step, "
+            f"hand-written {two['hand_written'] * 1e3:.1f} ms/step; "
+            f"1 rank shardwise {one['shardwise'] * 1e3:.1f} ms/step",
+            flush=True,
+        )
+    tps_2 = 2 * tokens_per_rank_step / statistics.median(shardwise_2)
+    tps_1 = tokens_per_rank_step / statistics.median(shardwise_1)
+    figures = {
+        "overhead_ratio": round(statistics.median(ratios), 4),
+        "scaling_efficiency": round(tps_2 / (2 * tps_1), 4),
+        "tokens_per_s_2_ranks": round(tps_2),
+        "tokens_per_s_1_rank": round(tps_1),
+        "hand_written_tokens_per_s_2_ranks": round(
+            2 * tokens_per_rank_step / statistics.median(hand_2)
+        ),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "model": args.model,
+        "world_size": 2,
+        "seq_len": SEQ_LEN - 1,
+        "batch_size_per_rank": args.batch_size,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

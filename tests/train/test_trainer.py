@@ -1,0 +1,36 @@
+"""Single-process behaviour of the training loop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_same_weights, final_weights, metrics, quick_config, train
+
+
+def test_same_seed_same_weights_other_seed_other_weights(corpus: Path, tmp_path: Path) -> None:
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        train(quick_config(corpus, tmp_path / name, seed=seed), nproc=1)
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"), 0)
+    a, c = final_weights(tmp_path / "a"), final_weights(tmp_path / "c")
+    assert any(not torch.equal(a[name], c[name]) for name in a)
+
+
+def test_bf16_trains_and_stays_close_to_fp32(corpus: Path, tmp_path: Path) -> None:
+    fp32 = train(quick_config(corpus, tmp_path / "fp32", max_steps=4), nproc=1)
+    bf16 = train(quick_config(corpus, tmp_path / "bf16", max_steps=4, precision="bf16"), nproc=1)
+    assert math.isfinite(bf16["final_train_loss"])
+    assert bf16["final_train_loss"] == pytest.approx(fp32["final_train_loss"], rel=0.05)
+
+
+def test_loss_falls_and_lr_follows_the_schedule(corpus: Path, tmp_path: Path) -> None:
+    config = quick_config(corpus, tmp_path / "run", max_steps=12, warmup_steps=4, lr=1e-2)
+    train(config, nproc=1)
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    lrs = [row["lr"] for row in rows]
+    assert lrs[3] == pytest.approx(1e-2)  # warmup ends at the peak
+    assert lrs[-1] == pytest.approx(1e-3)  # cosine ends at min_lr_ratio * lr
