@@ -102,12 +102,14 @@ class Trainer:
                 self._train_step(micro_batches, window)
                 if self._due(self.config.log_every):
                     row = self._close_window(window)
+                    window = self._new_window()  # logging's own cost counts in the next window
                     if main:
                         metrics.log(row)
-                    window = self._new_window()
                 progress.update(self.state.step, self.last_loss, self._tokens_per_s())
                 if self._due(self.config.checkpoint_every):
+                    saving = time.perf_counter()
                     self._save()
+                    window.started += time.perf_counter() - saving  # not training time
         if not self._due(self.config.checkpoint_every):
             self._save()
         return self._finish()
