@@ -4,33 +4,43 @@
     batch = next(iter(loader))   # a Batch for this rank's first micro-step
 
 The sampler yields whole `BatchRequest`s and the dataset answers each with a collated `Batch`, so
-the request's step-level facts (token count, position) travel with the batch through the workers.
+the request's step-level facts (token count, position, predicted rank costs) travel with the
+batch through the workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from shardwise.data.batch import Batch, collate
+from shardwise.data.batch import Batch, collate, pack_collate
 from shardwise.data.sampler import BatchRequest
 
 
 class RequestDataset(Dataset):
-    """Map-style dataset keyed by BatchRequest: each key is answered with a collated Batch."""
+    """Map-style dataset keyed by BatchRequest: each key is answered with a collated Batch.
 
-    def __init__(self, sequences: Sequence[np.ndarray]) -> None:
+    With `packing`, each batch packs its sequences into rows (`pack_collate`) instead of padding
+    each to the longest; only models that take `positions` and `segment_ids` can use that.
+    """
+
+    def __init__(self, sequences: Sequence[np.ndarray], packing: bool = False) -> None:
         self.sequences = sequences
+        self.packing = packing
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def __getitem__(self, request: BatchRequest) -> Batch:
         chosen = [self.sequences[i] for i in request.indices]
-        return collate(chosen, request.step_tokens, request.position)
+        batch = (pack_collate if self.packing else collate)(
+            chosen, request.step_tokens, request.position
+        )
+        return replace(batch, rank_costs=request.rank_costs)
 
 
 def _keep_batch(batch: Batch) -> Batch:
@@ -42,10 +52,11 @@ def make_loader(
     requests: Iterable[BatchRequest],
     device: torch.device,
     num_workers: int = 0,
+    packing: bool = False,
 ) -> DataLoader:
     """A DataLoader over `requests`: workers and prefetch when asked, pinned memory on CUDA."""
     return DataLoader(
-        RequestDataset(sequences),
+        RequestDataset(sequences, packing),
         sampler=requests,
         batch_size=None,
         collate_fn=_keep_batch,

@@ -21,11 +21,16 @@ from shardwise.errors import ShardwiseError
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """One micro-batch for one rank: which sequences, and facts about its optimizer step."""
+    """One micro-batch for one rank: which sequences, and facts about its optimizer step.
+
+    `rank_costs` is every rank's predicted compute for the step, from samplers that balance it
+    (empty otherwise), so the trainer can log the imbalance it expects next to what it measures.
+    """
 
     indices: tuple[int, ...]
     step_tokens: int
     position: tuple[int, int]  # (epoch, samples of the epoch consumed once this step is done)
+    rank_costs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask` [B, 1, T, T] (True: may attend) replaces the plain causal mask."""
         batch, length, _ = x.shape
         qkv = self.qkv(x).view(batch, length, -1, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [B, heads, T, head_dim]
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.drop(self.proj(y.transpose(1, 2).reshape(batch, length, -1)))
 
@@ -75,8 +81,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio * dim, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -87,8 +93,11 @@ class TransformerLM(nn.Module):
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
     `lengths` is accepted for the same call as `RecurrentLM` and ignored: attention is causal,
-    so trailing padding never reaches a real position. `layer_names()` lists the pieces a
-    pipeline may place on stages; `embed` and `pos` are summed, so keep them on one stage.
+    so trailing padding never reaches a real position. Rows that pack several sequences pass
+    `positions` (restarting at 0 for each sequence) and `segment_ids` (equal within a sequence):
+    attention then stays inside each sequence, so every packed sequence gets exactly the logits
+    it would get alone. `layer_names()` lists the pieces a pipeline may place on stages; `embed`
+    and `pos` are summed, so keep them on one stage.
     """
 
     def __init__(
@@ -138,16 +147,43 @@ class TransformerLM(nn.Module):
         """
         return ["embed", "pos", *(f"blocks.{i}" for i in range(len(self.blocks))), "head"]
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits `[B, T, vocab_size]` for `tokens [B, T]`; `lengths` is ignored (see class)."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, T, vocab_size]` for `tokens [B, T]`; `lengths` is ignored (see class).
+
+        logits = model(batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids)
+        """
         length = tokens.shape[1]
+        # Positions never exceed the row, so checking the row's width needs no device sync.
         if length > self.max_len:
             raise ShardwiseError(
                 f"sequence length {length} exceeds the model's max_len={self.max_len}; "
                 "use shorter sequences or build the model with a larger max_len"
             )
-        positions = torch.arange(length, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(length, device=tokens.device)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         x = self.drop(self.embed(tokens) + self.pos(positions))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.head(x)
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T]: a token sees earlier tokens of its own segment.
+
+    segment_mask(torch.tensor([[0, 0, 1]]))[0, 0].int()   # [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+    Padding shares a segment id of its own, so every query sees at least itself and softmax
+    never meets a row with nothing to attend to (which would give NaN).
+    """
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
