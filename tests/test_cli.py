@@ -34,58 +34,53 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def bad_input_cases(tmp_path: Path, corpus: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n\n")
-    binary = tmp_path / "blob.txt"
-    binary.write_bytes(b"\x00\x01\x02" * 100)
-    config = tmp_path / "bad.toml"
-    config.write_text("learning_rate = 0.1\n")
-    return {
-        "missing data": (["--data", str(tmp_path / "nope.txt")], ("nope.txt", "not found")),
-        "empty data": (["--data", str(empty)], ("empty.txt",)),
-        "binary data": (["--data", str(binary)], ("binary",)),
-        "model import": (
-            ["--data", str(corpus), "--model", "no_such_pkg.mod:make"],
-            ("no_such_pkg",),
-        ),
-        "unknown model": (["--data", str(corpus), "--model", "lstmm"], ("lstmm",)),
-        "unknown key": (["--data", str(corpus), "--config", str(config)], ("learning_rate",)),
-        "wrong type": (["--data", str(corpus), "--batch-size", "lots"], ("batch_size", "lots")),
-        "batch too big": (
-            ["--data", str(corpus), "--batch-size", "500", "--nproc", "2"],
-            ("fewer than one global batch",),
-        ),
-        "fp16 on cpu": (
-            ["--data", str(corpus), "--precision", "fp16", "--device", "cpu"],
-            ("bf16",),
-        ),
-        "resume nothing": (
-            ["--data", str(corpus), "--resume", str(tmp_path)],
-            ("no complete checkpoint",),
-        ),
-    }
+# name: (arguments, with {corpus} and {tmp} filled in; fragments the one error line must hold)
+BAD_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "missing data": ("--data {tmp}/nope.txt", ("nope.txt", "not found")),
+    "empty data": ("--data {tmp}/empty.txt", ("empty.txt",)),
+    "binary data": ("--data {tmp}/blob.txt", ("binary",)),
+    "model import": ("--data {corpus} --model no_such_pkg.mod:make", ("no_such_pkg",)),
+    "unknown model": ("--data {corpus} --model lstmm", ("lstmm",)),
+    "unknown key": ("--data {corpus} --config {tmp}/bad.toml", ("learning_rate",)),
+    "wrong type": ("--data {corpus} --batch-size lots", ("batch_size", "lots")),
+    "batch too big": (
+        "--data {corpus} --batching fixed --batch-size 500 --nproc 2",
+        ("fewer than one global batch",),
+    ),
+    "too few sequences": (
+        "--data {corpus} --grad-accum 200 --nproc 2",
+        ("fewer than the 400 batches of one step",),
+    ),
+    "packing an rnn": ("--data {corpus} --packing", ("packing needs",)),
+    "fp16 on cpu": ("--data {corpus} --precision fp16 --device cpu", ("bf16",)),
+    "resume nothing": ("--data {corpus} --resume {tmp}", ("no complete checkpoint",)),
+    "too many stages": ("--data {corpus} --pp 5", ("only 4 pieces",)),
+    "layout mismatch": (
+        "--data {corpus} --pp 2 --dp 2 --nproc 3",
+        ("= 4 ranks, but the job has 3",),
+    ),
+    "bad split point": (
+        "--data {corpus} --pp 2 --split-points blocks.9",
+        ("'blocks.9' names no module",),
+    ),
+    "split count": ("--data {corpus} --pp 3 --split-points blocks.1", ("--pp 3 needs 2",)),
+}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing data",
-        "empty data",
-        "binary data",
-        "model import",
-        "unknown model",
-        "unknown key",
-        "wrong type",
-        "batch too big",
-        "fp16 on cpu",
-        "resume nothing",
-    ],
-)
+def write_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "bad.toml").write_text("learning_rate = 0.1\n")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_clear_line(
     case: str, tmp_path: Path, corpus: Path, run_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    args, fragments = bad_input_cases(tmp_path, corpus)[case]
+    write_bad_files(tmp_path)
+    template, fragments = BAD_INPUTS[case]
+    args = template.format(corpus=corpus, tmp=tmp_path).split()
     code, err = run_cli([*args, "--run-dir", str(run_dir)], capsys)
     assert_one_line_error(code, err, *fragments)
     assert not run_dir.exists()
@@ -163,3 +158,16 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture) -> None:
         "--config",
     ):
         assert flag in text
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(
+    corpus: Path, run_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        ["train", "--data", str(corpus), "--pp", "2", "--dry-run", "--run-dir", str(run_dir)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 data-parallel x 2 pipeline" in out
+    assert "split points: " in out
+    assert not run_dir.exists()

@@ -50,6 +50,7 @@ class TrainerState:
     scheduler: dict = field(default_factory=dict)
     scaler: dict = field(default_factory=dict)
     world_size: int = 1
+    stream: dict = field(default_factory=dict)  # what fixes the data order (batching, seed)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardwise: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "flags override the file.",
     )
     train.add_argument("--config", type=Path, help="TOML file with any of the keys below")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the layout and, with --pp, each stage's layers, predicted time and memory; "
+        "train nothing",
+    )
     _add_config_flags(train)
     train.set_defaults(handler=_train)
     return parser
@@ -67,21 +75,16 @@ def _train(args: argparse.Namespace) -> int:
 
         run_worker(config.model_dump_json())
         return 0
-    return _launch(config)
+    return _launch(config, dry=args.dry_run)
 
 
-def _launch(config: TrainConfig) -> int:
-    from shardwise.launch import launch_workers, run_worker
-    from shardwise.preflight import preflight
-    from shardwise.train.run import resolve_run_dir
+def _launch(config: TrainConfig, dry: bool = False) -> int:
+    from shardwise.job import plan, run
 
-    nproc = preflight(config)
-    # Fix the run directory here so every worker (and the user) agrees on one path.
-    config = config.model_copy(update={"run_dir": resolve_run_dir(config)})
-    if nproc == 1 and config.nnodes == 1:
-        run_worker(config.model_dump_json())
+    if dry:
+        print(plan(config))
     else:
-        launch_workers(config, nproc)
+        run(config)
     return 0
 
 

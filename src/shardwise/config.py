@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shardwise.errors import ShardwiseError
 
@@ -43,6 +50,23 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(
         0.05, ge=0.0, le=0.5, description="Share of sequences held out to measure eval loss."
     )
+    batching: Literal["tokens", "fixed"] = Field(
+        "tokens",
+        description="tokens: batches by token budget from length buckets, dealt so every rank "
+        "has equal work; fixed: --batch-size sequences per rank, padded (the classic recipe).",
+    )
+    tokens_per_batch: int = Field(
+        4096, ge=1, description="Token budget per rank per micro-step (--batching tokens)."
+    )
+    packing: bool | None = Field(
+        None,
+        description="Pack several sequences into one row (Transformer only; attention never "
+        "crosses a sequence). Default: on for the transformer.",
+    )
+    sort_window: int = Field(
+        512, ge=1, description="Sequences sorted by length together when forming token batches."
+    )
+    corpus_cache: bool = Field(True, description="Cache the tokenised corpus between runs.")
     # Where and how wide.
     nproc: int | None = Field(
         None, ge=1, description="Worker processes on this machine. Default: every GPU, else 2."
@@ -56,6 +80,18 @@ class TrainConfig(BaseModel):
     )
     rdzv_endpoint: str | None = Field(
         None, description="HOST:PORT of the rendezvous. Default: a free local port."
+    )
+    dp: int | None = Field(
+        None, ge=1, description="Data-parallel replicas. Default: world size / (pp x tp)."
+    )
+    pp: int = Field(1, ge=1, description="Pipeline stages: the model is cut into this many parts.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel shards of each large layer.")
+    microbatches: int = Field(4, ge=1, description="Pipeline micro-batches per batch.")
+    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="Pipeline schedule.")
+    split_points: list[str] | None = Field(
+        None,
+        description="Module names where pipeline stages begin, comma-separated "
+        "(e.g. blocks.2). Default: balanced automatically by profiling.",
     )
     timeout_s: float = Field(
         300.0, gt=0, description="Seconds before a missing or hung peer becomes an error."
@@ -90,6 +126,13 @@ class TrainConfig(BaseModel):
         200, ge=0, description="Bytes of text to sample from the model at the end."
     )
 
+    @field_validator("split_points", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
         if self.node_rank is not None and self.node_rank >= self.nnodes:
@@ -98,7 +141,32 @@ class TrainConfig(BaseModel):
             raise ValueError("a multi-node run needs rdzv_endpoint HOST:PORT on every node")
         if self.rdzv_endpoint is not None:
             parse_endpoint(self.rdzv_endpoint)
+        if self.packing and (self.model != "transformer" or self.batching == "fixed"):
+            raise ValueError(
+                "packing needs --model transformer and --batching tokens (RNNs skip padding "
+                "through packed sequences instead)"
+            )
+        if self.packing and self.model_parallel > 1:
+            raise ValueError("packing does not run through --pp or --tp stages yet; drop it")
+        if self.split_points is not None and len(self.split_points) != self.pp - 1:
+            raise ValueError(
+                f"split_points names {len(self.split_points)} cut(s); --pp {self.pp} needs "
+                f"{self.pp - 1}"
+            )
         return self
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether token batches pack several sequences per row."""
+        default = (
+            self.model == "transformer" and self.batching == "tokens" and self.model_parallel == 1
+        )
+        return default if self.packing is None else self.packing
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that share one model replica (pp x tp)."""
+        return self.pp * self.tp
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML (unset optional values are left out)."""

@@ -5,24 +5,32 @@ nproc = preflight(config)   # raises ShardwiseError with a one-line message, or 
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from shardwise.checkpoint import find_checkpoint
 from shardwise.config import TrainConfig
+from shardwise.data.batch import collate
 from shardwise.data.prepare import prepare_corpus
-from shardwise.data.sampler import FixedBatchSampler
 from shardwise.distributed import resolve_device
+from shardwise.errors import ShardwiseError
 from shardwise.launch import check_port_free
-from shardwise.models import check_model_spec
+from shardwise.models import build_model, check_model_spec
+from shardwise.parallel.stages import model_pieces, stage_starts
+from shardwise.plan import plan_stages
+from shardwise.train.batching import build_sampler
+from shardwise.train.engines import layout_degrees
 from shardwise.train.precision import Precision
 
 
 def default_nproc(config: TrainConfig) -> int:
-    """Every GPU when the run is on CUDA, else 2 CPU processes."""
-    import torch
-
+    """Every GPU on CUDA; on CPU the ranks a given layout needs, else 2 processes."""
     if config.nproc is not None:
         return config.nproc
     if resolve_device(config.device).type == "cuda":
         return torch.cuda.device_count()
+    if config.dp is not None or config.model_parallel > 1:
+        return max(1, (config.dp or 1) * config.model_parallel // config.nnodes)
     return 2
 
 
@@ -30,19 +38,57 @@ def preflight(config: TrainConfig) -> int:
     """Check devices, model, data, batch layout, resume path and port; return local nproc."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
+    dp, _, _ = layout_degrees(config, nproc * config.nnodes)
     Precision(config.precision, device)
     check_model_spec(config.model)
     corpus = prepare_corpus(
         config.data, config.max_len, config.long_sequences, config.eval_fraction, config.seed
     )
-    FixedBatchSampler(
-        [len(seq) for seq in corpus.train],
-        config.batch_size,
-        world_size=nproc * config.nnodes,
-        grad_accum=config.grad_accum,
-    )
+    build_sampler(config, np.array([len(seq) for seq in corpus.train]), dp, rank=0)
+    if config.pp > 1:
+        check_pipeline_split(config, corpus.vocab_size)
     if config.resume is not None:
         find_checkpoint(config.resume)
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
     return nproc
+
+
+def check_pipeline_split(config: TrainConfig, vocab_size: int) -> None:
+    """Enough cuttable pieces for --pp stages, and split points that name real cut places."""
+    with torch.device("meta"):  # structure only: no memory, no initialisation cost
+        model = build_model(config.model, vocab_size)
+    pieces = model_pieces(model)
+    if config.pp > len(pieces):
+        raise ShardwiseError(
+            f"--pp {config.pp}: model {config.model!r} has only {len(pieces)} pieces that can "
+            f"start a stage ({', '.join(p.name for p in pieces)}); use --pp {len(pieces)} or less"
+        )
+    if config.split_points is not None:
+        stage_starts(model, pieces, config.split_points, config.pp)
+
+
+def dry_run(config: TrainConfig, nproc: int) -> str:
+    """What `shardwise train --dry-run` prints: the layout and, with --pp, the planned cut."""
+    dp, pp, tp = layout_degrees(config, nproc * config.nnodes)
+    lines = [
+        f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
+        f"{dp * pp * tp} ranks ({nproc} per node on {config.nnodes} node(s))"
+    ]
+    if pp == 1:
+        return "\n".join([*lines, "one stage: every rank of a replica holds the whole model"])
+    corpus = prepare_corpus(
+        config.data, config.max_len, config.long_sequences, config.eval_fraction, config.seed
+    )
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, corpus.vocab_size)
+    sample = collate(corpus.train[: config.batch_size], step_tokens=1).tokens
+    plan = plan_stages(
+        model,
+        pp,
+        sample,
+        microbatches=config.microbatches,
+        schedule=config.schedule,
+        cuts=config.split_points,
+    )
+    return "\n".join([*lines, plan.describe()])

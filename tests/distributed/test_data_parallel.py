@@ -33,6 +33,23 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(
     assert len(two_rows[-1]["rank_step_time_s"]) == 2
 
 
+def test_token_batches_on_two_ranks_match_one_rank_accumulating_both(
+    corpus: Path, tmp_path: Path
+) -> None:
+    # One step = the same stretch of the length-sorted stream, cut into the same two batches:
+    # on 2 ranks each takes one, on 1 rank they are two accumulation micro-steps.
+    common = {"batching": "tokens", "tokens_per_batch": 256, "clip_norm": 0.5}
+    train(quick_config(corpus, tmp_path / "one", grad_accum=2, **common), nproc=1)
+    summary = train(quick_config(corpus, tmp_path / "two", **common), nproc=2)
+
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), 1e-5)
+    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert summary["padding_fraction"] < 0.15
+    assert summary["imbalance"] >= 1.0
+    assert len(summary["rank_wait_s"]) == 2
+
+
 def test_summary_and_run_directory_hold_what_the_user_is_promised(
     corpus: Path, tmp_path: Path
 ) -> None:

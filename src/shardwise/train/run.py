@@ -17,6 +17,7 @@ import torch
 
 from shardwise.checkpoint import STATE_FILE
 from shardwise.config import TrainConfig
+from shardwise.data.cache import default_cache_dir
 from shardwise.data.prepare import prepare_corpus
 from shardwise.distributed import DistEnv, barrier, broadcast_object
 from shardwise.models import build_model
@@ -28,7 +29,12 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
     """Train as described by `config` on this rank; rank 0 writes the report and prints it."""
     torch.manual_seed(config.seed)
     corpus = prepare_corpus(
-        config.data, config.max_len, config.long_sequences, config.eval_fraction, config.seed
+        config.data,
+        config.max_len,
+        config.long_sequences,
+        config.eval_fraction,
+        config.seed,
+        cache_dir=default_cache_dir() if config.corpus_cache else None,
     )
     model = build_model(config.model, corpus.vocab_size)
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))

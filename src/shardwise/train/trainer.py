@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -31,16 +30,19 @@ from shardwise.checkpoint import (
     save_checkpoint,
 )
 from shardwise.config import TrainConfig
-from shardwise.data.batch import IGNORE_INDEX, Batch, collate
+from shardwise.data.batch import Batch, collate
 from shardwise.data.loader import make_loader
 from shardwise.data.prepare import PreparedCorpus
-from shardwise.data.sampler import FixedBatchSampler, SamplerPosition
+from shardwise.data.sampler import SamplerPosition
 from shardwise.distributed import DistEnv, all_gather_floats, all_reduce_sum, peak_memory_bytes
+from shardwise.errors import ShardwiseError
 from shardwise.models import generate
-from shardwise.parallel.data_parallel import gradient_sync, unwrap, wrap_data_parallel
 from shardwise.report import MetricsWriter, TrainProgress
+from shardwise.train.batching import build_sampler, stream_identity
+from shardwise.train.engines import make_engine
 from shardwise.train.precision import Precision
 from shardwise.train.schedule import warmup_cosine
+from shardwise.train.timing import StepClock, imbalance
 
 
 @dataclass
@@ -50,8 +52,9 @@ class _Window:
     loss_sum: torch.Tensor
     tokens: int = 0
     slots: int = 0
-    steps: int = 0
-    compute_s: float = 0.0
+    compute_s: list[float] = field(default_factory=list)  # per step
+    wait_s: list[float] = field(default_factory=list)  # per step
+    predicted_imbalance: list[float] = field(default_factory=list)  # per step, token batching
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -70,17 +73,25 @@ class Trainer:
         self.env = env
         self.corpus = corpus
         self.run_dir = run_dir
-        self.model = wrap_data_parallel(model, env)
+        self.precision = Precision(config.precision, env.device)
+        self.engine = make_engine(config, env, model, self.precision, corpus.vocab_size)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            self.engine.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.scheduler = warmup_cosine(
             self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
         )
-        self.precision = Precision(config.precision, env.device)
         self.state = TrainerState(world_size=env.world_size)
-        self.totals = {"tokens": 0, "slots": 0, "train_s": 0.0}
+        self.totals: dict = {
+            "tokens": 0,
+            "slots": 0,
+            "train_s": 0.0,
+            "slowest_s": 0.0,
+            "mean_s": 0.0,
+        }
         self.last_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.clock = StepClock(self.engine.parameters())
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -110,54 +121,50 @@ class Trainer:
                     saving = time.perf_counter()
                     self._save()
                     window.started += time.perf_counter() - saving  # not training time
-        if not self._due(self.config.checkpoint_every):
+        if self.last_checkpoint is None:  # resumed at the end already: nothing trained
             self._save()
         return self._finish()
 
     def _train_step(self, micro_batches: list[Batch], window: _Window) -> None:
-        started = time.perf_counter()
+        self.clock.start()
         for index, batch in enumerate(micro_batches):
-            batch = batch.to(self.env.device)
             last = index == len(micro_batches) - 1
-            with gradient_sync(self.model, enabled=last), self.precision.autocast():
-                loss_sum = self._loss_sum(self.model, batch)
-            scale = self.env.world_size / batch.step_tokens
-            self.precision.backward(loss_sum * scale)
-            window.loss_sum += loss_sum.detach().float()
-            window.tokens += batch.n_tokens
-            window.slots += batch.n_slots
-        self.grad_norm = self.precision.clip(self.optimizer, self.config.clip_norm)
+            window.loss_sum += self.engine.micro_step(batch.to(self.env.device), last).cpu()
+            if self.engine.owns_counts:
+                window.tokens += batch.n_tokens
+                window.slots += batch.n_slots
+        self.clock.backward_done()
+        self.grad_norm = self.engine.clip(self.optimizer, self.config.clip_norm)
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
         self.state.position = SamplerPosition(*micro_batches[-1].position)
-        window.steps += 1
-        window.compute_s += time.perf_counter() - started
-
-    @staticmethod
-    def _loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(batch.tokens, batch.model_lengths(batch.tokens.device))
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            batch.targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        compute, wait = self.clock.stop()
+        window.compute_s.append(compute)
+        window.wait_s.append(wait)
+        if micro_batches[-1].rank_costs:
+            costs = micro_batches[-1].rank_costs
+            window.predicted_imbalance.append(max(costs) / (sum(costs) / len(costs)))
 
     # ---- data ---------------------------------------------------------------------------------
 
     def _loader(self) -> Iterator[Batch]:
-        sampler = FixedBatchSampler(
-            np.fromiter((len(seq) for seq in self.corpus.train), dtype=np.int64),
-            batch_size=self.config.batch_size,
-            world_size=self.env.world_size,
-            rank=self.env.rank,
-            grad_accum=self.config.grad_accum,
-            seed=self.config.seed,
+        lengths = np.fromiter((len(seq) for seq in self.corpus.train), dtype=np.int64)
+        sampler = build_sampler(
+            self.config,
+            lengths,
+            self.engine.data_world_size,
+            self.engine.data_rank,
             start=self.state.position,
         )
-        loader = make_loader(self.corpus.train, sampler, self.env.device, self.config.num_workers)
+        loader = make_loader(
+            self.corpus.train,
+            sampler,
+            self.env.device,
+            self.config.num_workers,
+            packing=self.config.packs_rows,
+        )
         return iter(loader)
 
     def _step_groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
@@ -167,7 +174,7 @@ class Trainer:
     # ---- metrics ------------------------------------------------------------------------------
 
     def _new_window(self) -> _Window:
-        return _Window(loss_sum=torch.zeros((), device=self.env.device))
+        return _Window(loss_sum=torch.zeros((), dtype=torch.float64))
 
     def _close_window(self, window: _Window) -> dict:
         """One metrics row: global loss and throughput, per-rank step time and memory."""
@@ -182,7 +189,14 @@ class Trainer:
         self.state.tokens += int(tokens)
         self.last_loss = loss_sum / max(tokens, 1)
         memory = peak_memory_bytes(self.env.device)
-        per_rank = all_gather_floats([window.compute_s / max(window.steps, 1), memory], self.env)
+        per_rank = all_gather_floats([memory, *window.compute_s, *window.wait_s], self.env)
+        steps = len(window.compute_s)
+        compute = [row[1 : 1 + steps] for row in per_rank]
+        wait = [row[1 + steps :] for row in per_rank]
+        self.totals["rank_compute_s"] = _add(self.totals.get("rank_compute_s"), map(sum, compute))
+        self.totals["rank_wait_s"] = _add(self.totals.get("rank_wait_s"), map(sum, wait))
+        self.totals["slowest_s"] += sum(max(step) for step in zip(*compute, strict=True))
+        self.totals["mean_s"] += sum(sum(step) / len(step) for step in zip(*compute, strict=True))
         return {
             "step": self.state.step,
             "loss": self.last_loss,
@@ -190,8 +204,13 @@ class Trainer:
             "grad_norm": float(self.grad_norm),
             "tokens_per_s": tokens / elapsed,
             "padding_fraction": 1 - tokens / max(slots, 1),
-            "rank_step_time_s": [row[0] for row in per_rank],
-            "rank_rss_bytes": [int(row[1]) for row in per_rank],
+            "imbalance": imbalance(compute),
+            "predicted_imbalance": _mean(window.predicted_imbalance),
+            "rank_step_time_s": [
+                (sum(c) + sum(w)) / steps for c, w in zip(compute, wait, strict=True)
+            ],
+            "rank_wait_s": [sum(w) for w in wait],
+            "rank_rss_bytes": [int(row[0]) for row in per_rank],
         }
 
     def _tokens_per_s(self) -> float | None:
@@ -212,16 +231,23 @@ class Trainer:
         path = agree_on_checkpoint(chosen, self.env) if wanted else None
         if path is None:
             return
-        self.state = load_checkpoint(path, self.model, self.optimizer, self.env)
+        self.state = load_checkpoint(path, self.engine.module, self.optimizer, self.env)
+        if self.state.stream and self.state.stream != stream_identity(self.config):
+            raise ShardwiseError(
+                f"--resume {path}: the checkpoint's data order came from {self.state.stream}, "
+                f"this run's from {stream_identity(self.config)}; resume with the same settings "
+                "(batch sizes, world size and layout may change)"
+            )
         self.scheduler.load_state_dict(self.state.scheduler)
         self.precision.load_state_dict(self.state.scaler)
         self.state.world_size = self.env.world_size
 
     def _save(self) -> None:
         self.state.scheduler = self.scheduler.state_dict()
+        self.state.stream = stream_identity(self.config)
         self.state.scaler = self.precision.state_dict()
-        save_checkpoint(
-            self.run_dir / "checkpoints", self.model, self.optimizer, self.state, self.env
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir / "checkpoints", self.engine.module, self.optimizer, self.state, self.env
         )
 
     # ---- the end ------------------------------------------------------------------------------
@@ -234,7 +260,6 @@ class Trainer:
             "device": self.env.device.type,
             "precision": self.config.precision,
             "model": self.config.model,
-            "parameters": sum(p.numel() for p in unwrap(self.model).parameters()),
             "steps": self.state.step,
             "tokens": self.totals["tokens"],
             "tokens_per_s": self._tokens_per_s() or 0.0,
@@ -243,41 +268,58 @@ class Trainer:
             "eval_loss": eval_loss,
             "peak_rss_bytes": [int(row[0]) for row in memory],
             "padding_fraction": 1 - self.totals["tokens"] / max(self.totals["slots"], 1),
+            "imbalance": self.totals["slowest_s"] / max(self.totals["mean_s"], 1e-12),
+            "rank_wait_s": self.totals.get("rank_wait_s", []),
+            "wait_fraction": _wait_fraction(self.totals),
+            "batching": self.config.batching,
             "data_notes": self.corpus.notes,
             "run_dir": str(self.run_dir),
         }
         if self.env.is_main:
-            save_file(
-                {
-                    k: v.detach().cpu().contiguous()
-                    for k, v in unwrap(self.model).state_dict().items()
-                },
-                str(self.run_dir / "model.safetensors"),
-            )
-            summary["sample_text"] = self.sample_text()
+            model = self.engine.whole_model(self.last_checkpoint)
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(self.run_dir / "model.safetensors"))
+            summary["parameters"] = sum(p.numel() for p in model.parameters())
+            summary["sample_text"] = self.sample_text(model)
         return summary
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-mean loss on the held-out sequences, each rank taking every world_size-th one."""
-        mine = self.corpus.eval[self.env.rank :: self.env.world_size]
-        model = unwrap(self.model)
-        model.eval()
+        """Token-mean loss on the held-out sequences, each data rank taking its share."""
+        world, rank = self.engine.data_world_size, self.engine.data_rank
+        mine = self.corpus.eval[rank::world]
+        self.engine.module.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         for begin in range(0, len(mine), self.config.batch_size):
             batch = collate(mine[begin : begin + self.config.batch_size], step_tokens=1)
-            with self.precision.autocast():
-                loss = self._loss_sum(model, batch.to(self.env.device))
-            totals += torch.tensor([float(loss), batch.n_tokens], dtype=torch.float64)
-        model.train()
+            loss_sum = self.engine.eval_loss_sum(batch.to(self.env.device))
+            tokens = batch.n_tokens if self.engine.owns_counts else 0
+            totals += torch.tensor([loss_sum, tokens], dtype=torch.float64)
+        self.engine.module.train()
         loss_sum, tokens = all_reduce_sum(totals, self.env).tolist()
         return loss_sum / tokens if tokens else None
 
-    def sample_text(self) -> str:
+    def sample_text(self, model: nn.Module) -> str:
         """A few lines the trained model writes after a fixed prompt (seeded)."""
         if not self.config.sample_bytes:
             return ""
         generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
         prompt = b"The "
-        text = generate(unwrap(self.model), prompt, self.config.sample_bytes, generator=generator)
+        text = generate(model, prompt, self.config.sample_bytes, generator=generator)
         return (prompt + text).decode("utf-8", errors="replace")
+
+
+def _add(totals: list[float] | None, values: Iterable[float]) -> list[float]:
+    values = list(values)
+    return values if totals is None else [a + b for a, b in zip(totals, values, strict=True)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _wait_fraction(totals: dict) -> float | None:
+    compute, wait = totals.get("rank_compute_s"), totals.get("rank_wait_s")
+    if not compute:
+        return None
+    return sum(wait) / (sum(compute) + sum(wait))

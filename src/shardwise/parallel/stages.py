@@ -1,0 +1,230 @@
+"""Cut a language model into pipeline stages whose parameters keep the model's own names.
+
+    stages = split_into_stages(model, cuts=["blocks.2"])   # stage 1 starts at blocks.2
+    stages[1].state_dict().keys()   # "blocks.2.weight_ih_l0", ..., "head.1.bias": same as model's
+
+A model is first turned into an ordered list of *pieces* (`model_pieces`): for the built-in
+models these are the embedding (with the position embedding, for the Transformer), each block,
+and the head. Every piece maps one tensor to one tensor, so any contiguous run of pieces is a
+stage a pipeline can send a single activation out of. Because a stage registers each module
+under its original dotted path, a stage's `state_dict()` and `named_parameters()` use exactly
+the model's names: a checkpoint written by K stages loads into one model, and back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardwise.errors import ShardwiseError
+from shardwise.models import RecurrentLM, TransformerLM
+
+Run = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The smallest unit a pipeline cuts between: modules it owns, and its tensor-to-tensor step.
+
+        piece = model_pieces(model)[1]
+        piece.names, piece.run(x).shape   # ("blocks.0",), torch.Size([B, T, H])
+
+    `names` are the dotted paths of the modules holding the piece's parameters; its first name
+    is the piece's cut point. `helpers` are parameter-free modules it also calls (dropout), kept
+    with the stage so that `stage.train()` and `stage.eval()` reach them.
+    """
+
+    names: tuple[str, ...]
+    run: Run
+    helpers: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+def model_pieces(model: nn.Module) -> list[Piece]:
+    """The ordered pieces of a built-in LM, an `nn.Sequential`, or a model with `layer_names()`.
+
+        pieces = model_pieces(TransformerLM(num_layers=2))
+        [p.names for p in pieces]   # [("embed", "pos"), ("blocks.0",), ("blocks.1",), ("head",)]
+
+    For your own model, each name in `layer_names()` must be a module whose forward takes the
+    previous one's output (a tuple output counts as its first element, as for `nn.LSTM`); the
+    model's own `forward` is then not used by a pipeline.
+    """
+    if isinstance(model, TransformerLM):
+        return _transformer_pieces(model)
+    if isinstance(model, RecurrentLM):
+        return _recurrent_pieces(model)
+    if isinstance(model, nn.Sequential):
+        names = [name for name, _ in model.named_children()]
+    elif callable(getattr(model, "layer_names", None)):
+        names = list(model.layer_names())
+    else:
+        raise ShardwiseError(
+            f"{type(model).__name__} cannot be cut into pipeline stages: give it a layer_names() "
+            "method listing its top-level modules in forward order, or build it as nn.Sequential"
+        )
+    return [Piece((name,), _first_output(_submodule(model, name))) for name in names]
+
+
+def split_into_stages(model: nn.Module, cuts: Sequence[str]) -> list[nn.Module]:
+    """One stage module per run of pieces; stage k+1 starts at the piece named `cuts[k]`.
+
+        stage0, stage1 = split_into_stages(model, ["blocks.1"])
+        logits = stage1(stage0(tokens))   # the model's forward, in two halves
+
+    Stages share modules with `model` (nothing is copied). A cut that names no module, names a
+    module that is not the first of a piece, or comes out of order raises `ShardwiseError`
+    listing the valid cut points.
+    """
+    pieces = model_pieces(model)
+    starts = [0, *cut_indices(model, pieces, cuts), len(pieces)]
+    return [StageModule(model, pieces[begin:end]) for begin, end in itertools.pairwise(starts)]
+
+
+def cut_indices(model: nn.Module, pieces: Sequence[Piece], cuts: Sequence[str]) -> list[int]:
+    """Indices of the pieces that open stages 1..K-1, checked against the model.
+
+    cut_indices(model, model_pieces(model), ["blocks.1"])   # [2] for a TransformerLM
+    """
+    valid = [piece.name for piece in pieces[1:]]
+    index_of = {piece.name: i for i, piece in enumerate(pieces)}
+    indices: list[int] = []
+    for cut in cuts:
+        if index_of.get(cut) == 0:
+            raise ShardwiseError(
+                f"split point {cut!r} starts the first stage already; name where stages 2 and "
+                f"later begin: one of {', '.join(valid)}"
+            )
+        if cut not in index_of:
+            raise ShardwiseError(_bad_cut_message(model, cut, valid))
+        if indices and index_of[cut] <= indices[-1]:
+            raise ShardwiseError(
+                f"split point {cut!r} does not come after {pieces[indices[-1]].name!r} in the "
+                "model; list each split point once, in forward order"
+            )
+        indices.append(index_of[cut])
+    return indices
+
+
+def stage_starts(
+    model: nn.Module, pieces: Sequence[Piece], cuts: Sequence[str], num_stages: int
+) -> list[int]:
+    """`[0, first piece of stage 1, ..., len(pieces)]`, checked to make `num_stages` stages.
+
+    stage_starts(model, model_pieces(model), ["blocks.1"], 2)   # [0, 2, 5] for 3 blocks
+    """
+    starts = [0, *cut_indices(model, pieces, cuts), len(pieces)]
+    if len(starts) - 1 != num_stages:
+        raise ShardwiseError(
+            f"{len(cuts)} split point(s) make {len(starts) - 1} stage(s), but --pp is "
+            f"{num_stages}; give {num_stages - 1} split point(s)"
+        )
+    return starts
+
+
+class StageModule(nn.Module):
+    """A run of pieces, registered under their original dotted paths, applied in order.
+
+    stage = StageModule(model, model_pieces(model)[2:])
+    stage.get_submodule("blocks.1") is model.blocks[1]   # True
+    """
+
+    def __init__(self, model: nn.Module, pieces: Sequence[Piece]) -> None:
+        super().__init__()
+        for name in dict.fromkeys(n for piece in pieces for n in (*piece.names, *piece.helpers)):
+            _register_path(self, name, _submodule(model, name))
+        self.layer_names = [name for piece in pieces for name in piece.names]
+        # A plain list: the steps are closures over modules registered above, not modules.
+        self._runs = [piece.run for piece in pieces]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for run in self._runs:
+            x = run(x)
+        return x
+
+
+class _Container(nn.Module):
+    """An intermediate node of a dotted path ("blocks" in "blocks.1"); it is never called."""
+
+
+def _register_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    node = root
+    for part in parents:
+        if not hasattr(node, part):
+            node.add_module(part, _Container())
+        node = getattr(node, part)
+    node.add_module(leaf, module)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ShardwiseError(
+            f"{type(model).__name__}.layer_names() lists {name!r}, which is not a submodule"
+        ) from None
+
+
+def _bad_cut_message(model: nn.Module, cut: str, valid: list[str]) -> str:
+    try:
+        model.get_submodule(cut)
+        problem = "is inside a piece, not at its start"
+    except AttributeError:
+        problem = "names no module"
+    return (
+        f"split point {cut!r} {problem} of {type(model).__name__}; "
+        f"split at one of: {', '.join(valid)}"
+    )
+
+
+def _first_output(module: nn.Module) -> Run:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _transformer_pieces(model: TransformerLM) -> list[Piece]:
+    embed, pos, drop, max_len = model.embed, model.pos, model.drop, model.max_len
+
+    def embed_positions(tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        if length > max_len:
+            raise ShardwiseError(
+                f"sequence length {length} exceeds the model's max_len={max_len}; "
+                "use shorter sequences or build the model with a larger max_len"
+            )
+        positions = torch.arange(length, device=tokens.device)
+        return drop(embed(tokens) + pos(positions))
+
+    blocks = [Piece((f"blocks.{i}",), block) for i, block in enumerate(model.blocks)]
+    return [
+        Piece(("embed", "pos"), embed_positions, ("drop",)),
+        *blocks,
+        Piece(("head",), model.head),
+    ]
+
+
+def _recurrent_pieces(model: RecurrentLM) -> list[Piece]:
+    drop, embedding = model.drop, model.embed
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        return drop(embedding(tokens))
+
+    def recurrent(block: nn.Module) -> Run:
+        # The hidden state starts at zero on every call, as in RecurrentLM.forward without packing.
+        return lambda x: drop(block(x)[0])
+
+    blocks = [
+        Piece((f"blocks.{i}",), recurrent(block), ("drop",)) for i, block in enumerate(model.blocks)
+    ]
+    return [Piece(("embed",), embed, ("drop",)), *blocks, Piece(("head",), model.head)]

@@ -1,0 +1,236 @@
+"""Cut a model into K contiguous stages that balance time and memory, and describe the cut.
+
+    plan = plan_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
+    runner = PipelineRunner(model, layout, plan.cuts, plan.schedule, plan.microbatches)
+
+Like torchgpipe's `balance_by_time` and `balance_by_size`, but with both at once: each piece
+costs `time_weight` times its share of the model's time plus the rest times its share of the
+model's memory, and the stages are chosen to make the most expensive stage as cheap as possible
+(an exact dynamic programme over contiguous cuts). A stage's memory counts its training state
+and the activations its schedule keeps in flight: all M micro-batches under GPipe, and
+min(M, K - k) on stage k under 1F1B, so 1F1B's early stages get less.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardwise.data.batch import Batch
+from shardwise.distributed import DistEnv, broadcast_object
+from shardwise.errors import ShardwiseError
+from shardwise.parallel.stages import model_pieces, stage_starts
+from shardwise.plan.profile import PieceCost, profile_pieces
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a plan: its layers, and predicted time and memory per optimizer step."""
+
+    layer_names: tuple[str, ...]
+    time_s: float
+    memory_bytes: int
+    param_count: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A cut into stages with predictions; `cuts` is what `PipelineRunner` takes."""
+
+    stages: tuple[StagePlan, ...]
+    microbatches: int
+    schedule: str
+
+    @property
+    def cuts(self) -> list[str]:
+        return [stage.layer_names[0] for stage in self.stages[1:]]
+
+    @property
+    def bubble_bound(self) -> float:
+        """The idle share of a balanced pipeline: (K - 1) / (M + K - 1)."""
+        k = len(self.stages)
+        return (k - 1) / (self.microbatches + k - 1)
+
+    @property
+    def step_time_s(self) -> float:
+        """The slowest stage's micro-batch time times the M + K - 1 slots of a schedule."""
+        slowest = max(stage.time_s for stage in self.stages) / self.microbatches
+        return slowest * (self.microbatches + len(self.stages) - 1)
+
+    def describe(self) -> str:
+        """A table of the stages, for `--dry-run`.
+
+        print(plan_stages(model, 2, tokens).describe())
+        """
+        header = (
+            f"pipeline plan: {_plural(len(self.stages), 'stage')}, "
+            f"{_plural(self.microbatches, 'micro-batch', 'micro-batches')}, "
+            f"{self.schedule} schedule"
+        )
+        rows = [("stage", "layers", "params", "time/step", "memory")]
+        for index, stage in enumerate(self.stages):
+            rows.append(
+                (
+                    str(index),
+                    _layer_span(stage.layer_names),
+                    _count(stage.param_count),
+                    f"{stage.time_s * 1e3:.1f} ms",
+                    f"{stage.memory_bytes / 2**20:.1f} MiB",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        table = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        footer = (
+            f"predicted step time {self.step_time_s * 1e3:.1f} ms; bubble bound "
+            f"{self.bubble_bound:.0%} ((K-1)/(M+K-1)); split points: {', '.join(self.cuts) or '-'}"
+        )
+        return "\n".join([header, *table, footer])
+
+
+def plan_stages(
+    model: nn.Module,
+    num_stages: int,
+    sample_batch: Batch | torch.Tensor,
+    *,
+    microbatches: int = 1,
+    schedule: str = "1f1b",
+    time_weight: float = 0.5,
+    cuts: Sequence[str] | None = None,
+    repeats: int = 3,
+) -> Plan:
+    """Profile `model` on one micro-batch of `sample_batch` and cut it into `num_stages`.
+
+        plan = plan_stages(model, 2, batch, microbatches=4)
+        plan.cuts   # e.g. ["blocks.2"]
+
+    `sample_batch` is one step's batch for one pipeline (a `Batch` or its tokens [B, T]); the
+    profile runs its first ceil(B / M) rows. `time_weight` 1 balances time only, 0 memory only.
+    Given `cuts` (split points), the plan keeps them and only predicts. Asking for more stages
+    than the model has pieces, or giving cuts that do not make `num_stages`, raises
+    `ShardwiseError`.
+    """
+    pieces = model_pieces(model)
+    if not 1 <= num_stages <= len(pieces):
+        raise ShardwiseError(
+            f"--pp {num_stages}: {type(model).__name__} has {len(pieces)} pieces to place on "
+            f"stages ({', '.join(p.name for p in pieces)}); use --pp between 1 and {len(pieces)}"
+        )
+    starts = None if cuts is None else stage_starts(model, pieces, cuts, num_stages)
+    tokens = sample_batch.tokens if isinstance(sample_batch, Batch) else sample_batch
+    micro = tokens[: -(-tokens.shape[0] // microbatches)]
+    costs = profile_pieces(model, micro, repeats)
+    return plan_from_costs(costs, num_stages, microbatches, schedule, time_weight, starts)
+
+
+def plan_from_costs(
+    costs: Sequence[PieceCost],
+    num_stages: int,
+    microbatches: int = 1,
+    schedule: str = "1f1b",
+    time_weight: float = 0.5,
+    starts: Sequence[int] | None = None,
+) -> Plan:
+    """The balanced plan for already measured `costs` (see `plan_stages`).
+
+    plan_from_costs(profile_pieces(model, tokens), num_stages=2, microbatches=4)
+
+    `starts` ([0, first piece of stage 1, ..., len(costs)]) fixes the cut instead of balancing.
+    """
+
+    def in_flight(stage: int) -> int:
+        return microbatches if schedule == "gpipe" else min(microbatches, num_stages - stage)
+
+    def memory(stage: int, group: Sequence[PieceCost]) -> int:
+        return sum(c.state_bytes + in_flight(stage) * c.activation_bytes for c in group)
+
+    total_time = sum(c.time_s for c in costs) or 1.0
+    total_memory = memory(0, costs) or 1
+
+    def stage_cost(stage: int, begin: int, end: int) -> float:
+        group = costs[begin:end]
+        time_share = sum(c.time_s for c in group) / total_time
+        return time_weight * time_share + (1 - time_weight) * memory(stage, group) / total_memory
+
+    if starts is None:
+        starts = _starts(balance(len(costs), num_stages, stage_cost))
+    stages = []
+    for stage, (begin, end) in enumerate(itertools.pairwise(starts)):
+        group = costs[begin:end]
+        stages.append(
+            StagePlan(
+                layer_names=tuple(name for c in group for name in c.names),
+                time_s=microbatches * sum(c.time_s for c in group),
+                memory_bytes=memory(stage, group),
+                param_count=sum(c.param_count for c in group),
+            )
+        )
+    return Plan(tuple(stages), microbatches, schedule)
+
+
+def balance(count: int, parts: int, cost: Callable[[int, int, int], float]) -> list[int]:
+    """Sizes of `parts` non-empty contiguous groups of `count` items minimising the largest cost.
+
+    `cost(part, begin, end)` prices items[begin:end] as part number `part`.
+
+    >>> weights = [1, 1, 1, 3]
+    >>> balance(4, 2, lambda part, begin, end: sum(weights[begin:end]))
+    [3, 1]
+    """
+    if not 1 <= parts <= count:
+        raise ValueError(f"cannot split {count} items into {parts} non-empty groups")
+    inf = float("inf")
+    # best[j][i]: the smallest possible largest cost of splitting items[:i] into j groups.
+    best = [[inf] * (count + 1) for _ in range(parts + 1)]
+    split = [[0] * (count + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for j in range(1, parts + 1):
+        for i in range(j, count - (parts - j) + 1):
+            for b in range(j - 1, i):
+                value = max(best[j - 1][b], cost(j - 1, b, i))
+                if value < best[j][i]:
+                    best[j][i], split[j][i] = value, b
+    sizes, end = [], count
+    for j in range(parts, 0, -1):
+        sizes.append(end - split[j][end])
+        end = split[j][end]
+    return sizes[::-1]
+
+
+def shared_plan(env: DistEnv, make_plan: Callable[[], Plan]) -> Plan:
+    """Rank 0's plan on every rank: timings differ between ranks, the cut must not.
+
+        plan = shared_plan(env, lambda: plan_stages(model, 2, batch, microbatches=4))
+
+    Every rank plans (so a mistake raises on all of them alike, instead of leaving the others
+    waiting for rank 0), then all take rank 0's plan.
+    """
+    plan = make_plan()
+    return broadcast_object(plan, env)  # type: ignore[return-value]
+
+
+def _starts(sizes: Sequence[int]) -> list[int]:
+    return [0, *itertools.accumulate(sizes)]
+
+
+def _layer_span(names: Sequence[str]) -> str:
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{names[0]} .. {names[-1]} ({len(names)} layers)"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"

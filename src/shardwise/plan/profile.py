@@ -1,0 +1,112 @@
+"""Measure each piece of a model: forward+backward time, and the memory it holds in training.
+
+    costs = profile_pieces(model, tokens[:4])   # one micro-batch
+    costs[1].time_s, costs[1].state_bytes, costs[1].activation_bytes
+
+Time is measured here, in this process, with its threads: the same conditions a pipeline stage
+will run under on a rank of this machine. Memory is counted, not measured: parameters, their
+gradients and AdamW's two moments (`state_bytes`), plus the tensors autograd saves for the
+backward of one micro-batch (`activation_bytes`), which a schedule keeps for every micro-batch
+in flight.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardwise.parallel.stages import Piece, model_pieces
+
+# Parameters, gradients, and AdamW's exp_avg and exp_avg_sq: four copies of every weight.
+STATE_COPIES = 4
+
+
+@dataclass(frozen=True)
+class PieceCost:
+    """What one piece costs per micro-batch (time, activations) and per step (state)."""
+
+    names: tuple[str, ...]
+    time_s: float
+    param_count: int
+    param_bytes: int
+    activation_bytes: int
+
+    @property
+    def state_bytes(self) -> int:
+        return STATE_COPIES * self.param_bytes
+
+
+def profile_pieces(model: nn.Module, tokens: torch.Tensor, repeats: int = 3) -> list[PieceCost]:
+    """Profile every piece of `model` on the micro-batch `tokens` [B, T], in forward order.
+
+        costs = profile_pieces(TransformerLM(num_layers=4), torch.zeros(4, 128, dtype=torch.long))
+        [round(c.time_s * 1e3, 2) for c in costs]   # milliseconds per piece
+
+    Each piece runs forward and backward `repeats` times on the previous piece's output; the
+    median time counts. Gradients are taken with `torch.autograd.grad`, so the model's `.grad`
+    fields are left as they were.
+    """
+    x = tokens
+    costs = []
+    with torch.random.fork_rng():  # dropout inside the profile must not shift training's RNG
+        for piece in model_pieces(model):
+            params = _parameters(model, piece)
+            activation_bytes = _saved_bytes(piece, x, params)
+            times = [_forward_backward_s(piece, x, params) for _ in range(max(1, repeats))]
+            with torch.no_grad():
+                x = piece.run(x)
+            costs.append(
+                PieceCost(
+                    names=piece.names,
+                    time_s=statistics.median(times),
+                    param_count=sum(p.numel() for p in params),
+                    param_bytes=sum(p.numel() * p.element_size() for p in params),
+                    activation_bytes=activation_bytes,
+                )
+            )
+    return costs
+
+
+def _parameters(model: nn.Module, piece: Piece) -> list[nn.Parameter]:
+    return [p for name in piece.names for p in model.get_submodule(name).parameters()]
+
+
+def _input(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().requires_grad_(x.is_floating_point())
+
+
+def _forward_backward_s(piece: Piece, x: torch.Tensor, params: list[nn.Parameter]) -> float:
+    x = _input(x)
+    _synchronize(x.device)
+    started = time.perf_counter()
+    out = piece.run(x)
+    wrt = [t for t in (x, *params) if t.requires_grad]
+    if wrt and out.requires_grad:
+        torch.autograd.grad(out, wrt, torch.ones_like(out))
+    _synchronize(x.device)
+    return time.perf_counter() - started
+
+
+def _saved_bytes(piece: Piece, x: torch.Tensor, params: list[nn.Parameter]) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves in one forward."""
+    weights = {p.data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in weights:
+            seen[pointer] = max(seen.get(pointer, 0), tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        piece.run(_input(x))
+    return sum(seen.values())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,114 @@
+"""Checkpoints written by stages or shards load into one process, and the other way round.
+
+Stages keep the model's parameter names, so DCP's checkpoint is the same set of named tensors
+whatever the layout that wrote it: only which rank writes or reads which name changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from parallel_cases import LR, layout_for, step_batches, tiny_model, whole_tensors
+from ranks import run_ranks
+from shardwise.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from shardwise.data.batch import Batch
+from shardwise.distributed import DistEnv
+from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+
+pytestmark = pytest.mark.timeout(90)
+
+SINGLE = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+
+
+def moments(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {
+        name: optimizer.state[p]["exp_avg"].clone()
+        for name, p in module.named_parameters()
+        if p in optimizer.state
+    }
+
+
+def save_from_two_stages(env: DistEnv, directory: Path) -> dict[str, Any]:
+    runner = PipelineRunner(tiny_model("gru"), layout_for(env, pp=2), ["blocks.1"], "gpipe")
+    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
+    for batch in step_batches()[:2]:
+        runner.train_step(batch)
+        optimizer.step()
+        optimizer.zero_grad()
+    save_checkpoint(directory, runner.module, optimizer, TrainerState(step=2), env)
+    return {"state": runner.state_dict(), "moments": moments(runner.module, optimizer)}
+
+
+def load_into_two_stages(env: DistEnv, path: Path) -> dict[str, Any]:
+    # A different cut from the one that saved: stage 0 now ends after blocks.1.
+    runner = PipelineRunner(tiny_model("gru"), layout_for(env, pp=2), ["blocks.2"], "1f1b")
+    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
+    state = load_checkpoint(path, runner.module, optimizer, env)
+    return {
+        "step": state.step,
+        "state": runner.state_dict(),
+        "moments": moments(runner.module, optimizer),
+    }
+
+
+def save_from_two_shards(env: DistEnv, directory: Path) -> dict[str, torch.Tensor]:
+    runner = PipelineRunner(tiny_model("transformer"), layout_for(env, tp=2))
+    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
+    runner.train_step(step_batches()[0])
+    optimizer.step()
+    save_checkpoint(directory, runner.module, optimizer, TrainerState(step=1), env)
+    return whole_tensors(runner.state_dict())
+
+
+def test_tensor_parallel_shards_load_whole_into_one_process(tmp_path: Path) -> None:
+    saved = run_ranks(save_from_two_shards, world=2, args=(tmp_path,))
+    model = tiny_model("transformer")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    load_checkpoint(tmp_path / "step_00000001", model, optimizer, SINGLE)
+    for name, value in saved[0].items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
+    assert len(optimizer.state) == len(list(model.parameters()))
+
+
+def test_two_stage_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    saved = run_ranks(save_from_two_stages, world=2, args=(tmp_path,))
+    model = tiny_model("gru")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    state = load_checkpoint(tmp_path / "step_00000002", model, optimizer, SINGLE)
+
+    assert state.step == 2
+    for rank in saved:
+        for name, value in rank["state"].items():
+            torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
+        for name, value in rank["moments"].items():
+            torch.testing.assert_close(moments(model, optimizer)[name], value, atol=0, rtol=0)
+    assert sorted(n for rank in saved for n in rank["state"]) == sorted(model.state_dict())
+
+
+def test_one_process_checkpoint_resumes_on_two_stages_cut_elsewhere(tmp_path: Path) -> None:
+    model = tiny_model("gru")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    for batch in step_batches()[:2]:
+        train_single_step(model, optimizer, batch)
+    path = save_checkpoint(tmp_path, model, optimizer, TrainerState(step=2), SINGLE)
+
+    loaded = run_ranks(load_into_two_stages, world=2, args=(path,))
+    assert [rank["step"] for rank in loaded] == [2, 2]
+    assert sorted(n for rank in loaded for n in rank["state"]) == sorted(model.state_dict())
+    for rank in loaded:
+        for name, value in rank["state"].items():
+            torch.testing.assert_close(value, model.state_dict()[name], atol=0, rtol=0)
+        for name, value in rank["moments"].items():
+            torch.testing.assert_close(value, moments(model, optimizer)[name], atol=0, rtol=0)
+
+
+def train_single_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch
+) -> None:
+    (token_loss_sum(model(batch.tokens), batch.targets) / batch.step_tokens).backward()
+    optimizer.step()
+    optimizer.zero_grad()
