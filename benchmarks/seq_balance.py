@@ -39,7 +39,6 @@ import argparse
 import json
 import statistics
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.utils.data import DistributedSampler
 
 from shardwise.data.batch import IGNORE_INDEX, Batch, collate, pack_collate
@@ -64,7 +62,7 @@ from shardwise.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from shardwise.launch import free_port
+from shardwise.launch import run_local
 from shardwise.models import RecurrentLM, TransformerLM
 from shardwise.parallel.data_parallel import gradient_sync, wrap_data_parallel
 
@@ -104,19 +102,8 @@ class Case:
 
 def main() -> None:
     args = parse_args()
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=WORLD_SIZE,
-        run_id=uuid.uuid4().hex[:8],
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"localhost:{free_port()}",
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
     started = time.perf_counter()
-    report = elastic_launch(launch, worker)(vars(args))[0]
+    report = run_local(worker, WORLD_SIZE, vars(args))[0]
     report["setup"]["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
     print_table(report)
     headline = report["cases"]["lstm/heavy_tailed"]

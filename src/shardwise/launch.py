@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import RendezvousError
@@ -30,6 +32,7 @@ from shardwise.distributed import init_distributed, shutdown_distributed
 from shardwise.errors import ShardwiseError
 from shardwise.train.run import train
 
+T = TypeVar("T")
 _ERROR_FILE = "error-rank{rank}.txt"
 _EXIT_FAILED = 2
 _ROOT_CAUSE_GRACE_S = 1.0
@@ -69,6 +72,28 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict:
                 "node with the same --nnodes and --rdzv-endpoint"
             ) from None
     return results.get(0) or next(iter(results.values()), {})
+
+
+def run_local(entrypoint: Callable[..., T], nproc: int, *args: object) -> dict[int, T]:
+    """Run `entrypoint(*args)` on `nproc` local gloo/NCCL workers; their returns by rank.
+
+        results = run_local(measure, 2, "lstm")   # {0: ..., 1: ...}
+
+    For benchmarks and tools that need a plain local job through the same elastic agent.
+    """
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex[:8],
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"localhost:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    _quiet_agent_logs()
+    return elastic_launch(launch_config, entrypoint)(*args)
 
 
 def run_worker(config_json: str, error_dir: str | None = None) -> dict:

@@ -3,10 +3,11 @@
     trainer = Trainer(config, env, corpus, model, run_dir)
     summary = trainer.fit()   # dict, also written to run_dir/summary.json by rank 0
 
-Loss normalisation is what makes data parallelism exact: each micro-batch's summed token loss is
-divided by the token count of the whole optimizer step (known to every rank from the sampler) and
-multiplied by the world size that DDP's gradient average divides by again. The gradient is then
-exactly that of the global token-mean loss, for any split over ranks and micro-steps.
+Loss normalisation is what makes every layout exact: each micro-batch's summed token loss is
+divided by the token count of the whole optimizer step (known to every rank from the sampler),
+so the gradient is exactly that of the global token-mean loss for any split over ranks,
+micro-steps and pipeline micro-batches. How a micro-step runs (DDP replica, pipeline stage,
+tensor-parallel shard) is the engine's business (`train/engines.py`); the loop is the same.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class _Window:
 
 
 class Trainer:
-    """Trains `model` on `corpus` as this worker's share of a data-parallel job."""
+    """Trains `model` on `corpus` as this worker's share of a data/pipeline/tensor-parallel job."""
 
     def __init__(
         self,
