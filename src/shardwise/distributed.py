@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, first_line
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _init_process_group(device: torch.device, rank: int, world: int, timeout_s: 
     except (RuntimeError, dist.DistError) as exc:
         raise ShardwiseError(
             f"rank {rank}: could not join the {world}-process group within {timeout_s:g}s "
-            f"({_first_line(exc)}); check that every peer started and can reach MASTER_ADDR"
+            f"({first_line(exc)}); check that every peer started and can reach MASTER_ADDR"
         ) from None
 
 
@@ -142,8 +142,3 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _comm_device(env: DistEnv) -> torch.device:
     return env.device if env.device.type == "cuda" else torch.device("cpu")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -11,3 +11,9 @@ from __future__ import annotations
 
 class ShardwiseError(Exception):
     """A problem with the user's input or environment, with a message that names the fix."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages can run to pages)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

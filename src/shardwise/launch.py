@@ -29,7 +29,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shardwise.config import TrainConfig, parse_endpoint
 from shardwise.distributed import init_distributed, shutdown_distributed
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, first_line
 from shardwise.train.run import train
 
 T = TypeVar("T")
@@ -112,7 +112,7 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
             raise
         rank = os.environ.get("RANK", "0")
         lost = PeerLostError(
-            f"rank {rank} lost contact with its peers ({_first_line(exc)}): a peer died or "
+            f"rank {rank} lost contact with its peers ({first_line(exc)}): a peer died or "
             f"hung; if steps are legitimately slower than {config.timeout_s:g}s, raise --timeout-s"
         )
         _report(lost, error_dir)
@@ -200,11 +200,6 @@ _PEER_FAILURE_MARKERS = (
 
 def _is_peer_failure(exc: RuntimeError) -> bool:
     return any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _quiet_agent_logs() -> None:
