@@ -34,3 +34,9 @@ def test_loss_falls_and_lr_follows_the_schedule(corpus: Path, tmp_path: Path) ->
     lrs = [row["lr"] for row in rows]
     assert lrs[3] == pytest.approx(1e-2)  # warmup ends at the peak
     assert lrs[-1] == pytest.approx(1e-3)  # cosine ends at min_lr_ratio * lr
+
+
+def test_loader_worker_processes_give_the_same_training(corpus: Path, tmp_path: Path) -> None:
+    train(quick_config(corpus, tmp_path / "inline", batching="tokens"), nproc=1)
+    train(quick_config(corpus, tmp_path / "workers", batching="tokens", num_workers=2), nproc=1)
+    assert_same_weights(final_weights(tmp_path / "inline"), final_weights(tmp_path / "workers"), 0)
