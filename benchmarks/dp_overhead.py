@@ -1,16 +1,19 @@
 """Does shardwise's data-parallel step cost more than a hand-written DDP loop? How does it scale?
 
-    python benchmarks/dp_overhead.py [--steps 40] [--rounds 5]
+    python benchmarks/dp_overhead.py [--steps 40] [--rounds 6]
 
 On identical fixed-length data (no padding) and the same model, each round runs in one 2-rank
-gloo job: shardwise's Trainer for `--steps` optimizer steps, then a hand-written DDP loop doing the
+gloo job: shardwise's Trainer for `--steps` optimizer steps, a hand-written DDP loop doing the
 same work (DistributedSampler + DataLoader, token-mean cross-entropy, global-norm clipping,
-AdamW, LR schedule), alternating which goes first, after an untimed warm-up run of each. Each
-round also runs the Trainer alone on 1 rank for the scaling figure. Each rank gets one thread,
+AdamW, LR schedule) and, if installed, the same loop under Accelerate; after an untimed warm-up
+run of each, in an order rotated every round (a process's later runs profit from warm caches).
+Each round also runs the Trainer alone on 1 rank for the scaling figure. Each rank gets one thread,
 as on a machine with a core per rank. Figures are medians over rounds:
 
 - overhead_ratio: shardwise step time / hand-written step time at 2 ranks (target <= 1.05)
 - scaling_efficiency: tokens/s on 2 ranks / (2 x tokens/s on 1 rank)
+- ratio_vs_accelerate: shardwise step time / the same loop under Hugging Face Accelerate
+  (when `accelerate` is installed: `pip install -e .[bench]`)
 
 The last line printed is one JSON object with the figures.
 """
@@ -90,10 +93,42 @@ def run_hand_written(config: TrainConfig, corpus: PreparedCorpus) -> float:
     return (time.perf_counter() - started) / config.max_steps
 
 
+def run_accelerate(config: TrainConfig, corpus: PreparedCorpus) -> float:
+    """Seconds per optimizer step of the same loop written with Hugging Face Accelerate."""
+    from accelerate import Accelerator
+
+    env = init_distributed("cpu", config.timeout_s)
+    torch.set_num_threads(1)
+    torch.manual_seed(config.seed)
+    accelerator = Accelerator(cpu=env.device.type == "cpu")
+    model = build_model(config.model, 256)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.max_steps, 0.1)
+    data = torch.from_numpy(np.stack(corpus.train).astype(np.int64))
+    dataset = TensorDataset(data[:, :-1], data[:, 1:])
+    loader = DataLoader(dataset, config.batch_size, shuffle=True, drop_last=True)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    batches = iter(loader)
+    started = time.perf_counter()
+    for _ in range(config.max_steps):
+        tokens, targets = next(batches)
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return (time.perf_counter() - started) / config.max_steps
+
+
 def worker(config_json: str, order: list[str]) -> dict[str, float]:
     config = TrainConfig.model_validate_json(config_json)
     corpus = fixed_length_corpus()
-    runners = {"shardwise": run_shardwise, "hand_written": run_hand_written}
+    runners = {
+        "shardwise": run_shardwise,
+        "hand_written": run_hand_written,
+        "accelerate": run_accelerate,
+    }
     try:
         # Untimed short runs first: the process's one-off costs (allocator, oneDNN kernels for
         # these shapes) would otherwise land on whichever side is measured first.
@@ -112,7 +147,7 @@ def launch(nproc: int, config: TrainConfig, order: list[str]) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default="lstm")
     args = parser.parse_args()
@@ -131,31 +166,32 @@ def main() -> None:
         timeout_s=120,
     )
     tokens_per_rank_step = args.batch_size * (SEQ_LEN - 1)
-    ratios, shardwise_2, hand_2, shardwise_1 = [], [], [], []
+    peers = ["hand_written", *(["accelerate"] if _accelerate_installed() else [])]
+    two_ranks: dict[str, list[float]] = {name: [] for name in ["shardwise", *peers]}
+    one_rank: list[float] = []
     for round_index in range(args.rounds):
-        order = ["shardwise", "hand_written"][:: 1 if round_index % 2 == 0 else -1]
+        names = ["shardwise", *peers]
+        # Rotate who goes first: later runs in a process profit from its warm caches.
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         two = launch(2, config, order)
-        one = launch(1, config, ["shardwise"])
-        ratios.append(two["shardwise"] / two["hand_written"])
-        shardwise_2.append(two["shardwise"])
-        hand_2.append(two["hand_written"])
-        shardwise_1.append(one["shardwise"])
+        one_rank.append(launch(1, config, ["shardwise"])["shardwise"])
+        for name, seconds in two.items():
+            two_ranks[name].append(seconds)
+        shown = ", ".join(f"{name} {two[name] * 1e3:.1f}" for name in order)
         print(
-            f"round {round_index}: 2 ranks shardwise {two['shardwise'] * 1e3:.1f} ms/step, "
-            f"hand-written {two['hand_written'] * 1e3:.1f} ms/step; "
-            f"1 rank shardwise {one['shardwise'] * 1e3:.1f} ms/step",
+            f"round {round_index} (ms/step, 2 ranks): {shown}; "
+            f"1 rank shardwise {one_rank[-1] * 1e3:.1f}",
             flush=True,
         )
-    tps_2 = 2 * tokens_per_rank_step / statistics.median(shardwise_2)
-    tps_1 = tokens_per_rank_step / statistics.median(shardwise_1)
+    ratios = [a / b for a, b in zip(two_ranks["shardwise"], two_ranks["hand_written"], strict=True)]
+    tps_2 = 2 * tokens_per_rank_step / statistics.median(two_ranks["shardwise"])
+    tps_1 = tokens_per_rank_step / statistics.median(one_rank)
     figures = {
         "overhead_ratio": round(statistics.median(ratios), 4),
         "scaling_efficiency": round(tps_2 / (2 * tps_1), 4),
+        "overhead_ratio_per_round": [round(r, 3) for r in ratios],
         "tokens_per_s_2_ranks": round(tps_2),
         "tokens_per_s_1_rank": round(tps_1),
-        "hand_written_tokens_per_s_2_ranks": round(
-            2 * tokens_per_rank_step / statistics.median(hand_2)
-        ),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "model": args.model,
@@ -163,7 +199,20 @@ def main() -> None:
         "seq_len": SEQ_LEN - 1,
         "batch_size_per_rank": args.batch_size,
     }
+    for name in peers:
+        peer_ratios = [a / b for a, b in zip(two_ranks["shardwise"], two_ranks[name], strict=True)]
+        figures[f"ratio_vs_{name}"] = round(statistics.median(peer_ratios), 4)
+    if "accelerate" not in peers:
+        figures["accelerate"] = "not installed (pip install accelerate): not compared"
     print(json.dumps(figures))
+
+
+def _accelerate_installed() -> bool:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

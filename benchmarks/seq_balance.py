@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from shardwise.config import TrainConfig
 from shardwise.data.batch import IGNORE_INDEX, Batch, collate, pack_collate
 from shardwise.data.corpus import read_sequences
 from shardwise.data.cost import batch_cost, cost_model_for
@@ -94,6 +95,7 @@ class Case:
     sequences: list[np.ndarray]
     tokens_per_batch: int
     batch_size: int
+    sort_window: int
 
     @property
     def name(self) -> str:
@@ -130,6 +132,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lstm-sequences", type=int, default=1200, help="of the embedded corpus")
     parser.add_argument("--transformer-sequences", type=int, default=250, help="of each dataset")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sort-window",
+        type=int,
+        default=TrainConfig.model_fields["sort_window"].default,
+        help="sequences sorted together (default: shardwise train's)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data, one repeat")
     args = parser.parse_args()
     if args.quick:
@@ -169,7 +177,7 @@ def build_cases(settings: dict[str, Any]) -> list[Case]:
         size = max(1, round(budget / np.mean([len(seq) - 1 for seq in sequences])))
         # Whole steps of B per rank only, so every method trains on exactly these samples.
         sequences = sequences[: len(sequences) - len(sequences) % (WORLD_SIZE * size)]
-        cases.append(Case(model, name, sequences, budget, size))
+        cases.append(Case(model, name, sequences, budget, size, settings["sort_window"]))
     return cases
 
 
@@ -217,6 +225,7 @@ def shardwise_plan(case: Case, work: np.ndarray, seed: int) -> list[Step]:
         seed=seed,
         cost_model=cost_model_for(case.model),
         packing=case.model == "transformer",
+        sort_window=case.sort_window,
     )
     steps = []
     for step in sampler.steps():
@@ -354,6 +363,7 @@ def summarise(
         "lstm": "RecurrentLM(embed 64, hidden 128, 1 layer)",
         "transformer": "TransformerLM(dim 128, 2 layers, 4 heads)",
         "synthetic": f"{settings['synthetic']} log-normal lengths, median 64, sigma 1, 8..1024",
+        "sort_window": settings["sort_window"],
     }
     return report
 
