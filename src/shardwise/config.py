@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
         "crosses a sequence). Default: on for the transformer.",
     )
     sort_window: int = Field(
-        512, ge=1, description="Sequences sorted by length together when forming token batches."
+        2048, ge=1, description="Sequences sorted by length together when forming token batches."
     )
     corpus_cache: bool = Field(True, description="Cache the tokenised corpus between runs.")
     # Where and how wide.

@@ -92,8 +92,11 @@ def _init_process_group(device: torch.device, rank: int, world: int, timeout_s: 
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined, once every rank is done with it."""
     if dist.is_available() and dist.is_initialized():
+        # A rank that tears down gloo while a peer still holds its connections can abort the
+        # peer ("terminate called without an active exception"): meet first, then leave.
+        dist.barrier()
         dist.destroy_process_group()
 
 

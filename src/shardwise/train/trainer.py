@@ -50,7 +50,7 @@ from shardwise.train.timing import StepClock, imbalance
 class _Window:
     """What happened since the last metrics row, on this rank."""
 
-    loss_sum: torch.Tensor
+    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-step, on the device
     tokens: int = 0
     slots: int = 0
     compute_s: list[float] = field(default_factory=list)  # per step
@@ -108,13 +108,13 @@ class Trainer:
             else contextlib.nullcontext() as metrics,
             TrainProgress(self.config.max_steps, self.state.step, enabled=main) as progress,
         ):
-            window = self._new_window()
+            window = _Window()
             while self.state.step < self.config.max_steps:
                 micro_batches = next(steps)
                 self._train_step(micro_batches, window)
                 if self._due(self.config.log_every):
                     row = self._close_window(window)
-                    window = self._new_window()  # logging's own cost counts in the next window
+                    window = _Window()  # logging's own cost counts in the next window
                     if main:
                         metrics.log(row)
                 progress.update(self.state.step, self.last_loss, self._tokens_per_s())
@@ -130,7 +130,8 @@ class Trainer:
         self.clock.start()
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            window.loss_sum += self.engine.micro_step(batch.to(self.env.device), last).cpu()
+            # Kept on the device: reading it back every micro-step would stall a GPU's queue.
+            window.losses.append(self.engine.micro_step(batch.to(self.env.device), last))
             if self.engine.owns_counts:
                 window.tokens += batch.n_tokens
                 window.slots += batch.n_slots
@@ -174,13 +175,11 @@ class Trainer:
 
     # ---- metrics ------------------------------------------------------------------------------
 
-    def _new_window(self) -> _Window:
-        return _Window(loss_sum=torch.zeros((), dtype=torch.float64))
-
     def _close_window(self, window: _Window) -> dict:
         """One metrics row: global loss and throughput, per-rank step time and memory."""
         counts = torch.tensor(
-            [window.loss_sum.item(), window.tokens, window.slots], dtype=torch.float64
+            [sum(float(loss) for loss in window.losses), window.tokens, window.slots],
+            dtype=torch.float64,
         )
         loss_sum, tokens, slots = all_reduce_sum(counts, self.env).tolist()
         elapsed = time.perf_counter() - window.started
