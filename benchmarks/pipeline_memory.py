@@ -33,7 +33,7 @@ from shardwise.distributed import DistEnv
 from shardwise.launch import free_port
 from shardwise.parallel.mesh import build_mesh
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
-from transformer_job import build_transformer, fixed_batch, model_flags
+from support.transformer_job import build_transformer, fixed_batch, model_flags
 
 MIB = 2**20
 

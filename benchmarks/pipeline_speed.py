@@ -43,7 +43,7 @@ from shardwise.launch import free_port
 from shardwise.parallel.mesh import build_mesh
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
 from shardwise.parallel.stages import split_into_stages
-from transformer_job import build_transformer, fixed_batch, model_flags
+from support.transformer_job import build_transformer, fixed_batch, model_flags
 
 STAGES = 2
 BUBBLE_MICROBATCHES = (1, 4, 8)
