@@ -11,7 +11,6 @@ import torch
 from shardwise.checkpoint import find_checkpoint
 from shardwise.config import TrainConfig
 from shardwise.data.batch import collate
-from shardwise.data.prepare import prepare_corpus
 from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
 from shardwise.launch import check_port_free
@@ -21,6 +20,7 @@ from shardwise.plan import plan_stages
 from shardwise.train.batching import build_sampler
 from shardwise.train.engines import layout_degrees
 from shardwise.train.precision import Precision
+from shardwise.train.run import load_corpus
 
 
 def default_nproc(config: TrainConfig) -> int:
@@ -41,9 +41,7 @@ def preflight(config: TrainConfig) -> int:
     dp, _, _ = layout_degrees(config, nproc * config.nnodes)
     Precision(config.precision, device)
     check_model_spec(config.model)
-    corpus = prepare_corpus(
-        config.data, config.max_len, config.long_sequences, config.eval_fraction, config.seed
-    )
+    corpus = load_corpus(config)
     build_sampler(config, np.array([len(seq) for seq in corpus.train]), dp, rank=0)
     if config.pp > 1:
         check_pipeline_split(config, corpus.vocab_size)
@@ -77,9 +75,7 @@ def dry_run(config: TrainConfig, nproc: int) -> str:
     ]
     if pp == 1:
         return "\n".join([*lines, "one stage: every rank of a replica holds the whole model"])
-    corpus = prepare_corpus(
-        config.data, config.max_len, config.long_sequences, config.eval_fraction, config.seed
-    )
+    corpus = load_corpus(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, corpus.vocab_size)
     sample = collate(corpus.train[: config.batch_size], step_tokens=1).tokens

@@ -18,7 +18,7 @@ import torch
 from shardwise.checkpoint import STATE_FILE
 from shardwise.config import TrainConfig
 from shardwise.data.cache import default_cache_dir
-from shardwise.data.prepare import prepare_corpus
+from shardwise.data.prepare import PreparedCorpus, prepare_corpus
 from shardwise.distributed import DistEnv, barrier, broadcast_object
 from shardwise.models import build_model
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
@@ -28,14 +28,7 @@ from shardwise.train.trainer import Trainer
 def train(config: TrainConfig, env: DistEnv) -> dict:
     """Train as described by `config` on this rank; rank 0 writes the report and prints it."""
     torch.manual_seed(config.seed)
-    corpus = prepare_corpus(
-        config.data,
-        config.max_len,
-        config.long_sequences,
-        config.eval_fraction,
-        config.seed,
-        cache_dir=default_cache_dir() if config.corpus_cache else None,
-    )
+    corpus = load_corpus(config)
     model = build_model(config.model, corpus.vocab_size)
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
     if env.is_main:
@@ -48,6 +41,18 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
         write_report(run_dir, summary, plot_metrics(run_dir))
         print(format_summary(summary), flush=True)
     return summary
+
+
+def load_corpus(config: TrainConfig) -> PreparedCorpus:
+    """The run's train and held-out sequences, through the tokenisation cache when enabled."""
+    return prepare_corpus(
+        config.data,
+        config.max_len,
+        config.long_sequences,
+        config.eval_fraction,
+        config.seed,
+        cache_dir=default_cache_dir() if config.corpus_cache else None,
+    )
 
 
 def resolve_run_dir(config: TrainConfig) -> Path:
