@@ -116,6 +116,22 @@ def load_checkpoint(
     return TrainerState.from_json(state_file.read_text(encoding="utf-8"))
 
 
+def load_model_weights(path: Path, model: nn.Module) -> nn.Module:
+    """Fill a whole, unsharded `model` from checkpoint `path` in this process alone.
+
+        model = load_model_weights(run_dir / "checkpoints" / "step_00000300", build_model("lstm"))
+
+    DCP reassembles pipeline stages and tensor-parallel shards, whatever layout saved them.
+    """
+    check_metadata(path)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
 def find_checkpoint(path: Path) -> Path:
     """`path` itself if it is a checkpoint, else the latest complete one in a run directory."""
     if (path / STATE_FILE).is_file():

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from shardwise.checkpoint import load_model_weights
 from shardwise.config import TrainConfig
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv
@@ -168,11 +168,7 @@ class ModelParallelEngine:
         """The trained model in one piece, rebuilt from the final checkpoint (call on one rank)."""
         from shardwise.models import build_model
 
-        model = build_model(self.config.model, self.vocab_size)
-        state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
-        model.load_state_dict(state["model"])
-        return model
+        return load_model_weights(checkpoint, build_model(self.config.model, self.vocab_size))
 
 
 def _loss_sum(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
