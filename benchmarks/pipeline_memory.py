@@ -21,7 +21,6 @@ import resource
 import statistics
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from shardwise.distributed import DistEnv
 from shardwise.launch import free_port
 from shardwise.parallel.mesh import build_mesh
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
-from support.transformer_job import build_transformer, fixed_batch, model_flags
+from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
 MIB = 2**20
 
@@ -98,13 +97,7 @@ def run(args: argparse.Namespace, world: int) -> list[int]:
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=300),
-        )
+        join_gloo(rank, world, port, timeout_s=300)
     idle = peak_rss()
     batch = fixed_batch(args)
     if world == 1:

@@ -28,7 +28,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from shardwise.launch import free_port
 from shardwise.parallel.mesh import build_mesh
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
 from shardwise.parallel.stages import split_into_stages
-from support.transformer_job import build_transformer, fixed_batch, model_flags
+from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
 STAGES = 2
 BUBBLE_MICROBATCHES = (1, 4, 8)
@@ -112,13 +111,7 @@ def parse_args() -> argparse.Namespace:
 
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)  # one core per stage on a 2-core machine
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=STAGES,
-        timeout=timedelta(seconds=120),
-    )
+    join_gloo(rank, STAGES, port, timeout_s=120)
     env = DistEnv(rank, STAGES, rank, STAGES, torch.device("cpu"))
     BusyClock.install()
     batch = fixed_batch(args)

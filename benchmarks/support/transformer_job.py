@@ -1,4 +1,5 @@
-"""What the pipeline benchmarks share: a seeded TransformerLM, its flags, and one fixed batch.
+"""What the pipeline benchmarks share: a seeded TransformerLM, its flags, one fixed batch, and
+joining the gloo group of spawned ranks.
 
 parser = model_flags(argparse.ArgumentParser(), dim=256, layers=4, heads=4, batch=16)
 model, batch = build_transformer(args), fixed_batch(args)
@@ -7,8 +8,10 @@ model, batch = build_transformer(args), fixed_batch(args)
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from shardwise.data.batch import Batch
 from shardwise.models import TransformerLM
@@ -41,3 +44,14 @@ def fixed_batch(args: argparse.Namespace) -> Batch:
     targets = torch.randint(0, 256, (args.batch, args.length), generator=generator)
     lengths = torch.full((args.batch,), args.length)
     return Batch(tokens, targets, lengths, step_tokens=args.batch * args.length)
+
+
+def join_gloo(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """Join the CPU process group of `world` spawned ranks rendezvousing on localhost:`port`."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
