@@ -1,17 +1,21 @@
 """Does shardwise's data-parallel step cost more than a hand-written DDP loop? How does it scale?
 
-    python benchmarks/dp_overhead.py [--steps 40] [--rounds 6]
+    python benchmarks/dp_overhead.py [--steps 40] [--rounds 6]    # ~9 min on 2 cores
+    python benchmarks/dp_overhead.py --steps 4 --rounds 2 --batch-size 4   # smoke test
 
 On identical fixed-length data (no padding) and the same model, each round runs in one 2-rank
 gloo job: shardwise's Trainer for `--steps` optimizer steps, a hand-written DDP loop doing the
 same work (DistributedSampler + DataLoader, token-mean cross-entropy, global-norm clipping,
-AdamW, LR schedule) and, if installed, the same loop under Accelerate; after an untimed warm-up
-run of each, in an order rotated every round (a process's later runs profit from warm caches).
-Each round also runs the Trainer alone on 1 rank for the scaling figure. Each rank gets one thread,
-as on a machine with a core per rank. Figures are medians over rounds:
+AdamW, LR schedule), if installed the same loop under Accelerate, and the Trainer a second time
+(the A/A twin, the noise floor); after an untimed warm-up run of each, in an order rotated every
+round (a process's later runs profit from warm caches; see support/rounds.py). Each round also
+runs the Trainer alone on 1 rank for the scaling figure, before the 2-rank job in odd rounds and
+after it in even ones. Each rank gets one thread, as on a machine with a core per rank. Every
+figure is the median of per-round ratios, with its min-max and the A/A band:
 
 - overhead_ratio: shardwise step time / hand-written step time at 2 ranks (target <= 1.05)
-- scaling_efficiency: tokens/s on 2 ranks / (2 x tokens/s on 1 rank)
+- scaling_efficiency: tokens/s on 2 ranks / (2 x tokens/s on 1 rank), i.e. 1-rank step time /
+  2-rank step time; its A/A band is the 2-rank one (the 1-rank job has no twin)
 - ratio_vs_accelerate: shardwise step time / the same loop under Hugging Face Accelerate
   (when `accelerate` is installed: `pip install -e .[bench]`)
 
@@ -42,6 +46,15 @@ from shardwise.launch import run_local
 from shardwise.models import build_model
 from shardwise.train.schedule import warmup_cosine
 from shardwise.train.trainer import Trainer
+from support.rounds import (
+    Comparison,
+    add_rounds_flag,
+    again,
+    base_side,
+    ratios,
+    round_line,
+    round_orders,
+)
 
 SEQ_LEN = 129  # 128 next-token targets per sequence
 N_SEQUENCES = 4096
@@ -122,6 +135,7 @@ def run_accelerate(config: TrainConfig, corpus: PreparedCorpus) -> float:
 
 
 def worker(config_json: str, order: list[str]) -> dict[str, float]:
+    """Seconds per step of each side in `order` (a twin `x_again` runs `x` again)."""
     config = TrainConfig.model_validate_json(config_json)
     corpus = fixed_length_corpus()
     runners = {
@@ -133,9 +147,9 @@ def worker(config_json: str, order: list[str]) -> dict[str, float]:
         # Untimed short runs first: the process's one-off costs (allocator, oneDNN kernels for
         # these shapes) would otherwise land on whichever side is measured first.
         warm_up = config.model_copy(update={"max_steps": 5, "checkpoint_every": 5})
-        for name in order:
+        for name in dict.fromkeys(base_side(name) for name in order):
             runners[name](warm_up, corpus)
-        return {name: runners[name](config, corpus) for name in order}
+        return {name: runners[base_side(name)](config, corpus) for name in order}
     finally:
         shutdown_distributed()
 
@@ -146,8 +160,8 @@ def launch(nproc: int, config: TrainConfig, order: list[str]) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per side and round")
+    add_rounds_flag(parser, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default="lstm")
     args = parser.parse_args()
@@ -165,33 +179,50 @@ def main() -> None:
         eval_fraction=0.0,
         timeout_s=120,
     )
-    tokens_per_rank_step = args.batch_size * (SEQ_LEN - 1)
     peers = ["hand_written", *(["accelerate"] if _accelerate_installed() else [])]
-    two_ranks: dict[str, list[float]] = {name: [] for name in ["shardwise", *peers]}
-    one_rank: list[float] = []
-    for round_index in range(args.rounds):
-        names = ["shardwise", *peers]
-        # Rotate who goes first: later runs in a process profit from its warm caches.
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+    samples = measure_rounds(config, ["shardwise", *peers], args.rounds)
+    print(json.dumps(figures(samples, peers, args)))
+
+
+def measure_rounds(config: TrainConfig, sides: list[str], rounds: int) -> dict[str, list[float]]:
+    """Seconds per step, per side and round: the 2-rank sides and their twin, and `one_rank`."""
+    samples: dict[str, list[float]] = {}
+    for index, order in enumerate(round_orders(sides, rounds, aa="shardwise")):
+        # The 1-rank job goes first in odd rounds: neither job always follows the other.
+        one_first = index % 2 == 1
+        one = launch(1, config, ["shardwise"]) if one_first else {}
         two = launch(2, config, order)
-        one_rank.append(launch(1, config, ["shardwise"])["shardwise"])
-        for name, seconds in two.items():
-            two_ranks[name].append(seconds)
-        shown = ", ".join(f"{name} {two[name] * 1e3:.1f}" for name in order)
-        print(
-            f"round {round_index} (ms/step, 2 ranks): {shown}; "
-            f"1 rank shardwise {one_rank[-1] * 1e3:.1f}",
-            flush=True,
-        )
-    ratios = [a / b for a, b in zip(two_ranks["shardwise"], two_ranks["hand_written"], strict=True)]
-    tps_2 = 2 * tokens_per_rank_step / statistics.median(two_ranks["shardwise"])
-    tps_1 = tokens_per_rank_step / statistics.median(one_rank)
-    figures = {
-        "overhead_ratio": round(statistics.median(ratios), 4),
-        "scaling_efficiency": round(tps_2 / (2 * tps_1), 4),
-        "overhead_ratio_per_round": [round(r, 3) for r in ratios],
-        "tokens_per_s_2_ranks": round(tps_2),
-        "tokens_per_s_1_rank": round(tps_1),
+        if not one_first:
+            one = launch(1, config, ["shardwise"])
+        for name, seconds in {**two, "one_rank": one["shardwise"]}.items():
+            samples.setdefault(name, []).append(seconds)
+        per_ms = {name: seconds * 1e3 for name, seconds in two.items()}
+        per_ms["1 rank shardwise"] = one["shardwise"] * 1e3
+        overhead = two["shardwise"] / two["hand_written"]
+        aa = two[again("shardwise")] / two["shardwise"]
+        shown = {"overhead": overhead, "A/A": aa}
+        print(round_line(index, rounds, per_ms, "ms/step", shown), flush=True)
+    return samples
+
+
+def figures(
+    samples: dict[str, list[float]], peers: list[str], args: argparse.Namespace
+) -> dict[str, object]:
+    """The JSON: each ratio's median, min-max, A/A band and verdict; step rates for context."""
+    overhead = Comparison.between(samples, "shardwise", "hand_written", aa="shardwise")
+    # 1-rank step time / 2-rank step time == tokens/s on 2 ranks / (2 x tokens/s on 1 rank).
+    scaling = Comparison.of(ratios(samples, "one_rank", "shardwise"), overhead.aa_ratios)
+    print(overhead.line("overhead_ratio"))
+    print(scaling.line("scaling_efficiency"))
+    tokens_per_rank_step = args.batch_size * (SEQ_LEN - 1)
+    result: dict[str, object] = {
+        **overhead.figures("overhead_ratio", 4),
+        **scaling.figures("scaling_efficiency", 4),
+        "overhead_ratio_per_round": [round(r, 3) for r in overhead.ratios],
+        "tokens_per_s_2_ranks": round(
+            2 * tokens_per_rank_step / statistics.median(samples["shardwise"])
+        ),
+        "tokens_per_s_1_rank": round(tokens_per_rank_step / statistics.median(samples["one_rank"])),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "model": args.model,
@@ -200,11 +231,12 @@ def main() -> None:
         "batch_size_per_rank": args.batch_size,
     }
     for name in peers:
-        peer_ratios = [a / b for a, b in zip(two_ranks["shardwise"], two_ranks[name], strict=True)]
-        figures[f"ratio_vs_{name}"] = round(statistics.median(peer_ratios), 4)
+        peer = Comparison.between(samples, "shardwise", name, aa="shardwise")
+        print(peer.line(f"ratio_vs_{name}"))
+        result.update(peer.figures(f"ratio_vs_{name}", 4))
     if "accelerate" not in peers:
-        figures["accelerate"] = "not installed (pip install accelerate): not compared"
-    print(json.dumps(figures))
+        result["accelerate"] = "not installed (pip install accelerate): not compared"
+    return result
 
 
 def _accelerate_installed() -> bool:

@@ -1,15 +1,18 @@
 """Peak memory per rank of pipeline training against one process, for a ~1.5 GB training state.
 
-    python benchmarks/pipeline_memory.py              # single vs --pp 2 vs --pp 4, 3 repeats
-    python benchmarks/pipeline_memory.py --repeats 1 --dim 512
+    python benchmarks/pipeline_memory.py              # single vs pp 2 vs pp 4: ~8 min, 2 cores
+    python benchmarks/pipeline_memory.py --rounds 2 --dim 128 --layers 2   # smoke test
 
 A TransformerLM whose parameters, gradients and AdamW moments take about 1.5 GB trains for a
 few steps, once in a single process and once cut into 2 and into 4 pipeline stages (one gloo
 process per stage, 1F1B). Each process records its resident memory when torch is imported and
 its process group is up (an idle torch process), and its peak resident memory after training;
-a layout's figure is the largest rank's peak above idle. Layouts run interleaved, each run in
-fresh processes, and the medians over repeats are compared. The last line is JSON with
-`mem_ratio_pp2` and `mem_ratio_pp4` (pipeline rank / single process; ideal 1/K).
+a layout's figure is the largest rank's peak above idle. Every round runs each layout in fresh
+processes, and the single process a second time (the A/A twin), in an order rotated every round
+(support/rounds.py). Peak memory is far steadier than time, but not exact (allocator and page
+cache state), so the same rule holds: `mem_ratio_pp2` and `mem_ratio_pp4` (pipeline rank /
+single process; ideal 1/K) are medians of per-round ratios, with their min-max, the A/A band
+(single again / single) and whether they are resolved. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import resource
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from shardwise.distributed import DistEnv
 from shardwise.launch import free_port
 from shardwise.parallel.mesh import build_mesh
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+from support.rounds import Comparison, add_rounds_flag, interleave, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
 MIB = 2**20
@@ -45,28 +49,25 @@ def main() -> None:
         f"training state (params + grads + AdamW) {16 * params / 1e9:.2f} GB",
         flush=True,
     )
-    peaks: dict[str, list[float]] = {"single": [], "pp2": [], "pp4": []}
-    for repeat in range(args.repeats):
-        for layout, world in (("single", 1), ("pp2", 2), ("pp4", 4)):
-            started = time.perf_counter()
-            per_rank = run(args, world)
-            peaks[layout].append(max(per_rank))
-            print(
-                f"repeat {repeat}  {layout:6s}  peak above idle per rank (MiB): "
-                f"{[round(p / MIB) for p in per_rank]}  ({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
-    median = {layout: statistics.median(values) for layout, values in peaks.items()}
-    result = {
-        "mem_ratio_pp2": round(median["pp2"] / median["single"], 3),
-        "mem_ratio_pp4": round(median["pp4"] / median["single"], 3),
-        "single_peak_mib": round(median["single"] / MIB),
-        "pp2_peak_mib": round(median["pp2"] / MIB),
-        "pp4_peak_mib": round(median["pp4"] / MIB),
-        "training_state_gb": round(16 * params / 1e9, 3),
-        "repeats": args.repeats,
-    }
+    layouts = {"single": 1, "pp2": 2, "pp4": 4}
+    sides = {layout: partial(run, args, world) for layout, world in layouts.items()}
+    peaks = interleave(sides, args.rounds, aa="single", on_round=partial(show, args.rounds))
+    result: dict[str, object] = {}
+    for layout in ("pp2", "pp4"):
+        ratio = Comparison.between(peaks, layout, "single", aa="single")
+        print(ratio.line(f"mem_ratio_{layout}"))
+        result.update(ratio.figures(f"mem_ratio_{layout}"))
+    for layout in layouts:  # absolute peaks beside the ratios, for context
+        result[f"{layout}_peak_mib"] = round(statistics.median(peaks[layout]) / MIB)
+    result["training_state_gb"] = round(16 * params / 1e9, 3)
+    result["rounds"] = args.rounds
     print(json.dumps(result), flush=True)
+
+
+def show(rounds: int, index: int, peaks: dict[str, float]) -> None:
+    mib = {layout: peak / MIB for layout, peak in peaks.items()}
+    ratios = {f"{k}/single": mib[k] / mib["single"] for k in ("pp2", "pp4", "single_again")}
+    print(round_line(index, rounds, mib, "MiB, largest rank's peak above idle", ratios), flush=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     model_flags(parser, dim=992, layers=8, heads=8, batch=4, length=64)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_rounds_flag(parser, default=5)
     return parser.parse_args()
 
 
@@ -83,15 +84,15 @@ def count_parameters(args: argparse.Namespace) -> int:
         return sum(p.numel() for p in build_transformer(args).parameters())
 
 
-def run(args: argparse.Namespace, world: int) -> list[int]:
-    """Train once on `world` fresh processes; each rank's peak RSS above idle, in bytes."""
+def run(args: argparse.Namespace, world: int) -> int:
+    """Train once on `world` fresh processes; the largest rank's peak RSS above idle, in bytes."""
     with tempfile.TemporaryDirectory(prefix="pipeline-memory-") as out:
         mp.start_processes(
             worker, args=(world, free_port(), args, out), nprocs=world, start_method="spawn"
         )
-        return [
+        return max(
             json.loads(Path(out, f"{rank}.json").read_text())["above_idle"] for rank in range(world)
-        ]
+        )
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:

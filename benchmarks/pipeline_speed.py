@@ -1,23 +1,25 @@
 """Pipeline bubble against its bound, and shardwise's pipeline against plain torch pipelining.
 
-    python benchmarks/pipeline_speed.py               # 2 stages on 2 gloo processes
-    python benchmarks/pipeline_speed.py --repeats 3 --dim 128
+    python benchmarks/pipeline_speed.py                      # ~4 minutes on 2 cores
+    python benchmarks/pipeline_speed.py --rounds 2 --steps 3 --dim 64 --layers 2   # smoke test
 
-Two measurements, in one 2-process job (one thread per process, one stage each):
+Two measurements, in one 2-process job (one thread per process, one stage each), each in
+interleaved rounds (support/rounds.py) of `--steps` steps per side:
 - Bubble: a TransformerLM cut into K=2 stages trains under GPipe with M = 1, 4 and 8
-  micro-batches of one fixed batch. Each rank adds up the time its stage spends computing
-  (forward and backward of a micro-batch) during `train_step`; a rank's bubble is the share of
-  the step it spends not computing (waiting, communicating, summing the loss), and the figure
-  is the mean over ranks, against the bound (K-1)/(M+K-1) of a perfectly balanced pipeline
-  whose communication is free.
+  micro-batches of one fixed batch, the three in an order rotated every round. Each rank adds
+  up the time its stage spends computing (forward and backward of a micro-batch) during
+  `train_step`; a rank's bubble is the share of the steps it spends not computing (waiting,
+  communicating, summing the loss). A round's figure is the mean over ranks; `bubble_measured`
+  is the median over rounds (with its min-max), against the bound (K-1)/(M+K-1) of a
+  perfectly balanced pipeline whose communication is free.
 - Throughput: the same model and cut trained by `PipelineRunner` (1F1B, M=8) and by plain
   `torch.distributed.pipelining` (PipelineStage with shapes inferred by torch, Schedule1F1B,
-  the same loss), each step including the AdamW update and ending at a barrier. Steps of the
-  two alternate, and the ratio is the median plain step time over the median shardwise step
-  time (above 1: shardwise is faster).
-Settings alternate within every repeat, and medians are compared, so that load from other
-processes on the machine falls on both sides alike. The last line
-is JSON with `ratio_vs_torch_pipelining`, and `bubble_measured` / `bubble_bound` for M=8.
+  the same loss), each step including the AdamW update, each side's steps between two
+  barriers. Every round runs shardwise, plain, and shardwise again (the A/A twin) in a rotated
+  order; `ratio_vs_torch_pipelining` is the median over rounds of plain step time / shardwise
+  step time (above 1: shardwise is faster), with its min-max, the A/A band (shardwise again /
+  shardwise) and whether it is resolved (further from 1 than the A/A noise).
+The last line is JSON with those figures, and `bubble_measured` / `bubble_bound` for M=8.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ from shardwise.launch import free_port
 from shardwise.parallel.mesh import build_mesh
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
 from shardwise.parallel.stages import split_into_stages
+from support.rounds import Comparison, add_rounds_flag, interleave, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
 STAGES = 2
@@ -77,35 +81,52 @@ def main() -> None:
             worker, args=(free_port(), args, out), nprocs=STAGES, start_method="spawn"
         )
         report = json.loads(Path(out, "report.json").read_text())
-    bubble = {m: statistics.mean(ranks) for m, ranks in report["bubble"].items()}
-    for m in BUBBLE_MICROBATCHES:
-        ranks, bound = report["bubble"][str(m)], (STAGES - 1) / (m + STAGES - 1)
-        print(
-            f"M={m}: bubble measured {bubble[str(m)]:.3f} (per rank "
-            f"{', '.join(f'{r:.3f}' for r in ranks)})  bound {bound:.3f}"
-        )
+    bubble = bubbles_by_round(report["bubble"])
+    speed = Comparison.between(report["step_s"], "plain", "ours", aa="ours")
+    print(speed.line("ratio_vs_torch_pipelining"))
+    medians_ms = {side: statistics.median(s) * 1e3 for side, s in report["step_s"].items()}
     print(
-        f"step time (M=8, 1F1B): shardwise {report['ours_s'] * 1e3:.1f} ms, plain torch "
-        f"pipelining {report['plain_s'] * 1e3:.1f} ms"
+        f"step time (M=8, 1F1B, medians for context): shardwise {medians_ms['ours']:.1f} ms, "
+        f"plain torch pipelining {medians_ms['plain']:.1f} ms"
     )
     result = {
-        "ratio_vs_torch_pipelining": round(report["plain_s"] / report["ours_s"], 3),
-        "bubble_measured": round(bubble["8"], 3),
-        "bubble_bound": round((STAGES - 1) / (8 + STAGES - 1), 3),
-        "bubble_measured_by_m": {m: round(v, 3) for m, v in bubble.items()},
-        "bubble_bound_by_m": {
-            str(m): round((STAGES - 1) / (m + STAGES - 1), 3) for m in BUBBLE_MICROBATCHES
-        },
-        "repeats": args.repeats,
+        **speed.figures("ratio_vs_torch_pipelining"),
+        "bubble_measured": round(statistics.median(bubble["8"]), 3),
+        "bubble_measured_range": [round(min(bubble["8"]), 3), round(max(bubble["8"]), 3)],
+        "bubble_bound": round(bound(8), 3),
+        "bubble_measured_by_m": {m: round(statistics.median(v), 3) for m, v in bubble.items()},
+        "bubble_bound_by_m": {str(m): round(bound(m), 3) for m in BUBBLE_MICROBATCHES},
+        "step_ms_medians": {side: round(ms, 1) for side, ms in medians_ms.items()},
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
     }
     print(json.dumps(result), flush=True)
+
+
+def bubbles_by_round(per_rank: dict[str, list[list[float]]]) -> dict[str, list[float]]:
+    """Per M, each round's bubble (the mean over ranks); prints each M's median and spread."""
+    bubble = {m: [statistics.mean(ranks) for ranks in rounds] for m, rounds in per_rank.items()}
+    for m in BUBBLE_MICROBATCHES:
+        ranks = [statistics.median(rank) for rank in zip(*per_rank[str(m)], strict=True)]
+        rounds = bubble[str(m)]
+        print(
+            f"M={m}: bubble measured {statistics.median(rounds):.3f} "
+            f"(rounds {min(rounds):.3f}-{max(rounds):.3f}; per rank "
+            f"{', '.join(f'{r:.3f}' for r in ranks)})  bound {bound(m):.3f}"
+        )
+    return bubble
+
+
+def bound(m: int) -> float:
+    """The bubble of a perfectly balanced K-stage pipeline with free communication."""
+    return (STAGES - 1) / (m + STAGES - 1)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     model_flags(parser, dim=256, layers=4, heads=4, batch=16, length=128)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side and round")
+    add_rounds_flag(parser, default=5)
     return parser.parse_args()
 
 
@@ -116,39 +137,42 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     BusyClock.install()
     batch = fixed_batch(args)
     bubble = measure_bubbles(args, env, batch)
-    ours_s, plain_s = measure_throughput(args, env, batch)
+    step_s = measure_throughput(args, env, batch)
     if rank == 0:
-        report = {"bubble": bubble, "ours_s": ours_s, "plain_s": plain_s}
+        report = {"bubble": bubble, "step_s": step_s}
         Path(out, "report.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 
-def measure_bubbles(args: argparse.Namespace, env: DistEnv, batch: Batch) -> dict[str, list[float]]:
-    """Per M, each rank's median share of `train_step` time spent not computing."""
+def measure_bubbles(
+    args: argparse.Namespace, env: DistEnv, batch: Batch
+) -> dict[str, list[list[float]]]:
+    """Per M, per round, each rank's share of `train_step` time spent not computing."""
     runners = {m: make_runner(args, env, "gpipe", m) for m in BUBBLE_MICROBATCHES}
     for runner in runners.values():  # warm up: shapes, buffers, communicators
         runner.train_step(batch)
-    samples: dict[int, list[list[float]]] = {m: [] for m in BUBBLE_MICROBATCHES}
-    for _ in range(args.repeats):
-        for m, runner in runners.items():
-            busy = wall = 0.0
-            for _ in range(args.steps):
-                dist.barrier()
-                BusyClock.busy = 0.0
-                started = time.perf_counter()
-                runner.train_step(batch)
-                wall += time.perf_counter() - started
-                busy += BusyClock.busy
-                for p in runner.parameters():
-                    p.grad = None
-            samples[m].append([1 - row[0] / row[1] for row in all_gather_floats([busy, wall], env)])
-    return {
-        str(m): [statistics.median(rank) for rank in zip(*values, strict=True)]
-        for m, values in samples.items()
-    }
+
+    def bubble(runner: PipelineRunner) -> list[float]:
+        busy = wall = 0.0
+        for _ in range(args.steps):
+            dist.barrier()
+            BusyClock.busy = 0.0
+            started = time.perf_counter()
+            runner.train_step(batch)
+            wall += time.perf_counter() - started
+            busy += BusyClock.busy
+            for p in runner.parameters():
+                p.grad = None
+        return [1 - row[0] / row[1] for row in all_gather_floats([busy, wall], env)]
+
+    sides = {str(m): partial(bubble, runner) for m, runner in runners.items()}
+    return interleave(sides, args.rounds)
 
 
-def measure_throughput(args: argparse.Namespace, env: DistEnv, batch: Batch) -> tuple[float, float]:
+def measure_throughput(
+    args: argparse.Namespace, env: DistEnv, batch: Batch
+) -> dict[str, list[float]]:
+    """Seconds per step of shardwise (`ours`), plain pipelining and `ours_again`, per round."""
     runner = make_runner(args, env, "1f1b", 8)
     ours_optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-4)
     plain_schedule, plain_stage = make_plain(args, env, 8)
@@ -164,18 +188,24 @@ def measure_throughput(args: argparse.Namespace, env: DistEnv, batch: Batch) -> 
         plain_optimizer.step()
         plain_optimizer.zero_grad(set_to_none=True)
 
-    ours(), plain()  # warm up (plain pipelining infers shapes on its first step)
-    times: dict[str, list[float]] = {"ours": [], "plain": []}
-    order = [("ours", ours), ("plain", plain)]
-    for repeat in range(args.repeats * args.steps):
-        # Alternate step by step, and who goes first, so background load hits both alike.
-        for name, step in order[:: 1 if repeat % 2 == 0 else -1]:
-            dist.barrier()
-            started = time.perf_counter()
+    def seconds_per_step(step: Callable[[], None]) -> float:
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(args.steps):
             step()
-            dist.barrier()
-            times[name].append(time.perf_counter() - started)
-    return statistics.median(times["ours"]), statistics.median(times["plain"])
+        dist.barrier()
+        return (time.perf_counter() - started) / args.steps
+
+    ours(), plain()  # warm up (plain pipelining infers shapes on its first step)
+    sides = {"ours": partial(seconds_per_step, ours), "plain": partial(seconds_per_step, plain)}
+
+    def show(index: int, results: dict[str, float]) -> None:
+        if env.rank == 0:
+            ms = {side: seconds * 1e3 for side, seconds in results.items()}
+            shown = {"plain/ours": ms["plain"] / ms["ours"], "A/A": ms["ours_again"] / ms["ours"]}
+            print(round_line(index, args.rounds, ms, "ms/step", shown), flush=True)
+
+    return interleave(sides, args.rounds, aa="ours", on_round=show)
 
 
 def cut(args: argparse.Namespace) -> list[str]:
