@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from shardwise.checkpoint.manifest import digest_files, listed_files, write_manifest
 from shardwise.config import TrainConfig
 from shardwise.launch import launch_workers, run_worker
 
@@ -99,3 +100,18 @@ def assert_adam_equivalent_weights(a: dict, b: dict, lr: float) -> None:
         moved += int((diff > 1e-5).sum())
         total += diff.numel()
     assert moved <= 0.01 * total, f"{moved} of {total} weights differ by more than 1e-5"
+
+
+def small_model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Two linear layers after one AdamW step, so the optimizer has state to save."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def reseal(checkpoint: Path) -> None:
+    """Rewrite a tampered checkpoint's manifest, as an attacker would: only content checks stand."""
+    write_manifest(checkpoint, digest_files(checkpoint, listed_files(checkpoint)))

@@ -26,8 +26,8 @@ from torch import nn
 from shardwise.checkpoint import (
     TrainerState,
     agree_on_checkpoint,
-    find_checkpoint,
     load_checkpoint,
+    read_state,
     save_checkpoint,
 )
 from shardwise.config import TrainConfig
@@ -42,7 +42,14 @@ from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.train.batching import build_sampler, stream_identity
 from shardwise.train.engines import make_engine
 from shardwise.train.precision import Precision
-from shardwise.train.schedule import warmup_cosine
+from shardwise.train.resume import (
+    Fingerprints,
+    LiveState,
+    check_resume,
+    data_fingerprint,
+    model_fingerprint,
+)
+from shardwise.train.schedule import lr_factor, warmup_cosine
 from shardwise.train.timing import StepClock, imbalance
 
 
@@ -75,6 +82,7 @@ class Trainer:
         self.corpus = corpus
         self.run_dir = run_dir
         self.precision = Precision(config.precision, env.device)
+        self.model_fingerprint = model_fingerprint(model)  # of the whole model, before any cut
         self.engine = make_engine(config, env, model, self.precision, corpus.vocab_size)
         self.optimizer = torch.optim.AdamW(
             self.engine.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -92,6 +100,8 @@ class Trainer:
         }
         self.last_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
+        self.resume_notes: list[str] = []
         self.clock = StepClock(self.engine.parameters())
 
     # ---- the loop -------------------------------------------------------------------------
@@ -226,26 +236,49 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def _resume_if_asked(self) -> None:
-        wanted = self.config.resume
-        chosen = find_checkpoint(wanted) if wanted and self.env.is_main else None
-        path = agree_on_checkpoint(chosen, self.env) if wanted else None
-        if path is None:
+        if self.config.resume is None:
             return
-        self.state = load_checkpoint(path, self.engine.module, self.optimizer, self.env)
-        if self.state.stream and self.state.stream != stream_identity(self.config):
+        path, skipped = agree_on_checkpoint(self.config.resume, self.env)
+        state = read_state(path)  # rank 0 verified every file moments ago
+        if state.stream and state.stream != stream_identity(self.config):
             raise ShardwiseError(
-                f"--resume {path}: the checkpoint's data order came from {self.state.stream}, "
+                f"--resume {path}: the checkpoint's data order came from {state.stream}, "
                 f"this run's from {stream_identity(self.config)}; resume with the same settings "
                 "(batch sizes, world size and layout may change)"
             )
+        fingerprints = Fingerprints(self.model_fingerprint, data_fingerprint(self.corpus))
+        live = LiveState(
+            [dict(group) for group in self.optimizer.param_groups], self.scheduler.state_dict()
+        )
+        changes = check_resume(path, state, self.config, self.corpus, fingerprints, live)
+        self.state = load_checkpoint(
+            path, self.engine.module, self.optimizer, self.env, verify=False
+        )
         self.scheduler.load_state_dict(self.state.scheduler)
+        self._follow_schedule()
         self.precision.load_state_dict(self.state.scaler)
         self.state.world_size = self.env.world_size
+        self.resumed_from, self.resume_notes = path, [*skipped, *changes]
+        if self.env.is_main:
+            print(f"shardwise: resuming from {path} (step {self.state.step})", flush=True)
+            for note in self.resume_notes:
+                print(f"  {note}", flush=True)
+
+    def _follow_schedule(self) -> None:
+        # The rate for the next step comes from this run's schedule (max_steps may have changed).
+        config, step = self.config, self.state.step
+        factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def _save(self) -> None:
         self.state.scheduler = self.scheduler.state_dict()
         self.state.stream = stream_identity(self.config)
         self.state.scaler = self.precision.state_dict()
+        self.state.config = self.config.model_dump(mode="json")
+        self.state.model_fingerprint = self.model_fingerprint
+        if not self.state.data_fingerprint:
+            self.state.data_fingerprint = data_fingerprint(self.corpus)
         self.last_checkpoint = save_checkpoint(
             self.run_dir / "checkpoints", self.engine.module, self.optimizer, self.state, self.env
         )
@@ -273,6 +306,8 @@ class Trainer:
             "wait_fraction": _wait_fraction(self.totals),
             "batching": self.config.batching,
             "data_notes": self.corpus.notes,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "resume_notes": self.resume_notes,
             "run_dir": str(self.run_dir),
         }
         if self.env.is_main:

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import shardwise.checkpoint as checkpoint
+import shardwise.checkpoint.save  # noqa: F401  (patched below)
+from helpers import reseal, small_model_and_optimizer
 from shardwise.checkpoint import (
     TrainerState,
     find_checkpoint,
@@ -24,23 +26,14 @@ from shardwise.errors import ShardwiseError
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
 
 
-def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 def test_save_then_load_restores_everything(tmp_path: Path) -> None:
-    model, optimizer = model_and_optimizer(0)
+    model, optimizer = small_model_and_optimizer(0)
     state = TrainerState(step=7, position=SamplerPosition(1, 40), tokens=123, world_size=2)
     path = save_checkpoint(tmp_path, model, optimizer, state, ENV)
     expected_rng = torch.get_rng_state()
     torch.rand(5)
 
-    other, other_optimizer = model_and_optimizer(1)
+    other, other_optimizer = small_model_and_optimizer(1)
     loaded = load_checkpoint(path, other, other_optimizer, ENV)
     assert loaded == state
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
@@ -51,13 +44,13 @@ def test_save_then_load_restores_everything(tmp_path: Path) -> None:
 
 
 def test_a_save_killed_midway_leaves_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    model, optimizer = model_and_optimizer(0)
+    model, optimizer = small_model_and_optimizer(0)
     save_checkpoint(tmp_path, model, optimizer, TrainerState(step=1), ENV)
 
     def dies(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # stands in for a kill while the shards are being written
 
-    monkeypatch.setattr(checkpoint, "_save_rng", dies)
+    monkeypatch.setattr(checkpoint.save, "_save_rng", dies)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, model, optimizer, TrainerState(step=2), ENV)
     assert (tmp_path / "step_00000002.partial").is_dir()
@@ -77,15 +70,16 @@ class _Boom:
 
 
 def test_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:
-    model, optimizer = model_and_optimizer(0)
+    model, optimizer = small_model_and_optimizer(0)
     path = save_checkpoint(tmp_path, model, optimizer, TrainerState(step=1), ENV)
     (path / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    reseal(path)  # an attacker rewrites the manifest too: safety must not rest on it
     with pytest.raises(ShardwiseError, match=r"refused to load.*not allowed"):
-        load_checkpoint(path, *model_and_optimizer(1), ENV)
+        load_checkpoint(path, *small_model_and_optimizer(1), ENV)
 
 
 def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path: Path) -> None:
-    model, optimizer = model_and_optimizer(0)
+    model, optimizer = small_model_and_optimizer(0)
     path = save_checkpoint(tmp_path, model, optimizer, TrainerState(step=1), ENV)
     wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
     with pytest.raises(ShardwiseError, match="does not fit this model"):

@@ -1,0 +1,57 @@
+"""Sharded, atomic, verified, reshardable checkpoints that never run code when loaded.
+
+    path = save_checkpoint(run_dir / "checkpoints", model, optimizer, state, env)
+    path, notes = agree_on_checkpoint(run_dir, env)          # newest one that verifies
+    state = load_checkpoint(path, model, optimizer, env)     # on any number of ranks
+
+A checkpoint `step_00000100/` holds DCP shards of tensors only (model and optimizer state keyed
+by parameter name, so another world size or layout loads them), `trainer_state.json`
+(schema-checked: step, data position, scheduler, scaler, optimizer hyperparameters, the run's
+settings and fingerprints), one `rng/rank<r>.safetensors` per rank, and `manifest.json` with
+every file's SHA-256, written last. What is trusted and how each check works:
+
+- `save.py`: written under `.partial`, sealed by the manifest, swapped in atomically.
+- `manifest.py`: integrity (a flipped byte, a truncated, missing or extra file) — not
+  authenticity: whoever can write the directory can rewrite the manifest too.
+- `metadata.py`: DCP's pickled metadata through an exact allow-list of (module, name) pairs,
+  checked before anything is resolved; tensor items only, so no shard is ever unpickled.
+- `state.py`: the JSON state against a strict schema.
+- `find.py`: a run directory resumes from its newest checkpoint that verifies.
+"""
+
+from shardwise.checkpoint.errors import CheckpointRejected
+from shardwise.checkpoint.find import (
+    agree_on_checkpoint,
+    candidates,
+    choose_checkpoint,
+    find_checkpoint,
+    is_checkpoint_dir,
+    latest_checkpoint,
+)
+from shardwise.checkpoint.load import load_checkpoint, load_model_weights, verify_checkpoint
+from shardwise.checkpoint.manifest import MANIFEST_FILE, verify_manifest
+from shardwise.checkpoint.metadata import METADATA_FILE, read_metadata
+from shardwise.checkpoint.save import checkpoint_name, save_checkpoint
+from shardwise.checkpoint.state import STATE_FILE, TrainerState, read_state
+
+__all__ = [
+    "MANIFEST_FILE",
+    "METADATA_FILE",
+    "STATE_FILE",
+    "CheckpointRejected",
+    "TrainerState",
+    "agree_on_checkpoint",
+    "candidates",
+    "checkpoint_name",
+    "choose_checkpoint",
+    "find_checkpoint",
+    "is_checkpoint_dir",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_model_weights",
+    "read_metadata",
+    "read_state",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "verify_manifest",
+]

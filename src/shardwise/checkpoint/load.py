@@ -1,0 +1,150 @@
+"""Load a verified checkpoint into a live model and optimizer, on any number of ranks.
+
+    state = load_checkpoint(path, model, optimizer, env)      # verifies the files first
+    model = load_model_weights(path, build_model("lstm"))     # the whole model, one process
+
+Nothing here unpickles: the metadata goes through the allow-list reader, shards yield tensors
+only, the trainer state is schema-checked JSON and RNG states are safetensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from shardwise.checkpoint.errors import CheckpointRejected
+from shardwise.checkpoint.manifest import check_regular_file, verify_manifest
+from shardwise.checkpoint.metadata import SafeFileSystemReader, read_metadata
+from shardwise.checkpoint.save import checkpoint_name, rng_file, split_optimizer_state
+from shardwise.checkpoint.state import TrainerState, read_state
+from shardwise.distributed import DistEnv
+from shardwise.errors import ShardwiseError
+
+# What a mismatched model or optimizer makes DCP raise while loading.
+_MISFIT = (CheckpointException, RuntimeError, KeyError, ValueError, AssertionError)
+
+
+def verify_checkpoint(path: Path) -> TrainerState:
+    """Every file against the manifest, then the state's schema and the metadata's allow-list."""
+    verify_manifest(path)
+    state = read_state(path)
+    if path.name.split(".")[0] != checkpoint_name(state.step):
+        raise CheckpointRejected(path, f"its trainer state says step {state.step}")
+    read_metadata(path)
+    return state
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    verify: bool = True,
+) -> TrainerState:
+    """Restore model, optimizer and this rank's RNG from `path`; returns the trainer state.
+
+    `verify=False` when another rank already verified the same files moments ago.
+    """
+    state = verify_checkpoint(path) if verify else read_state(path)
+    read_metadata(path)  # before any shard is opened, whatever was verified
+    tensors, _ = split_optimizer_state(model, optimizer)
+    try:
+        _dcp_load(tensors, path)
+    except _MISFIT as exc:
+        raise ShardwiseError(
+            f"--resume {path}: does not fit this model and optimizer ({_root_cause(exc)})"
+        ) from None
+    groups = _merge_groups(path, optimizer_groups(model, optimizer), state.optimizer_groups)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=tensors["model"],
+        optim_state_dict={"state": tensors["optim"]["state"], "param_groups": groups},
+    )
+    _load_rng(path, env.rank, required=env.rank < state.world_size)
+    return state
+
+
+def load_model_weights(path: Path, model: nn.Module) -> nn.Module:
+    """Fill a whole, unsharded `model` from checkpoint `path` in this process alone.
+
+        model = load_model_weights(run_dir / "checkpoints" / "step_00000300", build_model("lstm"))
+
+    DCP reassembles pipeline stages and tensor-parallel shards, whatever layout saved them.
+    """
+    verify_checkpoint(path)
+    state = {"model": model.state_dict()}
+    _dcp_load(state, path, no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def optimizer_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The live optimizer's parameter groups, parameters named as in the model."""
+    return get_state_dict(model, optimizer)[1]["param_groups"]
+
+
+def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(
+            state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), no_dist=no_dist
+        )
+
+
+def _merge_groups(path: Path, live: list[dict], saved: list[dict]) -> list[dict]:
+    """This rank's groups (its own parameter names) with the saved hyperparameters."""
+    if len(live) != len(saved):
+        raise ShardwiseError(
+            f"--resume {path}: the optimizer has {len(live)} parameter group(s), "
+            f"the checkpoint {len(saved)}"
+        )
+    merged = []
+    for group, values in zip(live, saved, strict=True):
+        if set(values) != set(group) - {"params"}:
+            raise ShardwiseError(
+                f"--resume {path}: the optimizer's settings {sorted(set(group) - {'params'})} "
+                f"differ from the checkpoint's {sorted(values)}; was it another optimizer?"
+            )
+        restored = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        merged.append({**restored, "params": group["params"]})
+    return merged
+
+
+def _load_rng(path: Path, rank: int, required: bool) -> None:
+    file = path / rng_file(rank)
+    if not file.exists() and not file.is_symlink():
+        # A rank that did not exist at save time keeps its seeded state.
+        if required:
+            raise CheckpointRejected(path, f"{rng_file(rank)} is missing")
+        return
+    check_regular_file(path, rng_file(rank))
+    try:
+        states = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointRejected(
+            path, f"{rng_file(rank)} is not a safetensors file ({exc})"
+        ) from None
+    cpu = states.get("cpu")
+    expected = torch.get_rng_state()
+    if set(states) - {"cpu", "cuda"} or cpu is None or cpu.dtype != expected.dtype:
+        raise CheckpointRejected(path, f"{rng_file(rank)} does not hold RNG states")
+    if cpu.shape != expected.shape:
+        raise CheckpointRejected(path, f"{rng_file(rank)} holds a CPU RNG state of another size")
+    torch.set_rng_state(cpu)
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _root_cause(exc: BaseException) -> str:
+    # DCP wraps each rank's error in a CheckpointException whose text ends with the real one.
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,215 @@
+"""What a resumed run may change, and the checks that keep a resume honest.
+
+    changes = check_resume(path, state, config, corpus, fingerprints)   # or ShardwiseError
+    changes   # ["max_steps: 300 -> 400 (the cosine decay now ends at step 400)"]
+
+A checkpoint records the settings that produced it. On resume, settings that only say how long,
+where or how visibly to train apply and are listed; settings that would silently make it
+another run (its data, its model, its data order, its learning-rate schedule) are refused with
+the reason. The state must also agree with itself and with this run: the step its scheduler
+reached, the learning rate that schedule gives, a data position inside the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+from torch import nn
+
+from shardwise.checkpoint import CheckpointRejected, TrainerState
+from shardwise.config import TrainConfig
+from shardwise.data.prepare import PreparedCorpus
+from shardwise.errors import ShardwiseError
+from shardwise.train.schedule import lr_factor
+
+# Another value makes it another run: the reason the resume is refused.
+REFUSED = {
+    "model": "the checkpoint holds another model's weights",
+    "max_len": "sequences would be cut differently, which changes the data",
+    "long_sequences": "sequences would be cut differently, which changes the data",
+    "eval_fraction": "the held-out split, and so the training data, would change",
+    "lr": "the learning-rate schedule is part of the run",
+    "warmup_steps": "the learning-rate schedule is part of the run",
+    "min_lr_ratio": "the learning-rate schedule is part of the run",
+    "weight_decay": "the optimizer's settings are part of the run",
+}
+for _name in ("seed", "batching", "sort_window"):
+    REFUSED[_name] = "the data order is part of the run"
+# Not settings of the run itself; the data is compared by its tokens' fingerprint instead.
+IGNORED = {"run_dir", "resume", "overwrite", "data"}
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """This run's optimizer groups and scheduler state, before anything is loaded."""
+
+    optimizer_groups: list[dict]
+    scheduler: dict
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """What identifies the model's structure and the exact token data of a run."""
+
+    model: str
+    data: str
+
+
+def check_resume(
+    path: Path,
+    state: TrainerState,
+    config: TrainConfig,
+    corpus: PreparedCorpus,
+    fingerprints: Fingerprints,
+    live: LiveState,
+) -> list[str]:
+    """Refuse a resume that would change the run; the lines describing what does change.
+
+    `live` is this run's freshly built optimizer and scheduler: the checkpoint's scheduler
+    state must have exactly their shape, and every optimizer hyperparameter but the learning
+    rate (which follows the schedule) must match.
+    """
+    saved = saved_config(path, state)
+    # Named settings first: their refusal says more than a fingerprint that differs.
+    changes = _setting_changes(path, saved, config)
+    _check_fingerprints(path, state, fingerprints)
+    _check_position(path, state, corpus)
+    _check_optimizer(path, state, live.optimizer_groups)
+    _check_same_shape(path, "scheduler", state.scheduler, live.scheduler)
+    _check_schedule(path, state, saved)
+    return changes
+
+
+def saved_config(path: Path, state: TrainerState) -> TrainConfig:
+    """The settings the checkpoint was written with."""
+    if not state.config:
+        raise CheckpointRejected(path, "it records no run settings (not written by a run)")
+    try:
+        return TrainConfig.model_validate(state.config)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise CheckpointRejected(path, f"its recorded settings are invalid ({reason})") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer's name, shape and dtype."""
+    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()]
+    return hashlib.sha256(repr(layout).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(corpus: PreparedCorpus) -> str:
+    """A digest of the training and held-out token sequences."""
+    digest = hashlib.sha256()
+    for group in (corpus.train, corpus.eval):
+        digest.update(np.array([len(seq) for seq in group], dtype=np.int64).tobytes())
+        for seq in group:
+            digest.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_schedule(path: Path, state: TrainerState, saved: TrainConfig) -> None:
+    # The stored learning rates are the ones the checkpoint's own schedule gives at its step.
+    last_epoch = state.scheduler.get("last_epoch")
+    if last_epoch != state.step:
+        raise CheckpointRejected(path, f"its scheduler is at step {last_epoch}, not {state.step}")
+    expected = saved.lr * lr_factor(
+        state.step, saved.warmup_steps, saved.max_steps, saved.min_lr_ratio
+    )
+    groups = len(state.optimizer_groups)
+    if state.scheduler.get("base_lrs") != [saved.lr] * groups:
+        raise CheckpointRejected(path, f"its scheduler's base rates are not its --lr {saved.lr:g}")
+    last_lr = state.scheduler.get("_last_lr")
+    stored = [*(last_lr if isinstance(last_lr, list) else [None])]
+    stored += [group.get("lr") for group in state.optimizer_groups]
+    for lr in stored:
+        if not isinstance(lr, float | int) or not math.isclose(lr, expected, rel_tol=1e-9):
+            raise CheckpointRejected(
+                path,
+                f"its learning rate {lr} at step {state.step} is not the {expected:g} "
+                "its schedule gives",
+            )
+
+
+def _check_optimizer(path: Path, state: TrainerState, live: list[dict]) -> None:
+    scheduled = {"lr", "initial_lr", "params"}
+    if len(live) != len(state.optimizer_groups):
+        raise CheckpointRejected(path, f"it has {len(state.optimizer_groups)} optimizer groups")
+    for group, saved in zip(live, state.optimizer_groups, strict=True):
+        for key in sorted((set(group) | set(saved)) - scheduled):
+            ours = list(group[key]) if isinstance(group.get(key), tuple) else group.get(key)
+            if ours != saved.get(key):
+                raise CheckpointRejected(
+                    path, f"its optimizer's {key} is {saved.get(key)!r}, this run's {ours!r}"
+                )
+
+
+def _check_same_shape(path: Path, what: str, saved: object, live: object) -> None:
+    """`saved` has `live`'s keys, and values of its types, all the way down."""
+    if isinstance(live, dict):
+        if not isinstance(saved, dict) or set(saved) != set(live):
+            raise CheckpointRejected(path, f"its {what} state has other fields than this run's")
+        for key in live:
+            _check_same_shape(path, f"{what}.{key}", saved[key], live[key])
+    elif isinstance(live, list):
+        if not isinstance(saved, list) or len(saved) != len(live):
+            raise CheckpointRejected(path, f"its {what} has another length than this run's")
+        for saved_item, live_item in zip(saved, live, strict=True):
+            _check_same_shape(path, what, saved_item, live_item)
+    elif type(saved) is not type(live) and not (isinstance(live, float) and type(saved) is int):
+        raise CheckpointRejected(path, f"its {what} is {saved!r}, not a {type(live).__name__}")
+
+
+def _check_position(path: Path, state: TrainerState, corpus: PreparedCorpus) -> None:
+    if state.position.offset > len(corpus.train):
+        raise CheckpointRejected(
+            path,
+            f"its data position {state.position.offset} is past the {len(corpus.train)} "
+            "training sequences",
+        )
+
+
+def _check_fingerprints(path: Path, state: TrainerState, found: Fingerprints) -> None:
+    if state.model_fingerprint and state.model_fingerprint != found.model:
+        raise ShardwiseError(
+            f"--resume {path}: the checkpoint was written for a model of another shape "
+            "(parameter names, shapes or dtypes differ); resume with the same --model"
+        )
+    if state.data_fingerprint and state.data_fingerprint != found.data:
+        raise ShardwiseError(
+            f"--resume {path}: this run's data differs from the checkpoint's (another --data "
+            "file, or the file changed); resume on the same data, or start a new run"
+        )
+
+
+def _setting_changes(path: Path, saved: TrainConfig, config: TrainConfig) -> list[str]:
+    changes = []
+    for name in TrainConfig.model_fields:
+        before, after = getattr(saved, name), getattr(config, name)
+        if name in IGNORED or before == after:
+            continue
+        if name in REFUSED:
+            raise ShardwiseError(
+                f"--resume {path}: {name} was {before!r}, now {after!r}: {REFUSED[name]}; "
+                f"resume with {_flag(name)} {before}, or start a new run"
+            )
+        changes.append(f"{name}: {before} -> {after}{_consequence(name, after)}")
+    if saved.data != config.data:
+        changes.append(f"data: {saved.data} -> {config.data} (the same tokens)")
+    return changes
+
+
+def _consequence(name: str, value: object) -> str:
+    if name == "max_steps":
+        return f" (the cosine decay now ends at step {value})"
+    if name in {"batch_size", "tokens_per_batch", "grad_accum", "dp", "nproc", "nnodes"}:
+        return " (the data stream continues from the same sample)"
+    return ""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
