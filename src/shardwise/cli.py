@@ -26,8 +26,8 @@ _EXIT_USER_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    # Like `python -m`, let 'my_module:factory' name a module in the working directory.
-    sys.path.insert(0, os.getcwd())
+    # The working directory is deliberately not put on sys.path: a stray rich.py there would
+    # replace the library. --model 'my_module:factory' still finds one (models.import_user_module).
     try:
         return args.handler(args)
     except ShardwiseError as exc:
@@ -71,9 +71,9 @@ def _train(args: argparse.Namespace) -> int:
     }
     config = load_config(args.config, overrides)
     if "RANK" in os.environ:  # started by the user's torchrun: this process is one worker
-        from shardwise.launch import run_worker
+        from shardwise.job import run_as_torchrun_worker
 
-        run_worker(config.model_dump_json())
+        run_as_torchrun_worker(config)
         return 0
     return _launch(config, dry=args.dry_run)
 

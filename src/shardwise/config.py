@@ -119,6 +119,14 @@ class TrainConfig(BaseModel):
     resume: Path | None = Field(
         None, description="Resume from a checkpoint directory, or the latest one in a run dir."
     )
+    overwrite: bool = Field(
+        False,
+        description="Start afresh in a --run-dir that already holds a run: first delete only "
+        "what shardwise wrote there (checkpoints/, tensorboard/, metrics.jsonl, summary.json, "
+        "report.md, config.toml, model.safetensors and its loss, throughput and rank_step_time "
+        ".png plots); your other files stay. Without it such a dir is refused, unless --resume "
+        "continues the run in it.",
+    )
     log_every: int = Field(10, ge=1, description="Steps between metrics rows.")
     num_workers: int = Field(0, ge=0, description="Data-loading worker processes per rank.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files if installed.")
@@ -169,8 +177,10 @@ class TrainConfig(BaseModel):
         return self.pp * self.tp
 
     def to_toml(self) -> str:
-        """The resolved configuration as TOML (unset optional values are left out)."""
-        values = self.model_dump(mode="json", exclude_none=True)
+        """The resolved configuration as TOML (unset optional values and --overwrite left out)."""
+        # --overwrite is an order about the directory at start, not part of the run: a copy of
+        # a run's config.toml given as --config must not delete the next run's results unasked.
+        values = self.model_dump(mode="json", exclude_none=True, exclude={"overwrite"})
         return tomli_w.dumps(values)
 
 

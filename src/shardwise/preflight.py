@@ -17,6 +17,7 @@ from shardwise.launch import check_port_free
 from shardwise.models import build_model, check_model_spec
 from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.plan import plan_stages
+from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.train.batching import build_sampler
 from shardwise.train.engines import layout_degrees
 from shardwise.train.precision import Precision
@@ -35,7 +36,7 @@ def default_nproc(config: TrainConfig) -> int:
 
 
 def preflight(config: TrainConfig) -> int:
-    """Check devices, model, data, batch layout, resume path and port; return local nproc."""
+    """Check devices, model, data, batch layout, resume path, run dir and port; local nproc."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
     dp, _, _ = layout_degrees(config, nproc * config.nnodes)
@@ -47,6 +48,7 @@ def preflight(config: TrainConfig) -> int:
         check_pipeline_split(config, corpus.vocab_size)
     if config.resume is not None:
         find_checkpoint(config.resume)
+    check_run_dir(config, resolve_run_dir(config))
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
     return nproc

@@ -6,11 +6,17 @@ model = build_model("my_project.models:tiny_lm")  # your own factory
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.util
 import inspect
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from functools import partial
+from importlib.machinery import PathFinder
+from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -84,12 +90,12 @@ def check_model_spec(spec: str) -> None:
 def _resolve_factory(spec: str) -> Callable[..., Any]:
     module_name, attribute = _split_spec(spec)
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
     except Exception as error:
         # A module that fails while importing is as much a user mistake as a missing one.
         raise ShardwiseError(
-            f"model {spec!r}: cannot import {module_name!r} ({_one_line(error)}); install it "
-            "or put its folder on PYTHONPATH"
+            f"model {spec!r}: cannot import {module_name!r} ({_one_line(error)}); install it, "
+            "run from its folder, or put its folder on PYTHONPATH"
         ) from error
     factory: Any = module
     for part in attribute.split("."):
@@ -106,6 +112,53 @@ def _resolve_factory(spec: str) -> Callable[..., Any]:
         )
     _check_callable_without_arguments(spec, factory)
     return factory
+
+
+def import_user_module(module_name: str) -> ModuleType:
+    """Import the module of a user's factory: installed first, else from the working directory.
+
+        module = import_user_module("my_models")   # ./my_models.py when nothing installed has it
+
+    The working directory is never put on sys.path for good (a rich.py there would replace the
+    library): only the factory's own top-level module is looked up there, and only when no
+    installed package has that name. While it runs, the working directory sits at the end of
+    sys.path so that its own `import sibling` lines work. Spawned workers start in the same
+    directory and resolve the name the same way.
+    """
+    top = module_name.partition(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != top:  # the package exists; a submodule or a dependency is missing
+            raise
+        not_installed = error
+    cwd = os.getcwd()
+    importlib.invalidate_caches()  # the file may be newer than the finder's directory listing
+    spec = PathFinder.find_spec(top, [cwd])
+    if spec is None:
+        raise not_installed
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        with _searched_last(cwd):
+            if spec.loader is not None:
+                spec.loader.exec_module(module)
+            return importlib.import_module(module_name)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
+
+
+@contextlib.contextmanager
+def _searched_last(folder: str) -> Iterator[None]:
+    sys.path.append(folder)
+    try:
+        yield
+    finally:
+        # Remove the entry added above (the last one), not an equal one the user put earlier;
+        # the module may have edited sys.path itself.
+        with contextlib.suppress(ValueError):
+            del sys.path[len(sys.path) - 1 - sys.path[::-1].index(folder)]
 
 
 def _split_spec(spec: str) -> tuple[str, str]:

@@ -10,18 +10,18 @@ directly.
 
 from __future__ import annotations
 
-from datetime import datetime
+import contextlib
 from pathlib import Path
 
 import torch
 
-from shardwise.checkpoint import STATE_FILE
 from shardwise.config import TrainConfig
 from shardwise.data.cache import default_cache_dir
 from shardwise.data.prepare import PreparedCorpus, prepare_corpus
 from shardwise.distributed import DistEnv, barrier, broadcast_object
 from shardwise.models import build_model
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
+from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
 from shardwise.train.trainer import Trainer
 
 
@@ -31,15 +31,19 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
     corpus = load_corpus(config)
     model = build_model(config.model, corpus.vocab_size)
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-    barrier(env)
-    summary = Trainer(config, env, corpus, model, run_dir).fit()
-    if env.is_main:
-        write_summary(run_dir, summary)
-        write_report(run_dir, summary, plot_metrics(run_dir))
-        print(format_summary(summary), flush=True)
+    # Usually the launching process holds the run dir; only when the rendezvous picked which
+    # node is node 0 does rank 0 learn here that the run is its to hold.
+    owns_it = env.is_main and rank_zero_holds_lock(config)
+    with hold_run_dir(config, run_dir) if owns_it else contextlib.nullcontext():
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+        barrier(env)
+        summary = Trainer(config, env, corpus, model, run_dir).fit()
+        if env.is_main:
+            write_summary(run_dir, summary)
+            write_report(run_dir, summary, plot_metrics(run_dir))
+            print(format_summary(summary), flush=True)
     return summary
 
 
@@ -53,13 +57,3 @@ def load_corpus(config: TrainConfig) -> PreparedCorpus:
         config.seed,
         cache_dir=default_cache_dir() if config.corpus_cache else None,
     )
-
-
-def resolve_run_dir(config: TrainConfig) -> Path:
-    """--run-dir, else the run being resumed, else a fresh runs/<timestamp>."""
-    if config.run_dir is not None:
-        return config.run_dir
-    if config.resume is not None:
-        resumed = config.resume
-        return resumed.parent.parent if (resumed / STATE_FILE).is_file() else resumed
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
