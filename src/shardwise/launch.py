@@ -30,6 +30,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from shardwise.config import TrainConfig, parse_endpoint
 from shardwise.distributed import init_distributed, shutdown_distributed
 from shardwise.errors import ShardwiseError, first_line
+from shardwise.stores import LOOPBACK, bind_configs, loopback_comms, port_in_use, rendezvous_backend
 from shardwise.train.run import train
 
 T = TypeVar("T")
@@ -39,12 +40,19 @@ _ROOT_CAUSE_GRACE_S = 1.0
 
 
 def launch_workers(config: TrainConfig, nproc: int) -> dict:
-    """Run `nproc` workers on this node (of `config.nnodes`) and return rank 0's summary."""
+    """Run `nproc` workers on this node (of `config.nnodes`) and return rank 0's summary.
+
+    The job's store listens on loopback for one node, else on the endpoint's address only
+    (see shardwise.stores).
+    """
     endpoint = config.rdzv_endpoint or f"localhost:{free_port()}"
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(endpoint)
     static = config.node_rank is not None
-    rdzv_configs: dict[str, object] = {"join_timeout": int(config.timeout_s)}
+    rdzv_configs: dict[str, object] = {
+        "join_timeout": int(config.timeout_s),
+        **bind_configs(endpoint, config.nnodes),
+    }
     if static:
         rdzv_configs["rank"] = config.node_rank
     launch_config = LaunchConfig(
@@ -52,7 +60,7 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict:
         max_nodes=config.nnodes,
         nproc_per_node=nproc,
         run_id="shardwise" if config.nnodes > 1 else uuid.uuid4().hex[:8],
-        rdzv_backend="static" if static else "c10d",
+        rdzv_backend=rendezvous_backend(static),
         rdzv_endpoint=endpoint,
         rdzv_configs=rdzv_configs,
         max_restarts=0,
@@ -60,7 +68,10 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict:
         start_method="spawn",
     )
     _quiet_agent_logs()
-    with tempfile.TemporaryDirectory(prefix="shardwise-") as error_dir:
+    with (
+        loopback_comms(config.nnodes),
+        tempfile.TemporaryDirectory(prefix="shardwise-") as error_dir,
+    ):
         try:
             results = elastic_launch(launch_config, run_worker)(config.model_dump_json(), error_dir)
         except ChildFailedError as exc:
@@ -79,21 +90,25 @@ def run_local(entrypoint: Callable[..., T], nproc: int, *args: object) -> dict[i
 
         results = run_local(measure, 2, "lstm")   # {0: ..., 1: ...}
 
-    For benchmarks and tools that need a plain local job through the same elastic agent.
+    For benchmarks and tools that need a plain local job through the same elastic agent; its
+    store listens on loopback only.
     """
+    endpoint = f"localhost:{free_port()}"
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
         run_id=uuid.uuid4().hex[:8],
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"localhost:{free_port()}",
+        rdzv_backend=rendezvous_backend(static=False),
+        rdzv_endpoint=endpoint,
+        rdzv_configs=bind_configs(endpoint, nnodes=1),
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
     )
     _quiet_agent_logs()
-    return elastic_launch(launch_config, entrypoint)(*args)
+    with loopback_comms(nnodes=1):
+        return elastic_launch(launch_config, entrypoint)(*args)
 
 
 def run_worker(config_json: str, error_dir: str | None = None) -> dict:
@@ -152,16 +167,16 @@ def free_port() -> int:
 
 
 def check_port_free(endpoint: str) -> None:
-    """Fail clearly, before any worker starts, if this machine's rendezvous port is taken."""
-    host, port = parse_endpoint(endpoint)
+    """Fail clearly, before any worker starts, if a one-node run's rendezvous port is taken.
+
+    Probes loopback, where a one-node run's store listens whatever host the endpoint names.
+    """
+    _, port = parse_endpoint(endpoint)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind((host, port))
+            probe.bind((LOOPBACK, port))
         except OSError:
-            raise ShardwiseError(
-                f"--rdzv-endpoint {endpoint}: port {port} is already in use; pick another port "
-                "or leave --rdzv-endpoint out to use a free one"
-            ) from None
+            raise port_in_use(endpoint, port) from None
 
 
 def _failure_message(exc: ChildFailedError, error_dir: Path) -> str:
