@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import shardwise
+from shardwise import cli
 from shardwise.cli import main
+from shardwise.config import SECTIONS, TrainConfig
 from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
 
@@ -54,7 +57,7 @@ BAD_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "packing an rnn": ("--data {corpus} --packing", ("packing needs",)),
     "fp16 on cpu": ("--data {corpus} --precision fp16 --device cpu", ("bf16",)),
     "resume nothing": ("--data {corpus} --resume {tmp}", ("no complete checkpoint",)),
-    "too many stages": ("--data {corpus} --pp 5", ("only 4 pieces",)),
+    "too many stages": ("--data {corpus} --pp 5 --microbatches 5", ("only 4 pieces",)),
     "layout mismatch": (
         "--data {corpus} --pp 2 --dp 2 --nproc 3",
         ("= 4 ranks, but the job has 3",),
@@ -171,3 +174,74 @@ def test_dry_run_prints_the_plan_and_trains_nothing(
     assert "1 data-parallel x 2 pipeline" in out
     assert "split points: " in out
     assert not run_dir.exists()
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shardwise {shardwise.__version__}"
+
+
+def test_bare_resume_continues_the_run_dir(
+    corpus: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched: list[TrainConfig] = []
+    monkeypatch.setattr(cli, "_launch", lambda config, dry=False: launched.append(config) or 0)
+    code = main(["train", "--data", str(corpus), "--run-dir", str(run_dir), "--resume"])
+    assert code == 0
+    # choose_checkpoint(run_dir) picks the newest verified checkpoint of the run.
+    assert launched[0].resume == run_dir
+
+
+def test_bare_resume_takes_the_run_dir_from_the_config_file(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "run.toml").write_text(f"run_dir = '{tmp_path / 'from-file'}'\n")
+    launched: list[TrainConfig] = []
+    monkeypatch.setattr(cli, "_launch", lambda config, dry=False: launched.append(config) or 0)
+    main(["train", "--data", str(corpus), "--config", str(tmp_path / "run.toml"), "--resume"])
+    assert launched[0].resume == tmp_path / "from-file"
+
+
+def test_bare_resume_without_a_run_dir_is_one_line(
+    corpus: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = run_cli(["--data", str(corpus), "--resume"], capsys)
+    assert_one_line_error(code, err, "--resume without a path", "--run-dir RUN_DIR")
+
+
+def test_bare_resume_of_a_run_without_checkpoints_is_one_line(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = run_cli(["--data", str(corpus), "--run-dir", str(tmp_path), "--resume"], capsys)
+    assert_one_line_error(code, err, f"--resume {tmp_path}", "no complete checkpoint")
+
+
+def test_every_field_has_exactly_one_section() -> None:
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(TrainConfig.model_fields)
+
+
+def test_help_groups_flags_by_section_with_typed_metavars(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    titles = [f"\n{title}:\n" for title in SECTIONS]
+    positions = [text.index(title) for title in titles]
+    assert positions == sorted(positions)
+    # Each flag appears in the block of its own section.
+    blocks = dict(zip(SECTIONS, text.split("\n\n")[-len(SECTIONS) :], strict=True))
+    for section, names in SECTIONS.items():
+        for name in names:
+            assert "--" + name.replace("_", "-") in blocks[section], (section, name)
+    for usage in (
+        "--data PATH",
+        "--model TEXT",
+        "--max-steps INT",
+        "--lr FLOAT",
+        "--split-points NAME[,NAME...]",
+        "--resume [PATH]",
+        "--config PATH",
+    ):
+        assert usage in text

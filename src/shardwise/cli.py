@@ -2,10 +2,12 @@
 
     shardwise train                      # LSTM on Python's own docs, 2 CPU workers or every GPU
     shardwise train --model gru --nproc 4 --precision bf16 --config run.toml
+    shardwise train --run-dir runs/a --resume     # continue runs/a from its newest checkpoint
 
 Flags are generated from `TrainConfig`'s fields, so every TOML key is also a flag with the same
-help text. Under `torchrun` (RANK in the environment) this process *is* a worker and trains
-directly; otherwise it checks the input and starts workers through the elastic agent.
+help text, grouped under the config's sections. Under `torchrun` (RANK in the environment) this
+process *is* a worker and trains directly; otherwise it checks the input and starts workers
+through the elastic agent.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import types
 import typing
 from pathlib import Path
 
-from shardwise.config import TrainConfig, load_config
-from shardwise.errors import ShardwiseError
+import shardwise
+from shardwise.config import SECTIONS, TrainConfig, load_config
+from shardwise.errors import ShardwiseError, WorkerFailedError
 
 _EXIT_USER_ERROR = 2
+# What a bare `--resume` parses to: "the run dir's newest verified checkpoint" (see _train).
+_LATEST = "latest checkpoint of --run-dir"
+# Metavars by field type, so `--help` says what kind of value a flag takes.
+_METAVARS: dict[object, str] = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ShardwiseError as exc:
+        if isinstance(exc, WorkerFailedError) and exc.worker_traceback:
+            # A worker's bug: its traceback, which nobody printed yet, once above the line.
+            print(exc.worker_traceback.rstrip(), file=sys.stderr)
         print(f"shardwise: error: {exc}", file=sys.stderr, flush=True)
         return _EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -44,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardwise", description="Train sequence models across devices and processes."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {shardwise.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
@@ -51,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. Every flag can also be set in the --config TOML file; "
         "flags override the file.",
     )
-    train.add_argument("--config", type=Path, help="TOML file with any of the keys below")
+    train.add_argument(
+        "--config", type=Path, metavar="PATH", help="TOML file with any of the keys below"
+    )
     train.add_argument(
         "--dry-run",
         action="store_true",
@@ -69,6 +82,8 @@ def _train(args: argparse.Namespace) -> int:
         for key, value in vars(args).items()
         if key in TrainConfig.model_fields and value is not None
     }
+    if overrides.get("resume") == _LATEST:
+        overrides["resume"] = _run_dir_to_resume(args.config, overrides)
     config = load_config(args.config, overrides)
     if "RANK" in os.environ:  # started by the user's torchrun: this process is one worker
         from shardwise.job import run_as_torchrun_worker
@@ -88,19 +103,47 @@ def _launch(config: TrainConfig, dry: bool = False) -> int:
     return 0
 
 
+def _run_dir_to_resume(config_file: Path | None, overrides: dict[str, typing.Any]) -> Path:
+    """The run dir a bare `--resume` continues; choose_checkpoint picks its newest good one."""
+    without = {key: value for key, value in overrides.items() if key != "resume"}
+    run_dir = load_config(config_file, without).run_dir
+    if run_dir is None:
+        raise ShardwiseError(
+            "--resume without a path continues the run in --run-dir, and none was given; "
+            "add --run-dir RUN_DIR, or pass --resume CHECKPOINT_OR_RUN_DIR"
+        )
+    return run_dir
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in TrainConfig.model_fields.items():
-        kind = _base_type(field.annotation)
-        shown = f" (default: {field.default})" if field.default is not None else ""
-        # The parser's own default stays None so that only flags the user gave override the file.
-        options: dict[str, typing.Any] = {"help": f"{field.description}{shown}", "default": None}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is typing.Literal:
-            options["choices"] = typing.get_args(kind)
-        else:
-            options["metavar"] = name.rsplit("_", 1)[-1].upper()
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, **options)
+    for section, names in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for name in names:
+            _add_config_flag(group, name, TrainConfig.model_fields[name])
+
+
+def _add_config_flag(group: typing.Any, name: str, field: typing.Any) -> None:
+    kind = _base_type(field.annotation)
+    shown = f" (default: {field.default})" if field.default is not None else ""
+    # The parser's own default stays None so that only flags the user gave override the file.
+    options: dict[str, typing.Any] = {"help": f"{field.description}{shown}", "default": None}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is typing.Literal:
+        options["choices"] = typing.get_args(kind)
+    else:
+        options["metavar"] = _metavar(kind)
+    if name == "resume":
+        options.update(nargs="?", const=_LATEST)
+        options["help"] += " Bare --resume: the newest verified checkpoint of --run-dir."
+    group.add_argument("--" + name.replace("_", "-"), dest=name, **options)
+
+
+def _metavar(kind: object) -> str:
+    """INT, FLOAT, PATH, TEXT, or NAME[,NAME...] for a list (given comma-separated)."""
+    if typing.get_origin(kind) is list:
+        return "NAME[,NAME...]"
+    return _METAVARS.get(kind, "VALUE")
 
 
 def _base_type(annotation: object) -> object:

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.mesh import Layout, check_microbatches
 
 
 class TrainConfig(BaseModel):
@@ -161,7 +162,28 @@ class TrainConfig(BaseModel):
                 f"split_points names {len(self.split_points)} cut(s); --pp {self.pp} needs "
                 f"{self.pp - 1}"
             )
+        self._check_model_parallel_rules()
         return self
+
+    def _check_model_parallel_rules(self) -> None:
+        # Checked here rather than in the workers, so a bad combination fails in the launcher
+        # within a second instead of after every worker has started and profiled the model.
+        if self.precision == "fp16" and self.model_parallel > 1:
+            raise ValueError(
+                "--precision fp16 is not supported with --pp or --tp above 1 yet (the stages "
+                "would have to agree on loss-scale overflows); use --precision bf16"
+            )
+        try:
+            check_microbatches(self.schedule, self.microbatches, self.pp)
+        except ShardwiseError as exc:  # pydantic reports only ValueError as a validation error
+            raise ValueError(str(exc)) from None
+
+    def layout(self, world_size: int) -> Layout:
+        """The degrees of this run over `world_size` ranks (dp defaulted), checked.
+
+        config.layout(4).dp   # 2 with --pp 2
+        """
+        return Layout.for_world(world_size, dp=self.dp, pp=self.pp, tp=self.tp)
 
     @property
     def packs_rows(self) -> bool:
@@ -174,7 +196,7 @@ class TrainConfig(BaseModel):
     @property
     def model_parallel(self) -> int:
         """Ranks that share one model replica (pp x tp)."""
-        return self.pp * self.tp
+        return Layout(pp=self.pp, tp=self.tp).replica_size
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML (unset optional values and --overwrite left out)."""
@@ -182,6 +204,61 @@ class TrainConfig(BaseModel):
         # a run's config.toml given as --config must not delete the next run's results unasked.
         values = self.model_dump(mode="json", exclude_none=True, exclude={"overwrite"})
         return tomli_w.dumps(values)
+
+
+# The sections of TrainConfig, in order (the comments in the class body): `shardwise train
+# --help` groups its flags under these titles. tests/test_cli.py checks that every field is in
+# exactly one section, so a new field cannot go missing from the help.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "What to train on": (
+        "data",
+        "model",
+        "max_len",
+        "long_sequences",
+        "eval_fraction",
+        "batching",
+        "tokens_per_batch",
+        "packing",
+        "sort_window",
+        "corpus_cache",
+    ),
+    "Where and how wide": (
+        "nproc",
+        "device",
+        "nnodes",
+        "node_rank",
+        "rdzv_endpoint",
+        "dp",
+        "pp",
+        "tp",
+        "microbatches",
+        "schedule",
+        "split_points",
+        "timeout_s",
+    ),
+    "Optimisation": (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "precision",
+        "clip_norm",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "min_lr_ratio",
+        "seed",
+    ),
+    "Run directory, checkpoints, reporting": (
+        "run_dir",
+        "checkpoint_every",
+        "resume",
+        "overwrite",
+        "log_every",
+        "num_workers",
+        "tensorboard",
+        "sample_bytes",
+    ),
+}
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

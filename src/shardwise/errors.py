@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can make.
+"""The one exception type for mistakes a user can make, and the one way to shorten others.
 
     raise ShardwiseError("--data runs/x.txt: file not found; pass an existing text or JSONL file")
 
@@ -13,7 +13,33 @@ class ShardwiseError(Exception):
     """A problem with the user's input or environment, with a message that names the fix."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (libraries' messages can run to pages)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+class WorkerFailedError(ShardwiseError):
+    """A worker raised something that is not a ShardwiseError: a bug, ours or in a user's model.
+
+        raise WorkerFailedError("worker rank 1 failed: TypeError: ...", worker_traceback=text)
+
+    The message is the root cause in one line; `worker_traceback` is the worker's own traceback,
+    which the CLI prints once above that line (the worker itself printed nothing).
+    """
+
+    def __init__(self, message: str, worker_traceback: str = "") -> None:
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+
+def first_line(error: BaseException | str, *, with_type: bool = False, whole: bool = False) -> str:
+    """The first non-blank line of an error's message (libraries' messages can run to pages).
+
+        first_line(RuntimeError("size mismatch\\n  at ..."))         # 'size mismatch'
+        first_line(ValueError("bad\\nwidth"), with_type=True, whole=True)  # 'ValueError: bad width'
+
+    `whole` joins every line instead, for short messages a user's own code wrote. An exception
+    without a message is named by its type.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines) if whole else (lines[0] if lines else "")
+    if isinstance(error, str):
+        return text
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text}" if with_type else text

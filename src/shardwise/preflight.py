@@ -15,11 +15,11 @@ from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
 from shardwise.launch import check_port_free
 from shardwise.models import build_model, check_model_spec
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.plan import plan_stages
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.train.batching import build_sampler
-from shardwise.train.engines import layout_degrees
 from shardwise.train.precision import Precision
 from shardwise.train.run import load_corpus
 
@@ -31,7 +31,8 @@ def default_nproc(config: TrainConfig) -> int:
     if resolve_device(config.device).type == "cuda":
         return torch.cuda.device_count()
     if config.dp is not None or config.model_parallel > 1:
-        return max(1, (config.dp or 1) * config.model_parallel // config.nnodes)
+        needed = Layout(dp=config.dp or 1, pp=config.pp, tp=config.tp).world_size
+        return max(1, needed // config.nnodes)
     return 2
 
 
@@ -39,7 +40,7 @@ def preflight(config: TrainConfig) -> int:
     """Check devices, model, data, batch layout, resume path, run dir and port; local nproc."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
-    dp, _, _ = layout_degrees(config, nproc * config.nnodes)
+    dp = config.layout(nproc * config.nnodes).dp
     Precision(config.precision, device)
     check_model_spec(config.model)
     corpus = load_corpus(config)
@@ -70,10 +71,11 @@ def check_pipeline_split(config: TrainConfig, vocab_size: int) -> None:
 
 def dry_run(config: TrainConfig, nproc: int) -> str:
     """What `shardwise train --dry-run` prints: the layout and, with --pp, the planned cut."""
-    dp, pp, tp = layout_degrees(config, nproc * config.nnodes)
+    layout = config.layout(nproc * config.nnodes)
+    dp, pp, tp = layout.dp, layout.pp, layout.tp
     lines = [
         f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
-        f"{dp * pp * tp} ranks ({nproc} per node on {config.nnodes} node(s))"
+        f"{layout.world_size} ranks ({nproc} per node on {config.nnodes} node(s))"
     ]
     if pp == 1:
         return "\n".join([*lines, "one stage: every rank of a replica holds the whole model"])

@@ -26,7 +26,7 @@ from shardwise.checkpoint.metadata import SafeFileSystemReader, read_metadata
 from shardwise.checkpoint.save import checkpoint_name, rng_file, split_optimizer_state
 from shardwise.checkpoint.state import TrainerState, read_state
 from shardwise.distributed import DistEnv
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, first_line
 
 # What a mismatched model or optimizer makes DCP raise while loading.
 _MISFIT = (CheckpointException, RuntimeError, KeyError, ValueError, AssertionError)
@@ -145,6 +145,8 @@ def _load_rng(path: Path, rank: int, required: bool) -> None:
 
 
 def _root_cause(exc: BaseException) -> str:
-    # DCP wraps each rank's error in a CheckpointException whose text ends with the real one.
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    # DCP wraps each rank's error, with its traceback, in a CheckpointException: the first
+    # rank's own exception is the one that says what did not fit.
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    return first_line(exc, with_type=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, first_line
 from shardwise.models.generate import generate
 from shardwise.models.recurrent import RecurrentLM
 from shardwise.models.transformer import TransformerLM
@@ -63,8 +63,9 @@ def build_model(spec: str, vocab_size: int = 256) -> nn.Module:
     try:
         model = factory(vocab_size=vocab_size) if takes_vocab else factory()
     except Exception as error:
+        cause = first_line(error, with_type=True, whole=True)
         raise ShardwiseError(
-            f"model {spec!r}: the factory raised {_one_line(error)}; fix the factory"
+            f"model {spec!r}: the factory raised {cause}; fix the factory"
         ) from error
     if not isinstance(model, nn.Module):
         raise ShardwiseError(
@@ -93,8 +94,9 @@ def _resolve_factory(spec: str) -> Callable[..., Any]:
         module = import_user_module(module_name)
     except Exception as error:
         # A module that fails while importing is as much a user mistake as a missing one.
+        cause = first_line(error, with_type=True, whole=True)
         raise ShardwiseError(
-            f"model {spec!r}: cannot import {module_name!r} ({_one_line(error)}); install it, "
+            f"model {spec!r}: cannot import {module_name!r} ({cause}); install it, "
             "run from its folder, or put its folder on PYTHONPATH"
         ) from error
     factory: Any = module
@@ -208,8 +210,3 @@ def _did_you_mean(name: str, options: Any) -> str:
     by_lower = {str(option).lower(): str(option) for option in options}
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
     return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
-
-
-def _one_line(error: BaseException) -> str:
-    message = " ".join(str(error).split())
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__

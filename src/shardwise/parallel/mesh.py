@@ -1,7 +1,12 @@
-"""The layout of a job: pp x dp x tp ranks on one DeviceMesh, and this rank's place in it.
+"""The layout of a job: its parallel degrees, the checks on them, and its DeviceMesh.
 
-    layout = build_mesh(env, dp=2, pp=2, tp=1, timeout_s=60)   # on 4 ranks
+    layout = Layout.for_world(4, pp=2).build(env, timeout_s=60)   # dp defaults to 4 / 2 = 2
     layout.pp_rank, layout.group("pp")   # this rank's stage, and its pipeline's process group
+
+`Layout` is the one place where degrees are worked out: the launcher's default process count,
+the config's rules, the engines and the pipeline all ask it. Built for a job (`build`), it also
+holds this rank's coordinates and one process group per mesh dimension; every run gets a mesh,
+data-parallel only included, so a sync strategy can rely on it.
 
 Rank r sits at `(pp, dp, tp)` with `r = (pp_rank * dp + dp_rank) * tp + tp_rank`: tensor-parallel
 peers are neighbours (on GPUs, one machine), pipeline stages are furthest apart, since a pipeline
@@ -11,7 +16,7 @@ Every process group is created here with the job's timeout, so no collective can
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import timedelta
 
 import torch
@@ -26,37 +31,65 @@ DIMS = ("pp", "dp", "tp")
 MODEL = "model"
 
 
-def check_layout(world_size: int, dp: int, pp: int, tp: int) -> None:
-    """Raise `ShardwiseError` unless `dp * pp * tp` is exactly `world_size` (all at least 1).
-
-    check_layout(4, dp=2, pp=2, tp=1)   # fine
-    check_layout(4, dp=2, pp=3, tp=1)   # ShardwiseError naming 2 x 3 x 1 = 6 and 4
-    """
-    for name, size in (("dp", dp), ("pp", pp), ("tp", tp)):
-        if size < 1:
-            raise ShardwiseError(f"--{name} {size}: each parallel degree must be at least 1")
-    if dp * pp * tp != world_size:
-        raise ShardwiseError(
-            f"--dp {dp} x --pp {pp} x --tp {tp} = {dp * pp * tp} ranks, but the job has "
-            f"{world_size}; choose degrees whose product is {world_size}, or launch "
-            f"{dp * pp * tp} processes (--nproc {dp * pp * tp})"
-        )
-
-
 @dataclass(frozen=True)
-class ParallelMesh:
-    """Degrees, this rank's coordinates, and one process group per mesh dimension."""
+class Layout:
+    """Degrees, this rank's coordinates, and one process group per mesh dimension.
 
-    dp: int
-    pp: int
-    tp: int
+    Layout(dp=2, pp=2).world_size          # 4: degrees alone, no processes needed
+    Layout.for_world(8, tp=2).dp           # 4: what pp x tp leaves of the world
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    # New degrees (a sharding degree, a sync-group degree) go here, before the `_` marker, so
+    # that callers' keyword arguments keep working: a field defaulting to 1, listed in `degrees`
+    # (which __post_init__ checks and to_dict records), counted in `world_size`, and, when it
+    # gets process groups, a name in DIMS with its axis in `build`.
+    _: KW_ONLY
     rank: int = 0
     device_mesh: DeviceMesh | None = None
     groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name, size in self.degrees.items():
+            if size < 1:
+                raise ShardwiseError(f"--{name} {size}: each parallel degree must be at least 1")
+
+    @classmethod
+    def for_world(
+        cls, world_size: int, *, dp: int | None = None, pp: int = 1, tp: int = 1
+    ) -> Layout:
+        """The layout of a `world_size`-rank job; dp defaults to what pp x tp leaves.
+
+        Layout.for_world(4, pp=2)          # dp=2
+        Layout.for_world(4, dp=2, pp=3)    # ShardwiseError naming 2 x 3 x 1 = 6 and 4
+        """
+        replica = cls(pp=pp, tp=tp).replica_size
+        layout = cls(dp=max(1, world_size // replica) if dp is None else dp, pp=pp, tp=tp)
+        layout.check_world(world_size)
+        return layout
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        """Each degree by its flag name, e.g. {"dp": 2, "pp": 2, "tp": 1}."""
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}
+
+    def to_dict(self) -> dict[str, int]:
+        """The degrees and world size as plain numbers, e.g. for summary.json.
+
+        Layout(dp=2, pp=2).to_dict()   # {"dp": 2, "pp": 2, "tp": 1, "world_size": 4}
+        """
+        return {**self.degrees, "world_size": self.world_size}
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks that share one model replica: its stages times its shards (pp x tp)."""
+        return self.pp * self.tp
+
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp
+        return self.dp * self.replica_size
 
     @property
     def pp_rank(self) -> int:
@@ -70,6 +103,42 @@ class ParallelMesh:
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
+    def check_world(self, world_size: int) -> None:
+        """Raise `ShardwiseError` unless the degrees fill exactly `world_size` ranks."""
+        if self.world_size != world_size:
+            dp, pp, tp, n = self.dp, self.pp, self.tp, self.world_size
+            raise ShardwiseError(
+                f"--dp {dp} x --pp {pp} x --tp {tp} = {n} ranks, but the job has "
+                f"{world_size}; choose degrees whose product is {world_size}, or launch "
+                f"{n} processes (--nproc {n})"
+            )
+
+    def build(self, env: DistEnv, timeout_s: float = 300.0) -> Layout:
+        """This rank's copy with its process groups and DeviceMesh; every rank must call it.
+
+            layout = Layout.for_world(env.world_size, pp=2).build(env, timeout_s=60)
+            stage = layout.pp_rank
+
+        A single process without a process group gets no groups (every collective on it is
+        skipped by its users). Otherwise the groups are created collectively, in the same order
+        on every rank, each with `timeout_s`.
+        """
+        self.check_world(env.world_size)
+        if not env.distributed:
+            return replace(self, rank=env.rank)
+        ranks = torch.arange(env.world_size).view(self.pp, self.dp, self.tp)
+        timeout = timedelta(seconds=timeout_s)
+        groups = {
+            dim: _my_group(_ranks_along(ranks, axis), env.rank, timeout)
+            for axis, dim in enumerate(DIMS)
+        }
+        model_ranks = [ranks[:, d, :].flatten().tolist() for d in range(self.dp)]
+        groups[MODEL] = _my_group(model_ranks, env.rank, timeout)
+        device_mesh = DeviceMesh.from_group(
+            [groups[dim] for dim in DIMS], env.device.type, mesh=ranks, mesh_dim_names=DIMS
+        )
+        return replace(self, rank=env.rank, device_mesh=device_mesh, groups=groups)
+
     def group(self, dim: str) -> dist.ProcessGroup | None:
         """This rank's group along `dim` ("pp", "dp", "tp" or "model"); None for one process."""
         return self.groups.get(dim)
@@ -81,38 +150,38 @@ class ParallelMesh:
         return self.device_mesh[dim]
 
 
+# The name PipelineRunner, gradients.py and tensor_parallel.py know the layout by; the same class.
+ParallelMesh = Layout
+
+
+def check_microbatches(schedule: str, microbatches: int, stages: int) -> None:
+    """Raise `ShardwiseError` when 1F1B has fewer micro-batches than pipeline stages.
+
+    check_microbatches("1f1b", 2, stages=4)   # ShardwiseError: raise --microbatches to 4
+    """
+    # 1F1B's warm-up sends one micro-batch into each stage before the first backward.
+    if schedule == "1f1b" and microbatches < stages:
+        raise ShardwiseError(
+            f"--schedule 1f1b needs at least as many micro-batches as stages; got "
+            f"--microbatches {microbatches} for --pp {stages}: raise --microbatches to "
+            f"{stages} or use --schedule gpipe"
+        )
+
+
 def build_mesh(
     env: DistEnv, dp: int = 1, pp: int = 1, tp: int = 1, timeout_s: float = 300.0
-) -> ParallelMesh:
-    """This rank's `ParallelMesh` over the job's `env.world_size` ranks; every rank must call it.
+) -> Layout:
+    """This rank's `Layout` with explicit degrees (no default dp); every rank must call it.
 
-        layout = build_mesh(env, dp=1, pp=2)
-        stage = layout.pp_rank
-
-    A single process without a process group gets a mesh with no groups (every collective on it
-    is skipped by its users). Otherwise the groups are created collectively, in the same order
-    on every rank, each with `timeout_s`.
+    layout = build_mesh(env, dp=1, pp=2)
+    stage = layout.pp_rank
     """
-    check_layout(env.world_size, dp, pp, tp)
-    if not env.distributed:
-        return ParallelMesh(dp, pp, tp, env.rank)
-    layout = torch.arange(env.world_size).view(pp, dp, tp)
-    timeout = timedelta(seconds=timeout_s)
-    groups = {
-        dim: _my_group(_ranks_along(layout, axis), env.rank, timeout)
-        for axis, dim in enumerate(DIMS)
-    }
-    model_ranks = [layout[:, d, :].flatten().tolist() for d in range(dp)]
-    groups[MODEL] = _my_group(model_ranks, env.rank, timeout)
-    device_mesh = DeviceMesh.from_group(
-        [groups[dim] for dim in DIMS], env.device.type, mesh=layout, mesh_dim_names=DIMS
-    )
-    return ParallelMesh(dp, pp, tp, env.rank, device_mesh, groups)
+    return Layout(dp, pp, tp).build(env, timeout_s)
 
 
-def _ranks_along(layout: torch.Tensor, axis: int) -> list[list[int]]:
+def _ranks_along(ranks: torch.Tensor, axis: int) -> list[list[int]]:
     """Every group of ranks that differ only in their coordinate along `axis`."""
-    return layout.movedim(axis, -1).reshape(-1, layout.shape[axis]).tolist()
+    return ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
 
 
 def _my_group(all_ranks: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup:

@@ -42,7 +42,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from shardwise.data.batch import IGNORE_INDEX, Batch
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.gradients import clip_grad_norm, sum_over_group
-from shardwise.parallel.mesh import MODEL, ParallelMesh
+from shardwise.parallel.mesh import MODEL, ParallelMesh, check_microbatches
 from shardwise.parallel.microbatch import bucket_length, pad_batch, rows_for
 from shardwise.parallel.stages import Piece, StageModule, model_pieces, stage_starts
 from shardwise.parallel.tensor_parallel import PARTS, parallelize_lm
@@ -291,16 +291,13 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _check_schedule(schedule: str, microbatches: int, stages: int) -> None:
+    # A TrainConfig refuses all of these before any worker starts; they stay here for callers
+    # of the Python API, who hand PipelineRunner their own schedule and micro-batch count.
     if schedule not in SCHEDULES:
         raise ShardwiseError(f"--schedule {schedule}: choose one of {', '.join(SCHEDULES)}")
     if microbatches < 1:
         raise ShardwiseError(f"--microbatches {microbatches}: use at least 1")
-    if schedule == "1f1b" and microbatches < stages:
-        raise ShardwiseError(
-            f"--schedule 1f1b needs at least as many micro-batches as stages; got "
-            f"--microbatches {microbatches} for --pp {stages}: raise --microbatches to "
-            f"{stages} or use --schedule gpipe"
-        )
+    check_microbatches(schedule, microbatches, stages)
 
 
 @torch.no_grad()

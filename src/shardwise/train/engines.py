@@ -22,9 +22,8 @@ from shardwise.checkpoint import load_model_weights
 from shardwise.config import TrainConfig
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv
-from shardwise.errors import ShardwiseError
 from shardwise.parallel.data_parallel import gradient_sync, unwrap, wrap_data_parallel
-from shardwise.parallel.mesh import build_mesh, check_layout
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
 from shardwise.plan import plan_stages, shared_plan
 from shardwise.train.precision import Precision
@@ -34,6 +33,7 @@ class Engine(Protocol):
     """What the training loop needs from a parallel layout."""
 
     module: nn.Module  # what checkpoints save: keyed by the original parameter names
+    layout: Layout  # the degrees, this rank's place and the mesh: summary.json records them
     data_world_size: int  # ranks that draw different data
     data_rank: int
     owns_counts: bool  # whether this rank's token counts are its own (not a copy of a peer's)
@@ -45,32 +45,30 @@ class Engine(Protocol):
     def whole_model(self, checkpoint: Path) -> nn.Module: ...
 
 
-def layout_degrees(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
-    """(dp, pp, tp) for a job of `world_size` ranks; dp defaults to what pp x tp leaves."""
-    dp = config.dp or max(1, world_size // config.model_parallel)
-    check_layout(world_size, dp, config.pp, config.tp)
-    return dp, config.pp, config.tp
-
-
 def make_engine(
     config: TrainConfig, env: DistEnv, model: nn.Module, precision: Precision, vocab_size: int
 ) -> Engine:
     """DDP when every rank holds the whole model, else the pipeline / tensor-parallel runner."""
-    if config.pp == 1 and config.tp == 1:
-        layout_degrees(config, env.world_size)
-        return DataParallelEngine(model, env, precision)
-    return ModelParallelEngine(config, env, model, precision, vocab_size)
+    # Every run gets its mesh, data-parallel only included: one description of the layout.
+    layout = config.layout(env.world_size).build(env, config.timeout_s)
+    if layout.replica_size == 1:
+        return DataParallelEngine(model, env, precision, layout)
+    return ModelParallelEngine(config, env, model, precision, vocab_size, layout)
 
 
 class DataParallelEngine:
     """Every rank holds the whole model; DDP averages gradients in buckets during backward."""
 
-    def __init__(self, model: nn.Module, env: DistEnv, precision: Precision) -> None:
+    def __init__(
+        self, model: nn.Module, env: DistEnv, precision: Precision, layout: Layout
+    ) -> None:
+        # With pp = tp = 1 the "dp" group is the whole world, so DDP's default group is it.
+        self.layout = layout
         self.module = wrap_data_parallel(model, env)
         self.precision = precision
         self.device = env.device
-        self.data_world_size = env.world_size
-        self.data_rank = env.rank
+        self.data_world_size = layout.dp
+        self.data_rank = layout.dp_rank
         self.owns_counts = True
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -107,14 +105,10 @@ class ModelParallelEngine:
         model: nn.Module,
         precision: Precision,
         vocab_size: int,
+        layout: Layout,
     ) -> None:
-        if config.precision == "fp16":
-            raise ShardwiseError(
-                "--precision fp16 is not supported with --pp or --tp above 1 yet (the stages "
-                "would have to agree on loss-scale overflows); use --precision bf16"
-            )
-        dp, pp, tp = layout_degrees(config, env.world_size)
-        self.layout = build_mesh(env, dp, pp, tp, config.timeout_s)
+        # fp16 with pp or tp above 1 never gets here: TrainConfig refuses it before launch.
+        self.layout = layout
         cuts = config.split_points or self._planned_cuts(config, env, model)
         self.config = config
         self.vocab_size = vocab_size
