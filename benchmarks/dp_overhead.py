@@ -76,7 +76,7 @@ def run_shardwise(config: TrainConfig, corpus: PreparedCorpus) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, env, corpus, model, Path(run_dir))
         trainer.fit()
-        return trainer.totals["train_s"] / config.max_steps
+        return trainer.totals.train_s / config.max_steps
 
 
 def run_hand_written(config: TrainConfig, corpus: PreparedCorpus) -> float:

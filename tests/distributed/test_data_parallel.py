@@ -43,11 +43,31 @@ def test_token_batches_on_two_ranks_match_one_rank_accumulating_both(
     summary = train(quick_config(corpus, tmp_path / "two", **common), nproc=2)
 
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), 1e-5)
-    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+    two_rows = metrics(tmp_path / "two")
+    for one, two in zip(metrics(tmp_path / "one"), two_rows, strict=True):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
     assert summary["padding_fraction"] < 0.15
-    assert summary["imbalance"] >= 1.0
     assert len(summary["rank_wait_s"]) == 2
+    _assert_imbalance_is_slowest_over_mean_compute(summary, two_rows)
+
+
+def _assert_imbalance_is_slowest_over_mean_compute(summary: dict, rows: list[dict]) -> None:
+    """Recompute every imbalance from the rows' per-rank times (log_every=1: a row is a step)."""
+    # A one-step row's rank_step_time_s is compute + wait, and rank_wait_s the wait.
+    compute = [
+        [
+            total - wait
+            for total, wait in zip(row["rank_step_time_s"], row["rank_wait_s"], strict=True)
+        ]
+        for row in rows
+    ]
+    for row, step in zip(rows, compute, strict=True):
+        assert row["imbalance"] == pytest.approx(max(step) / (sum(step) / len(step)), rel=1e-9)
+    slowest = sum(max(step) for step in compute)
+    mean = sum(sum(step) / len(step) for step in compute)
+    assert summary["imbalance"] == pytest.approx(slowest / mean, rel=1e-9)
+    waits = [sum(row["rank_wait_s"][rank] for row in rows) for rank in range(2)]
+    assert summary["rank_wait_s"] == pytest.approx(waits, rel=1e-9)
 
 
 def test_summary_and_run_directory_hold_what_the_user_is_promised(

@@ -44,13 +44,11 @@ def test_resumed_run_counts_from_start_step(
         progress.update(119, loss=None, tokens_per_s=None)  # between marks: silent
         progress.update(120, loss=None, tokens_per_s=None)
         progress.update(120, loss=None, tokens_per_s=None)  # same step again: silent
-        progress.print_message("saved checkpoint")
         progress.update(395, loss=1.0, tokens_per_s=None)  # last update before the end
         progress.update(400, loss=1.0, tokens_per_s=None)
 
     assert capsys.readouterr().out.splitlines() == [
         "step 120/400 eta 2m20s",
-        "saved checkpoint",
         "step 395/400 loss 1 eta 0.2s",
         "step 400/400 loss 1 elapsed 10s",
     ]
@@ -60,7 +58,6 @@ def test_disabled_prints_nothing(not_a_terminal: None, capsys: pytest.CaptureFix
     with TrainProgress(total_steps=10, enabled=False) as progress:
         for step in range(1, 11):
             progress.update(step, loss=1.0, tokens_per_s=1.0)
-        progress.print_message("hello")
     assert capsys.readouterr().out == ""
 
 
@@ -77,8 +74,6 @@ def test_terminal_shows_the_live_bar(
     with TrainProgress(total_steps=10) as progress:
         assert progress.live
         progress.update(5, loss=2.31, tokens_per_s=41_200.0)
-        progress.print_message("saved [bold]checkpoint[/bold]")
     out = capsys.readouterr().out
-    assert "saved [bold]checkpoint[/bold]" in out  # printed as text, not rich markup
     assert "5/10" in out
     assert "2.31" in out

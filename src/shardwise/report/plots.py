@@ -20,8 +20,7 @@ from shardwise.report.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
-# The trainer may call the training loss either; the first one present is plotted.
-LOSS_KEYS = ("train_loss", "loss")
+LOSS_KEY = "loss"
 RANK_STEP_TIME_KEY = "rank_step_time_s"
 
 Series = tuple[list[float], list[float]]
@@ -67,14 +66,10 @@ def plot_metrics(run_dir: Path) -> list[Path]:
 
 
 def _draw_loss(figure: Any, rows: Sequence[dict[str, Any]]) -> bool:
-    loss_key = next((key for key in LOSS_KEYS if any(key in row for row in rows)), None)
-    if loss_key is None:
+    if not any(LOSS_KEY in row for row in rows):
         return False
     axes = figure.add_subplot()
-    axes.plot(*_series(rows, loss_key), label="train loss", color="tab:blue")
-    eval_steps, eval_losses = _series(rows, "eval_loss")
-    if eval_steps:
-        axes.plot(eval_steps, eval_losses, "o-", label="eval loss", color="tab:orange")
+    axes.plot(*_series(rows, LOSS_KEY), label="train loss", color="tab:blue")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("Loss")

@@ -31,7 +31,7 @@ class TrainProgress:
             progress.update(120, loss=2.31, tokens_per_s=41_200.0)
 
     `step` is the number of steps completed, so the last update is `update(total_steps, ...)`.
-    `enabled=False` prints nothing at all, messages included. If stdout goes away (a closed
+    `enabled=False` prints nothing at all. If stdout goes away (a closed
     pipe) the display turns itself off rather than stopping training.
     """
 
@@ -89,22 +89,6 @@ class TrainProgress:
             elif self._due(step):
                 print(self._plain_line(step, loss, tokens_per_s), flush=True)
                 self._last_printed = step
-        except OSError as error:
-            self._turn_off(error)
-
-    def print_message(self, text: str) -> None:
-        """Print a line of text above the live bar (or plainly when there is none).
-
-        progress.print_message("saved checkpoint at step 200")
-        progress.print_message("eval loss 2.45")
-        """
-        if not self.enabled:
-            return
-        try:
-            if self._progress is not None:
-                self._progress.console.print(text, markup=False, highlight=False)
-            else:
-                print(text, flush=True)
         except OSError as error:
             self._turn_off(error)
 

@@ -22,6 +22,7 @@ from shardwise.distributed import DistEnv, barrier, broadcast_object
 from shardwise.models import build_model
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
+from shardwise.train.export import export_model
 from shardwise.train.trainer import Trainer
 
 
@@ -39,8 +40,11 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
         barrier(env)
-        summary = Trainer(config, env, corpus, model, run_dir).fit()
+        trainer = Trainer(config, env, corpus, model, run_dir)
+        result = trainer.fit()
+        summary = result.summary
         if env.is_main:
+            summary |= export_model(config, trainer.engine, result.checkpoint, run_dir)
             write_summary(run_dir, summary)
             write_report(run_dir, summary, plot_metrics(run_dir))
             print(format_summary(summary), flush=True)

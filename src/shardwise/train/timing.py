@@ -1,7 +1,8 @@
 """Split each step's time on this rank into its own compute and waiting for the other ranks.
 
     clock = StepClock(model.parameters())
-    clock.start(); ...backward of the last micro-step...; clock.backward_done(); clock.stop()
+    clock.start(); ...backward of the last micro-step...; clock.backward_done()
+    compute_s, wait_s = clock.stop()
 
 A post-accumulate-grad hook marks when this rank's last gradient is ready. Under DDP the backward
 then only returns once every rank's buckets are all-reduced: the time from that last gradient to
@@ -11,7 +12,7 @@ the end of backward is spent waiting for the slowest rank (and the final bucket'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -19,7 +20,10 @@ from torch import nn
 class StepClock:
     """Per-step compute and wait seconds of this rank."""
 
-    def __init__(self, parameters: Iterable[nn.Parameter]) -> None:
+    def __init__(
+        self, parameters: Iterable[nn.Parameter], clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.clock = clock  # a test's fake clock makes the split exact
         self.last_gradient: float | None = None
         self.started = self.backward_end = 0.0
         for parameter in parameters:
@@ -27,29 +31,18 @@ class StepClock:
                 parameter.register_post_accumulate_grad_hook(self._gradient_ready)
 
     def _gradient_ready(self, _: nn.Parameter) -> None:
-        self.last_gradient = time.perf_counter()
+        self.last_gradient = self.clock()
 
     def start(self) -> None:
-        self.started = time.perf_counter()
+        self.started = self.clock()
         self.last_gradient = None
 
     def backward_done(self) -> None:
-        self.backward_end = time.perf_counter()
+        self.backward_end = self.clock()
 
     def stop(self) -> tuple[float, float]:
         """(compute seconds, wait seconds) of the step since `start`."""
-        total = time.perf_counter() - self.started
+        total = self.clock() - self.started
         ready = self.last_gradient if self.last_gradient is not None else self.backward_end
         wait = max(0.0, self.backward_end - ready)
         return total - wait, wait
-
-
-def imbalance(per_rank_step_times: list[list[float]]) -> float:
-    """Sum over steps of the slowest rank's time over the sum of the mean rank's time.
-
-    imbalance([[1.0, 2.0], [1.0, 1.0]])   # (1 + 2) / (1 + 1.5) = 1.2
-    """
-    steps = list(zip(*per_rank_step_times, strict=True))
-    slowest = sum(max(step) for step in steps)
-    mean = sum(sum(step) / len(step) for step in steps)
-    return slowest / mean if mean > 0 else 1.0

@@ -1,26 +1,27 @@
 """The training loop: read it top to bottom in `Trainer.fit`.
 
     trainer = Trainer(config, env, corpus, model, run_dir)
-    summary = trainer.fit()   # dict, also written to run_dir/summary.json by rank 0
+    result = trainer.fit()   # result.summary (a dict), result.checkpoint (the last one saved)
 
 Loss normalisation is what makes every layout exact: each micro-batch's summed token loss is
 divided by the token count of the whole optimizer step (known to every rank from the sampler),
 so the gradient is exactly that of the global token-mean loss for any split over ranks,
 micro-steps and pipeline micro-batches. How a micro-step runs (DDP replica, pipeline stage,
 tensor-parallel shard) is the engine's business (`train/engines.py`); the loop is the same.
+Metrics rows and run totals are `train/accounting.py`'s; the exported model is `train/export.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from shardwise.checkpoint import (
@@ -31,16 +32,17 @@ from shardwise.checkpoint import (
     save_checkpoint,
 )
 from shardwise.config import TrainConfig
-from shardwise.data.batch import Batch, collate
+from shardwise.data.batch import Batch
 from shardwise.data.loader import make_loader
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.data.sampler import SamplerPosition
 from shardwise.distributed import DistEnv, all_gather_floats, all_reduce_sum, peak_memory_bytes
 from shardwise.errors import ShardwiseError
-from shardwise.models import generate
 from shardwise.report import MetricsWriter, TrainProgress
+from shardwise.train.accounting import RunTotals, Window
 from shardwise.train.batching import build_sampler, stream_identity
 from shardwise.train.engines import make_engine
+from shardwise.train.evaluation import held_out_loss
 from shardwise.train.precision import Precision
 from shardwise.train.resume import (
     Fingerprints,
@@ -50,20 +52,15 @@ from shardwise.train.resume import (
     model_fingerprint,
 )
 from shardwise.train.schedule import lr_factor, warmup_cosine
-from shardwise.train.timing import StepClock, imbalance
+from shardwise.train.timing import StepClock
 
 
-@dataclass
-class _Window:
-    """What happened since the last metrics row, on this rank."""
+@dataclass(frozen=True)
+class FitResult:
+    """What a finished `fit` leaves: the run's summary and the checkpoint export reads from."""
 
-    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-step, on the device
-    tokens: int = 0
-    slots: int = 0
-    compute_s: list[float] = field(default_factory=list)  # per step
-    wait_s: list[float] = field(default_factory=list)  # per step
-    predicted_imbalance: list[float] = field(default_factory=list)  # per step, token batching
-    started: float = field(default_factory=time.perf_counter)
+    summary: dict
+    checkpoint: Path
 
 
 class Trainer:
@@ -91,26 +88,18 @@ class Trainer:
             self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
         )
         self.state = TrainerState(world_size=env.world_size)
-        self.totals: dict = {
-            "tokens": 0,
-            "slots": 0,
-            "train_s": 0.0,
-            "slowest_s": 0.0,
-            "mean_s": 0.0,
-        }
+        self.totals = RunTotals()
         self.last_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self.resume_notes: list[str] = []
         self.clock = StepClock(self.engine.parameters())
 
-    # ---- the loop -------------------------------------------------------------------------
-
-    def fit(self) -> dict:
+    def fit(self) -> FitResult:
         """Train to `max_steps`, checkpoint, evaluate, and summarise the run."""
-        self.started = time.perf_counter()
+        started = time.perf_counter()
         self._resume_if_asked()
-        steps = self._step_groups(self._loader())
+        steps = self._step_groups()
         main = self.env.is_main
         with (
             MetricsWriter(self.run_dir, self.config.tensorboard)
@@ -118,122 +107,65 @@ class Trainer:
             else contextlib.nullcontext() as metrics,
             TrainProgress(self.config.max_steps, self.state.step, enabled=main) as progress,
         ):
-            window = _Window()
+            window = Window()
             while self.state.step < self.config.max_steps:
                 micro_batches = next(steps)
                 self._train_step(micro_batches, window)
                 if self._due(self.config.log_every):
                     row = self._close_window(window)
-                    window = _Window()  # logging's own cost counts in the next window
+                    window = Window()  # logging's own cost counts in the next window
                     if main:
                         metrics.log(row)
-                progress.update(self.state.step, self.last_loss, self._tokens_per_s())
+                progress.update(self.state.step, self.last_loss, self.totals.tokens_per_s)
                 if self._due(self.config.checkpoint_every):
                     saving = time.perf_counter()
                     self._save()
                     window.started += time.perf_counter() - saving  # not training time
         if self.last_checkpoint is None:  # resumed at the end already: nothing trained
             self._save()
-        return self._finish()
+        assert self.last_checkpoint is not None  # for the type checker: just saved
+        return FitResult(self._summarise(started), self.last_checkpoint)
 
-    def _train_step(self, micro_batches: list[Batch], window: _Window) -> None:
+    def _train_step(self, micro_batches: list[Batch], window: Window) -> None:
         self.clock.start()
+        last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            # Kept on the device: reading it back every micro-step would stall a GPU's queue.
-            window.losses.append(self.engine.micro_step(batch.to(self.env.device), last))
-            if self.engine.owns_counts:
-                window.tokens += batch.n_tokens
-                window.slots += batch.n_slots
+            loss = self.engine.micro_step(batch.to(self.env.device), index == last)
+            window.record_micro_step(loss, batch if self.engine.owns_counts else None)
         self.clock.backward_done()
-        self.grad_norm = self.engine.clip(self.optimizer, self.config.clip_norm)
+        window.grad_norm = self.engine.clip(self.optimizer, self.config.clip_norm)
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
         self.state.position = SamplerPosition(*micro_batches[-1].position)
-        compute, wait = self.clock.stop()
-        window.compute_s.append(compute)
-        window.wait_s.append(wait)
-        if micro_batches[-1].rank_costs:
-            costs = micro_batches[-1].rank_costs
-            window.predicted_imbalance.append(max(costs) / (sum(costs) / len(costs)))
+        window.record_step(*self.clock.stop(), micro_batches[-1].rank_costs)
 
-    # ---- data ---------------------------------------------------------------------------------
+    def _step_groups(self) -> Iterator[list[Batch]]:
+        """Each optimizer step's micro-batches, from where the run (or its checkpoint) stands."""
+        config, train = self.config, self.corpus.train
+        lengths = np.fromiter((len(seq) for seq in train), dtype=np.int64)
+        dp, rank = self.engine.data_world_size, self.engine.data_rank
+        sampler = build_sampler(config, lengths, dp, rank, start=self.state.position)
+        device, workers = self.env.device, config.num_workers
+        batches = iter(make_loader(train, sampler, device, workers, packing=config.packs_rows))
+        # Not a generator function: the sampler is built now, so its errors come before training.
+        return ([next(batches) for _ in range(config.grad_accum)] for _ in itertools.count())
 
-    def _loader(self) -> Iterator[Batch]:
-        lengths = np.fromiter((len(seq) for seq in self.corpus.train), dtype=np.int64)
-        sampler = build_sampler(
-            self.config,
-            lengths,
-            self.engine.data_world_size,
-            self.engine.data_rank,
-            start=self.state.position,
-        )
-        loader = make_loader(
-            self.corpus.train,
-            sampler,
-            self.env.device,
-            self.config.num_workers,
-            packing=self.config.packs_rows,
-        )
-        return iter(loader)
-
-    def _step_groups(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
-        while True:
-            yield [next(batches) for _ in range(self.config.grad_accum)]
-
-    # ---- metrics ------------------------------------------------------------------------------
-
-    def _close_window(self, window: _Window) -> dict:
+    def _close_window(self, window: Window) -> dict:
         """One metrics row: global loss and throughput, per-rank step time and memory."""
-        counts = torch.tensor(
-            [sum(float(loss) for loss in window.losses), window.tokens, window.slots],
-            dtype=torch.float64,
-        )
-        loss_sum, tokens, slots = all_reduce_sum(counts, self.env).tolist()
-        elapsed = time.perf_counter() - window.started
-        self.totals["tokens"] += int(tokens)
-        self.totals["slots"] += int(slots)
-        self.totals["train_s"] += elapsed
-        self.state.tokens += int(tokens)
-        self.last_loss = loss_sum / max(tokens, 1)
-        memory = peak_memory_bytes(self.env.device)
-        per_rank = all_gather_floats([memory, *window.compute_s, *window.wait_s], self.env)
-        steps = len(window.compute_s)
-        compute = [row[1 : 1 + steps] for row in per_rank]
-        wait = [row[1 + steps :] for row in per_rank]
-        self.totals["rank_compute_s"] = _add(self.totals.get("rank_compute_s"), map(sum, compute))
-        self.totals["rank_wait_s"] = _add(self.totals.get("rank_wait_s"), map(sum, wait))
-        self.totals["slowest_s"] += sum(max(step) for step in zip(*compute, strict=True))
-        self.totals["mean_s"] += sum(sum(step) / len(step) for step in zip(*compute, strict=True))
-        return {
-            "step": self.state.step,
-            "loss": self.last_loss,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.grad_norm),
-            "tokens_per_s": tokens / elapsed,
-            "padding_fraction": 1 - tokens / max(slots, 1),
-            "imbalance": imbalance(compute),
-            "predicted_imbalance": _mean(window.predicted_imbalance),
-            "rank_step_time_s": [
-                (sum(c) + sum(w)) / steps for c, w in zip(compute, wait, strict=True)
-            ],
-            "rank_wait_s": [sum(w) for w in wait],
-            "rank_rss_bytes": [int(row[0]) for row in per_rank],
-        }
-
-    def _tokens_per_s(self) -> float | None:
-        if not self.totals["train_s"]:
-            return None
-        return self.totals["tokens"] / self.totals["train_s"]
+        counts = all_reduce_sum(window.counts(), self.env).tolist()
+        now = time.perf_counter()  # the window ends once the counts agree, before the gather
+        gathered = all_gather_floats(window.timings(peak_memory_bytes(self.env.device)), self.env)
+        figures = window.close(counts, gathered, now=now)
+        self.totals.add(figures)
+        self.state.tokens += int(figures.tokens)
+        self.last_loss = figures.loss
+        return figures.row(self.state.step, self.scheduler.get_last_lr()[0])
 
     def _due(self, every: int) -> bool:
-        return (
-            every > 0 and self.state.step % every == 0
-        ) or self.state.step == self.config.max_steps
-
-    # ---- checkpoints --------------------------------------------------------------------------
+        step = self.state.step
+        return (every > 0 and step % every == 0) or step == self.config.max_steps
 
     def _resume_if_asked(self) -> None:
         if self.config.resume is None:
@@ -283,78 +215,25 @@ class Trainer:
             self.run_dir / "checkpoints", self.engine.module, self.optimizer, self.state, self.env
         )
 
-    # ---- the end ------------------------------------------------------------------------------
-
-    def _finish(self) -> dict:
-        eval_loss = self.evaluate()
+    def _summarise(self, started: float) -> dict:
+        eval_loss = held_out_loss(self.engine, self.corpus.eval, self.config.batch_size, self.env)
         memory = all_gather_floats([peak_memory_bytes(self.env.device)], self.env)
-        summary = {
+        return {
             "world_size": self.env.world_size,
+            "layout": self.engine.layout.to_dict(),
             "device": self.env.device.type,
             "precision": self.config.precision,
             "model": self.config.model,
             "steps": self.state.step,
-            "tokens": self.totals["tokens"],
-            "tokens_per_s": self._tokens_per_s() or 0.0,
-            "wall_time_s": time.perf_counter() - self.started,
-            "final_train_loss": self.last_loss,
-            "eval_loss": eval_loss,
-            "peak_rss_bytes": [int(row[0]) for row in memory],
-            "padding_fraction": 1 - self.totals["tokens"] / max(self.totals["slots"], 1),
-            "imbalance": self.totals["slowest_s"] / max(self.totals["mean_s"], 1e-12),
-            "rank_wait_s": self.totals.get("rank_wait_s", []),
-            "wait_fraction": _wait_fraction(self.totals),
+            **self.totals.summary_fields(
+                wall_time_s=time.perf_counter() - started,
+                final_train_loss=self.last_loss,
+                eval_loss=eval_loss,
+                peak_rss_bytes=[int(row[0]) for row in memory],
+            ),
             "batching": self.config.batching,
             "data_notes": self.corpus.notes,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "resume_notes": self.resume_notes,
             "run_dir": str(self.run_dir),
         }
-        if self.env.is_main:
-            model = self.engine.whole_model(self.last_checkpoint)
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(weights, str(self.run_dir / "model.safetensors"))
-            summary["parameters"] = sum(p.numel() for p in model.parameters())
-            summary["sample_text"] = self.sample_text(model)
-        return summary
-
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Token-mean loss on the held-out sequences, each data rank taking its share."""
-        world, rank = self.engine.data_world_size, self.engine.data_rank
-        mine = self.corpus.eval[rank::world]
-        self.engine.module.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
-        for begin in range(0, len(mine), self.config.batch_size):
-            batch = collate(mine[begin : begin + self.config.batch_size], step_tokens=1)
-            loss_sum = self.engine.eval_loss_sum(batch.to(self.env.device))
-            tokens = batch.n_tokens if self.engine.owns_counts else 0
-            totals += torch.tensor([loss_sum, tokens], dtype=torch.float64)
-        self.engine.module.train()
-        loss_sum, tokens = all_reduce_sum(totals, self.env).tolist()
-        return loss_sum / tokens if tokens else None
-
-    def sample_text(self, model: nn.Module) -> str:
-        """A few lines the trained model writes after a fixed prompt (seeded)."""
-        if not self.config.sample_bytes:
-            return ""
-        generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
-        prompt = b"The "
-        text = generate(model, prompt, self.config.sample_bytes, generator=generator)
-        return (prompt + text).decode("utf-8", errors="replace")
-
-
-def _add(totals: list[float] | None, values: Iterable[float]) -> list[float]:
-    values = list(values)
-    return values if totals is None else [a + b for a, b in zip(totals, values, strict=True)]
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _wait_fraction(totals: dict) -> float | None:
-    compute, wait = totals.get("rank_compute_s"), totals.get("rank_wait_s")
-    if not compute:
-        return None
-    return sum(wait) / (sum(compute) + sum(wait))

@@ -1,0 +1,52 @@
+"""The end of a run on rank 0: the whole trained model as `model.safetensors`, and a sample.
+
+    result = trainer.fit()
+    summary = {**result.summary, **export_model(config, trainer.engine, result.checkpoint, run_dir)}
+
+Kept apart from the loop: rebuilding the whole model (from the final checkpoint when the model
+was cut over ranks) and sampling text are the report's business, not training's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from shardwise.config import TrainConfig
+from shardwise.models import generate
+from shardwise.run_dir import WEIGHTS_FILE
+from shardwise.train.engines import Engine
+
+SAMPLE_PROMPT = b"The "
+
+
+def export_model(
+    config: TrainConfig, engine: Engine, checkpoint: Path, run_dir: Path
+) -> dict[str, Any]:
+    """Write `run_dir/model.safetensors`; return the summary's `parameters` and `sample_text`.
+
+    Call on one rank only: a model-parallel engine rebuilds the model from `checkpoint` alone.
+    """
+    model = engine.whole_model(checkpoint)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(run_dir / WEIGHTS_FILE))
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sample_text": sample_text(model, config.sample_bytes, config.seed),
+    }
+
+
+def sample_text(model: nn.Module, sample_bytes: int, seed: int) -> str:
+    """A few lines `model` writes after a fixed prompt, seeded; "" when `sample_bytes` is 0.
+
+    text = sample_text(model, sample_bytes=200, seed=0)   # "The ..." (same seed, same text)
+    """
+    if not sample_bytes:
+        return ""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    text = generate(model, SAMPLE_PROMPT, sample_bytes, generator=generator)
+    return (SAMPLE_PROMPT + text).decode("utf-8", errors="replace")
