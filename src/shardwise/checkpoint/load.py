@@ -53,8 +53,11 @@ def load_checkpoint(
 
     `verify=False` when another rank already verified the same files moments ago.
     """
-    state = verify_checkpoint(path) if verify else read_state(path)
-    read_metadata(path)  # before any shard is opened, whatever was verified
+    if verify:
+        state = verify_checkpoint(path)  # reads the metadata through the allow-list too
+    else:
+        state = read_state(path)
+        read_metadata(path)  # before any shard is opened, whoever verified the files
     tensors, _ = split_optimizer_state(model, optimizer)
     try:
         _dcp_load(tensors, path)

@@ -111,9 +111,10 @@ def verify_manifest(root: Path) -> Manifest:
             raise CheckpointRejected(
                 root, f"{name} does not match its digest in {MANIFEST_FILE} (corrupted or edited)"
             )
-    for name in listed_files(root):
+    present = listed_files(root)
+    for name in present:
         check_regular_file(root, name)
-    extra = sorted(set(listed_files(root)) - set(manifest.files))
+    extra = sorted(set(present) - set(manifest.files))
     if extra:
         raise CheckpointRejected(root, f"{extra[0]} is not listed in {MANIFEST_FILE}")
     return manifest

@@ -37,9 +37,10 @@ REFUSED = {
     "warmup_steps": "the learning-rate schedule is part of the run",
     "min_lr_ratio": "the learning-rate schedule is part of the run",
     "weight_decay": "the optimizer's settings are part of the run",
+    "seed": "the data order is part of the run",
+    "batching": "the data order is part of the run",
+    "sort_window": "the data order is part of the run",
 }
-for _name in ("seed", "batching", "sort_window"):
-    REFUSED[_name] = "the data order is part of the run"
 # Not settings of the run itself; the data is compared by its tokens' fingerprint instead.
 IGNORED = {"run_dir", "resume", "overwrite", "data"}
 

@@ -209,7 +209,7 @@ class Trainer:
         self.state.scaler = self.precision.state_dict()
         self.state.config = self.config.model_dump(mode="json")
         self.state.model_fingerprint = self.model_fingerprint
-        if not self.state.data_fingerprint:
+        if self.env.is_main and not self.state.data_fingerprint:  # only rank 0 writes it
             self.state.data_fingerprint = data_fingerprint(self.corpus)
         self.last_checkpoint = save_checkpoint(
             self.run_dir / "checkpoints", self.engine.module, self.optimizer, self.state, self.env
