@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from shardwise.checkpoint.manifest import digest_files, listed_files, write_manifest
 from shardwise.config import TrainConfig
-from shardwise.launch import launch_workers, run_worker
+from shardwise.launch import launch_workers
+from shardwise.train.worker import run_worker
 
 WORDS = [
     "the",

@@ -12,8 +12,8 @@ from shardwise.session import Session, setup
 
 
 def run(config: TrainConfig) -> dict:
-    """Train a whole job as `shardwise train` would (see shardwise.job.run)."""
-    from shardwise.job import run as run_job  # imports torch's launcher only when used
+    """Train a whole job as `shardwise train` would (see shardwise.api.run)."""
+    from shardwise.api import run as run_job  # imports torch's launcher only when used
 
     return run_job(config)
 

@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides["resume"] = _run_dir_to_resume(args.config, overrides)
     config = load_config(args.config, overrides)
     if "RANK" in os.environ:  # started by the user's torchrun: this process is one worker
-        from shardwise.job import run_as_torchrun_worker
+        from shardwise.api import run_as_torchrun_worker
 
         run_as_torchrun_worker(config)
         return 0
@@ -94,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch(config: TrainConfig, dry: bool = False) -> int:
-    from shardwise.job import plan, run
+    from shardwise.api import plan, run
 
     if dry:
         print(plan(config))

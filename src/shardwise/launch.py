@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,16 +28,12 @@ from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shardwise.config import TrainConfig, parse_endpoint
-from shardwise.distributed import init_distributed, shutdown_distributed
 from shardwise.errors import ShardwiseError, WorkerFailedError, first_line
 from shardwise.stores import LOOPBACK, bind_configs, loopback_comms, port_in_use, rendezvous_backend
-from shardwise.train.run import train
+from shardwise.train.worker import ERROR_FILE_GLOB, run_worker
 
 T = TypeVar("T")
-_ERROR_FILE = "error-rank{rank}.txt"
 _AGENT_LOGS = "agent"
-_EXIT_FAILED = 2
-_ROOT_CAUSE_GRACE_S = 1.0
 
 
 def launch_workers(config: TrainConfig, nproc: int) -> dict:
@@ -118,54 +111,6 @@ def run_local(entrypoint: Callable[..., T], nproc: int, *args: object) -> dict[i
         return elastic_launch(launch_config, entrypoint)(*args)
 
 
-def run_worker(config_json: str, error_dir: str | None = None) -> dict:
-    """A worker process's entry point: join the group, train, leave the group.
-
-    A user error is reported through `error_dir` (for the launcher to print) or raised when there
-    is no launcher. A lost peer ends the process at once: tearing down a process group whose
-    peer is dead or hung can block forever in the communication library's destructors.
-    """
-    config = TrainConfig.model_validate_json(config_json)
-    try:
-        env = init_distributed(config.device, config.timeout_s)
-        summary = train(config, env)
-    except RuntimeError as exc:
-        if not _is_peer_failure(exc):
-            raise
-        rank = os.environ.get("RANK", "0")
-        lost = PeerLostError(
-            f"rank {rank} lost contact with its peers ({first_line(exc)}): a peer died or "
-            f"hung; if steps are legitimately slower than {config.timeout_s:g}s, raise --timeout-s"
-        )
-        _report(lost, error_dir)
-        # Give the agent (polling every 0.1 s) time to see a peer that really died exit first,
-        # so the run is reported by its root cause rather than by this symptom.
-        time.sleep(_ROOT_CAUSE_GRACE_S)
-        os._exit(_EXIT_FAILED)
-    except ShardwiseError as exc:
-        if error_dir is None:
-            raise
-        _report(exc, error_dir)
-        sys.exit(_EXIT_FAILED)
-    shutdown_distributed()
-    return summary
-
-
-def _report(exc: ShardwiseError, error_dir: str | None) -> None:
-    if error_dir is None:
-        print(f"shardwise: error: {exc}", file=sys.stderr)
-    else:
-        report = {"message": str(exc), "peer_lost": isinstance(exc, PeerLostError)}
-        rank = os.environ.get("RANK", "0")
-        Path(error_dir, _ERROR_FILE.format(rank=rank)).write_text(json.dumps(report))
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
-class PeerLostError(ShardwiseError):
-    """This rank is fine, but a collective failed because a peer died or stopped answering."""
-
-
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -196,7 +141,7 @@ def _root_cause(exc: ChildFailedError, error_dir: Path) -> ShardwiseError:
     """
     reports = {
         int(path.stem.removeprefix("error-rank")): json.loads(path.read_text(encoding="utf-8"))
-        for path in error_dir.glob("error-rank*.txt")
+        for path in error_dir.glob(ERROR_FILE_GLOB)
     }
     for report in reports.values():
         if not report["peer_lost"]:
@@ -264,21 +209,6 @@ def _worker_failure(rank: int, failure: ProcessFailure) -> ShardwiseError:
         f"worker rank {rank} failed with exit code {failure.exitcode}{killed} and left no "
         "error record; look for a crash above (out of memory, a native library abort)"
     )
-
-
-# What gloo and NCCL say when a collective's peer is gone or silent past the timeout.
-_PEER_FAILURE_MARKERS = (
-    "Timed out",
-    "timed out",
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "NCCL communicator was aborted",
-    "Broken pipe",
-)
-
-
-def _is_peer_failure(exc: RuntimeError) -> bool:
-    return any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS)
 
 
 def _quiet_agent_logs() -> None:

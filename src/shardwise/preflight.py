@@ -21,7 +21,7 @@ from shardwise.plan import plan_stages
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.train.batching import build_sampler
 from shardwise.train.precision import Precision
-from shardwise.train.run import load_corpus
+from shardwise.train.worker import load_corpus
 
 
 def default_nproc(config: TrainConfig) -> int:

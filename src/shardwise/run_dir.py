@@ -38,7 +38,7 @@ CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 # What a run leaves behind that a new run would overwrite or mix with: the sign of a used dir.
 USED_MARKERS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE)
-# Everything a run writes at the top of its run dir (train/run.py, the trainer and report/):
+# Everything a run writes at the top of its run dir (train/worker.py, the trainer and report/):
 # all that --overwrite deletes. The plot names are report/plots.py's; tests/test_run_dir.py
 # checks this list against what a real run leaves, so a new output cannot be missed silently.
 WRITTEN_BY_RUNS = (

@@ -14,9 +14,10 @@ import contextlib
 import os
 
 from shardwise.config import TrainConfig
-from shardwise.launch import launch_workers, run_worker
+from shardwise.launch import launch_workers
 from shardwise.preflight import dry_run, preflight
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
+from shardwise.train.worker import run_worker
 
 
 def run(config: TrainConfig) -> dict:
