@@ -26,7 +26,7 @@ text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog " * 200))
 windows = text[: len(text) // 33 * 33].view(-1, 33)
 dataset = TensorDataset(windows[:, :-1], windows[:, 1:])
 
-session = shardwise.setup(seed=0)
+session = shardwise.setup()
 model = session.prepare(CharLSTM())
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 loader = session.loader(dataset, batch_size=16, shuffle=True)

@@ -1,4 +1,10 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the `distributed` marker on every multi-process test.
+
+    pytest -m "not distributed"   # the fast, single-process tests only
+
+Everything under tests/distributed/ is marked here; a multi-process test elsewhere carries the
+marker itself (`pytestmark = pytest.mark.distributed` or a decorator).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,15 @@ from pathlib import Path
 import pytest
 
 from helpers import write_corpus
+
+DISTRIBUTED_TESTS = Path(__file__).parent / "distributed"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(DISTRIBUTED_TESTS):
+            item.add_marker(pytest.mark.distributed)
 
 
 @pytest.fixture

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import shardwise
 from shardwise.checkpoint.manifest import digest_files, listed_files, write_manifest
 from shardwise.config import TrainConfig
-from shardwise.launch import launch_workers
-from shardwise.train.worker import run_worker
 
 WORDS = [
     "the",
@@ -65,10 +64,10 @@ def quick_config(corpus: Path, run_dir: Path, **overrides: object) -> TrainConfi
 
 
 def train(config: TrainConfig, nproc: int) -> dict:
-    """Rank 0's summary of a finished run."""
-    if nproc == 1 and config.nnodes == 1:
-        return run_worker(config.model_dump_json())
-    return launch_workers(config, nproc)
+    """Rank 0's summary of a finished run, through the public entry point `shardwise.run`."""
+    result = shardwise.run(config.model_copy(update={"nproc": nproc}))
+    assert result is not None, "rank 0 ran on another node"
+    return result.to_summary()
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

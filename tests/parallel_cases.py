@@ -23,11 +23,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ranks import COLLECTIVE_TIMEOUT_S
-from shardwise.data.batch import IGNORE_INDEX, Batch
-from shardwise.distributed import DistEnv
+from shardwise.data.batch import Batch
+from shardwise.distributed import DistEnv, all_reduce_sum
+from shardwise.loss import IGNORE_INDEX, token_loss_sum
 from shardwise.models import RecurrentLM, TransformerLM
-from shardwise.parallel.mesh import ParallelMesh, build_mesh
-from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.parallelize import parallelize
 
 LENGTHS = (5, 9, 12, 5)
 ROWS = 8
@@ -98,23 +99,25 @@ def train_layout(env: DistEnv, kind: str, sizes: dict[str, int], **options: Any)
     options.setdefault("microbatches", 4)
     # Exact lengths: steps of length 5, 9, 12 and 5 need three stage shapes, the last reused.
     options.setdefault("length_bucket", 1)
-    runner = PipelineRunner(tiny_model(kind), layout, CUTS.get(layout.pp, []), **options)
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
+    model = parallelize(tiny_model(kind), layout, env, cuts=CUTS.get(layout.pp, []), **options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     trained = Trained(state={})
     for batch in step_batches():
-        loss = runner.train_step(replica_share(batch, layout.dp, layout.dp_rank))
-        norm = runner.clip_grad_norm(CLIP)
+        mine = replica_share(batch, layout.dp, layout.dp_rank)
+        owned = model.forward_backward(mine.tokens, mine.targets, batch.step_tokens)
+        norm = model.clip_grad_norm(CLIP)
         optimizer.step()
         optimizer.zero_grad()
+        loss = all_reduce_sum(owned.detach().double().reshape(1), env) / batch.step_tokens
         trained.losses.append(float(loss))
         trained.norms.append(float(norm))
-    trained.state = whole_tensors(runner.state_dict())
+    trained.state = whole_tensors(model.state_dict())
     return trained
 
 
-def layout_for(env: DistEnv, **sizes: int) -> ParallelMesh:
-    """The mesh for `sizes`, its groups timing out as quickly as the test's default group."""
-    return build_mesh(env, timeout_s=COLLECTIVE_TIMEOUT_S, **sizes)
+def layout_for(env: DistEnv, **sizes: int) -> Layout:
+    """The layout for `sizes`, its groups timing out as quickly as the test's default group."""
+    return Layout.for_world(env.world_size, **sizes).build(env, COLLECTIVE_TIMEOUT_S)
 
 
 def whole_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

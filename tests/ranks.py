@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shardwise.distributed import DistEnv
-from shardwise.launch import free_port
+from shardwise.stores import free_port
 
 COLLECTIVE_TIMEOUT_S = 20.0
 

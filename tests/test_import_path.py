@@ -74,6 +74,7 @@ def test_a_dry_run_imports_nothing_from_the_working_directory(style: str, workdi
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("style", ["script", "-m"])
 def test_a_real_run_imports_the_library_but_the_users_model_from_the_working_directory(

@@ -1,14 +1,21 @@
-"""The launcher names the root cause of a failed run from the workers' error records."""
+"""The launcher names the root cause of a failed run from the workers' error records, and
+`shardwise.launch` runs a user's own function on local workers."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+import types
 from pathlib import Path
 
+import pytest
+import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from shardwise.errors import WorkerFailedError
-from shardwise.launch import _AGENT_LOGS, _root_cause
+from shardwise.agent import _AGENT_LOGS, _root_cause, _start_method
+from shardwise.errors import ShardwiseError, WorkerFailedError
 
 
 def agent_error_file(error_dir: Path, local_rank: int, message: str | None) -> str:
@@ -60,3 +67,75 @@ def test_only_a_lost_peer_is_reported_as_such(tmp_path: Path) -> None:
     )
     error = _root_cause(ChildFailedError("run_worker", {1: failure}), tmp_path)
     assert str(error) == "rank 1 lost contact with its peers"
+
+
+# shardwise.launch from a script (workers spawned: the script needs its main guard) and from a
+# notebook or REPL, here `python -c` (no __main__.__file__: workers forked, `fn` defined inline).
+YOUR_OWN_LOOP = """
+    import os
+
+    import torch
+
+    import shardwise
+    from shardwise.errors import WorkerFailedError
+
+
+    def count_ranks(tag):
+        session = shardwise.setup(device="cpu")
+        total = session.mean(torch.tensor(1.0)) * session.world_size
+        session.close()
+        return [tag, os.environ["RANK"], os.environ["MASTER_ADDR"], total]
+
+
+    def fail_on_rank_one():
+        if os.environ["RANK"] == "1":
+            raise ValueError("rank one cannot go on")
+
+
+    if __name__ == "__main__":
+        print("returned:", shardwise.launch(count_ranks, 2, "mine"), flush=True)
+        try:
+            shardwise.launch(fail_on_rank_one, 2)
+        except WorkerFailedError as exc:
+            print("failed:", exc, "|", "ValueError" in exc.worker_traceback, flush=True)
+"""
+
+
+def launched(tmp_path: Path, how: str) -> list[str]:
+    """Run YOUR_OWN_LOOP as a script file or as `python -c`; its output lines."""
+    source = textwrap.dedent(YOUR_OWN_LOOP)
+    (tmp_path / "own_loop.py").write_text(source)
+    command = ["own_loop.py"] if how == "script" else ["-c", source]
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line.startswith(("returned", "failed"))]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["script", "notebook"])
+def test_launch_runs_your_function_on_each_worker_and_returns_rank_zeros(
+    tmp_path: Path, how: str
+) -> None:
+    assert launched(tmp_path, how) == [
+        "returned: ['mine', '0', '127.0.0.1', 2.0]",
+        "failed: worker rank 1 failed: ValueError: rank one cannot go on | True",
+    ]
+
+
+def test_launch_from_a_notebook_refuses_once_cuda_is_initialised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A notebook's __main__ has no file: its workers would be forked, which CUDA does not survive.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ShardwiseError, match="CUDA is already initialised") as refused:
+        _start_method()
+    assert "\n" not in str(refused.value)

@@ -21,7 +21,6 @@ from helpers import metrics, quick_config
 from shardwise.cli import main
 from shardwise.config import TrainConfig
 from shardwise.errors import ShardwiseError
-from shardwise.launch import free_port
 from shardwise.run_dir import (
     LOCK_FILE,
     WRITTEN_BY_RUNS,
@@ -32,6 +31,7 @@ from shardwise.run_dir import (
     rank_zero_holds_lock,
     remove_run_outputs,
 )
+from shardwise.stores import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,8 +119,8 @@ def test_a_killed_run_does_not_block_the_next(
 ) -> None:
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
-    summary = shardwise.run(quick_config(corpus, run, nproc=1))
-    assert summary["steps"] == 3
+    result = shardwise.run(quick_config(corpus, run, nproc=1))
+    assert result.steps == 3
     record = json.loads((run / LOCK_FILE).read_text())
     assert (record["pid"], record["host"]) == (os.getpid(), socket.gethostname())
     check_run_dir(quick_config(corpus, run, resume=run), run)  # released when the run ended
@@ -161,8 +161,8 @@ def test_a_plain_rerun_in_a_used_run_dir_is_refused_and_resume_continues_it(
     assert "--resume" in line and "--overwrite" in line
     assert (run / "metrics.jsonl").read_bytes() == before
 
-    summary = shardwise.run(quick_config(corpus, run, nproc=1, max_steps=5, resume=run))
-    assert summary["steps"] == 5
+    result = shardwise.run(quick_config(corpus, run, nproc=1, max_steps=5, resume=run))
+    assert result.steps == 5
     assert [row["step"] for row in metrics(run)] == [1, 2, 3, 4, 5]
 
 
@@ -175,8 +175,8 @@ def test_overwrite_replaces_the_run_and_keeps_the_users_files(corpus: Path, run:
     (run / "notes.txt").write_text("mine")
     (run / "figure.png").write_bytes(b"mine too")
 
-    summary = shardwise.run(quick_config(corpus, run, nproc=1, max_steps=2, overwrite=True))
-    assert summary["steps"] == 2
+    result = shardwise.run(quick_config(corpus, run, nproc=1, max_steps=2, overwrite=True))
+    assert result.steps == 2
     assert [row["step"] for row in metrics(run)] == [1, 2]  # not appended to the old rows
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step_00000002"]
     assert not (run / "tensorboard").exists()

@@ -14,10 +14,10 @@ from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from listeners import listening_sockets
 from shardwise.errors import ShardwiseError
-from shardwise.launch import free_port
 from shardwise.stores import (
     LOOPBACK,
     bind_configs,
+    free_port,
     host_store,
     loopback_comms,
     rendezvous_backend,

@@ -1,11 +1,11 @@
 """Run a whole training job from Python, exactly as `shardwise train` does.
 
-    summary = shardwise.run(TrainConfig(model="gru", pp=2, microbatches=4, max_steps=100))
-    summary["eval_loss"]
+    result = shardwise.run(TrainConfig(model="gru", pp=2, microbatches=4, max_steps=100))
+    result.eval_loss, result.load_model()
 
 Fixes the run directory, checks the input, then holds the run directory (see run_dir.py) while
 it trains in this process (one rank) or starts the workers through the elastic agent; returns
-rank 0's summary.
+rank 0's summary as a `RunResult`.
 """
 
 from __future__ import annotations
@@ -13,44 +13,61 @@ from __future__ import annotations
 import contextlib
 import os
 
+from shardwise.agent import launch_workers
 from shardwise.config import TrainConfig
-from shardwise.launch import launch_workers
-from shardwise.preflight import dry_run, preflight
+from shardwise.preflight import RunPlan, preflight
+from shardwise.report.result import RunResult
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
 from shardwise.train.worker import run_worker
 
 
-def run(config: TrainConfig) -> dict:
-    """Train as `config` says on this machine's share of the job; rank 0's summary."""
+def run(config: TrainConfig) -> RunResult | None:
+    """Train as `config` says on this machine's share of the job; rank 0's result.
+
+    None only on a node of a multi-node job whose workers do not include rank 0. Workers are
+    started as commands, not by importing the caller's script again, so a script calling this
+    needs no `if __name__ == "__main__":` guard.
+    """
     # Fixed first so that the preflight, the lock and every worker agree on one path.
     run_dir = resolve_run_dir(config)
     config = config.model_copy(update={"run_dir": run_dir})
-    nproc = preflight(config)
+    nproc = preflight(config).nproc
     # This process outlives every worker it starts, so its lock covers the whole run.
     held = launcher_holds_lock(config)
     with hold_run_dir(config, run_dir) if held else contextlib.nullcontext():
         if nproc == 1 and config.nnodes == 1:
-            return run_worker(config.model_dump_json())
-        return launch_workers(config, nproc)
+            summary = run_worker(config.model_dump_json())
+        else:
+            summary = launch_workers(config, nproc)
+    return None if summary is None else RunResult.from_summary(summary)
 
 
-def run_as_torchrun_worker(config: TrainConfig) -> dict:
+def run_as_torchrun_worker(config: TrainConfig) -> RunResult | None:
     """Train as one worker of the user's own `torchrun`; global rank 0 holds the run dir.
 
-    run_as_torchrun_worker(config)   # RANK, WORLD_SIZE, ... come from torchrun
+    result = run_as_torchrun_worker(config)   # RANK, WORLD_SIZE, ... come from torchrun
 
-    Rank 0 lives for the whole run; the torchrun agent above it is not ours to lock from.
+    Rank 0 lives for the whole run; the torchrun agent above it is not ours to lock from. Rank 0
+    gets the run's result, every other rank None (only rank 0 exports the model and sums up).
     """
     if os.environ.get("RANK") != "0":
-        return run_worker(config.model_dump_json())
+        run_worker(config.model_dump_json())
+        return None
     # Resolved here, not in train(): a default runs/<timestamp> must be the locked one, and
     # train() takes rank 0's path for every rank.
     run_dir = resolve_run_dir(config)
     config = config.model_copy(update={"run_dir": run_dir})
     with hold_run_dir(config, run_dir):
-        return run_worker(config.model_dump_json())
+        return RunResult.from_summary(run_worker(config.model_dump_json()))
 
 
-def plan(config: TrainConfig) -> str:
-    """The layout and pipeline cut `run(config)` would use, as `--dry-run` prints it."""
-    return dry_run(config, preflight(config))
+def plan(config: TrainConfig) -> RunPlan:
+    """What `run(config)` would train: layout, pipeline cut and predictions, checked.
+
+    plan = plan(TrainConfig(pp=2))
+    plan.cuts, print(plan.describe())   # describe() is what --dry-run prints
+
+    The cut is the one the run will train: the workers build it the same way and reuse this
+    profile's cut (see train/build.py).
+    """
+    return preflight(config)

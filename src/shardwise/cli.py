@@ -97,7 +97,7 @@ def _launch(config: TrainConfig, dry: bool = False) -> int:
     from shardwise.api import plan, run
 
     if dry:
-        print(plan(config))
+        print(plan(config).describe())
     else:
         run(config)
     return 0

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout, check_microbatches
 
@@ -65,7 +66,9 @@ class TrainConfig(BaseModel):
         "crosses a sequence). Default: on for the transformer.",
     )
     sort_window: int = Field(
-        2048, ge=1, description="Sequences sorted by length together when forming token batches."
+        DEFAULT_SORT_WINDOW,
+        ge=1,
+        description="Sequences sorted by length together when forming token batches.",
     )
     corpus_cache: bool = Field(True, description="Cache the tokenised corpus between runs.")
     # Where and how wide.
@@ -93,6 +96,10 @@ class TrainConfig(BaseModel):
         None,
         description="Module names where pipeline stages begin, comma-separated "
         "(e.g. blocks.2). Default: balanced automatically by profiling.",
+    )
+    sync: Literal["allreduce"] = Field(
+        "allreduce",
+        description="How data-parallel replicas agree: allreduce averages gradients every step.",
     )
     timeout_s: float = Field(
         300.0, gt=0, description="Seconds before a missing or hung peer becomes an error."
@@ -234,6 +241,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "microbatches",
         "schedule",
         "split_points",
+        "sync",
         "timeout_s",
     ),
     "Optimisation": (

@@ -101,15 +101,22 @@ def shutdown_distributed() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (a no-op for a single process) and return it."""
+    """Sum `tensor` over ranks in place (a no-op for a single process) and return it.
+
+    The sum travels on `comm_device(env)` whatever device `tensor` is on: NCCL takes CUDA
+    tensors only, and counters and losses are often kept on the CPU.
+    """
     if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        travelling = tensor.to(comm_device(env))
+        dist.all_reduce(travelling, op=dist.ReduceOp.SUM)
+        if travelling is not tensor:
+            tensor.copy_(travelling)
     return tensor
 
 
 def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
     """Every rank's `values`, indexed by rank; values must have the same length on all ranks."""
-    local = torch.tensor(values, dtype=torch.float64, device=_comm_device(env))
+    local = torch.tensor(values, dtype=torch.float64, device=comm_device(env))
     if not env.distributed:
         return [local.tolist()]
     gathered = [torch.empty_like(local) for _ in range(env.world_size)]
@@ -143,5 +150,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _comm_device(env: DistEnv) -> torch.device:
+def comm_device(env: DistEnv) -> torch.device:
+    """Where a tensor for a collective must live: the rank's GPU under NCCL, else the CPU.
+
+        total = torch.tensor([loss], dtype=torch.float64, device=comm_device(env))
+        all_reduce_sum(total, env)
+
+    A CUDA job's backend is NCCL, which takes CUDA tensors only; every other job's is gloo.
+    """
     return env.device if env.device.type == "cuda" else torch.device("cpu")

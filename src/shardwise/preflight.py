@@ -1,27 +1,28 @@
 """Catch a user's mistakes in the launching process, before a worker starts or a file is written.
 
-nproc = preflight(config)   # raises ShardwiseError with a one-line message, or returns nproc
+plan = preflight(config)   # raises ShardwiseError with a one-line message, or returns the plan
+print(plan.describe())     # what --dry-run prints: the layout and the cut the workers train
+
+Everything it builds comes from train/build.py, the builder the workers use.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass, field
+
 import torch
 
 from shardwise.checkpoint import find_checkpoint
 from shardwise.config import TrainConfig
-from shardwise.data.batch import collate
+from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
-from shardwise.errors import ShardwiseError
-from shardwise.launch import check_port_free
-from shardwise.models import build_model, check_model_spec
+from shardwise.models import check_model_spec
 from shardwise.parallel.mesh import Layout
-from shardwise.parallel.stages import model_pieces, stage_starts
-from shardwise.plan import plan_stages
+from shardwise.partition import Plan
+from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
-from shardwise.train.batching import build_sampler
-from shardwise.train.precision import Precision
-from shardwise.train.worker import load_corpus
+from shardwise.stores import check_port_free
+from shardwise.train.build import build_sampler, load_corpus, sequence_lengths, stage_plan
 
 
 def default_nproc(config: TrainConfig) -> int:
@@ -36,59 +37,51 @@ def default_nproc(config: TrainConfig) -> int:
     return 2
 
 
-def preflight(config: TrainConfig) -> int:
-    """Check devices, model, data, batch layout, resume path, run dir and port; local nproc."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will be, known before any worker starts: what `--dry-run` prints.
+
+    plan = shardwise.plan(TrainConfig(pp=2))
+    plan.layout.pp, plan.cuts, print(plan.describe())
+    """
+
+    nproc: int  # workers on this node
+    nnodes: int
+    layout: Layout
+    stages: Plan | None  # the pipeline cut and its predictions; None for one stage
+    corpus: PreparedCorpus = field(repr=False)
+
+    @property
+    def cuts(self) -> list[str]:
+        return self.stages.cuts if self.stages else []
+
+    def describe(self) -> str:
+        """The layout and, with stages, the planned cut."""
+        dp, pp, tp = self.layout.dp, self.layout.pp, self.layout.tp
+        lines = [
+            f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
+            f"{self.layout.world_size} ranks ({self.nproc} per node on {self.nnodes} node(s))"
+        ]
+        if self.stages is None:
+            lines.append("one stage: every rank of a replica holds the whole model")
+        else:
+            lines.append(self.stages.describe())
+        return "\n".join(lines)
+
+
+def preflight(config: TrainConfig) -> RunPlan:
+    """Check devices, model, data, batches, cut, resume path, run dir and port; the run's plan."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
-    dp = config.layout(nproc * config.nnodes).dp
+    layout = config.layout(nproc * config.nnodes)
     Precision(config.precision, device)
     check_model_spec(config.model)
     corpus = load_corpus(config)
-    build_sampler(config, np.array([len(seq) for seq in corpus.train]), dp, rank=0)
-    if config.pp > 1:
-        check_pipeline_split(config, corpus.vocab_size)
+    build_sampler(config, sequence_lengths(corpus), layout.dp, rank=0)
+    stages = stage_plan(config, corpus)
     if config.resume is not None:
         find_checkpoint(config.resume)
-    check_run_dir(config, resolve_run_dir(config))
+    check_run_dir(config, config.run_dir or resolve_run_dir(config))
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
-    return nproc
-
-
-def check_pipeline_split(config: TrainConfig, vocab_size: int) -> None:
-    """Enough cuttable pieces for --pp stages, and split points that name real cut places."""
-    with torch.device("meta"):  # structure only: no memory, no initialisation cost
-        model = build_model(config.model, vocab_size)
-    pieces = model_pieces(model)
-    if config.pp > len(pieces):
-        raise ShardwiseError(
-            f"--pp {config.pp}: model {config.model!r} has only {len(pieces)} pieces that can "
-            f"start a stage ({', '.join(p.name for p in pieces)}); use --pp {len(pieces)} or less"
-        )
-    if config.split_points is not None:
-        stage_starts(model, pieces, config.split_points, config.pp)
-
-
-def dry_run(config: TrainConfig, nproc: int) -> str:
-    """What `shardwise train --dry-run` prints: the layout and, with --pp, the planned cut."""
-    layout = config.layout(nproc * config.nnodes)
-    dp, pp, tp = layout.dp, layout.pp, layout.tp
-    lines = [
-        f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
-        f"{layout.world_size} ranks ({nproc} per node on {config.nnodes} node(s))"
-    ]
-    if pp == 1:
-        return "\n".join([*lines, "one stage: every rank of a replica holds the whole model"])
-    corpus = load_corpus(config)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, corpus.vocab_size)
-    sample = collate(corpus.train[: config.batch_size], step_tokens=1).tokens
-    plan = plan_stages(
-        model,
-        pp,
-        sample,
-        microbatches=config.microbatches,
-        schedule=config.schedule,
-        cuts=config.split_points,
-    )
-    return "\n".join([*lines, plan.describe()])
+    return RunPlan(nproc, config.nnodes, layout, stages, corpus)

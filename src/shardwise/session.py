@@ -1,33 +1,62 @@
-"""Make your own single-device training loop data parallel with a handful of changed lines.
+"""Your own training loop on any layout the CLI trains: the public core the trainer uses too.
 
-    session = shardwise.setup()                     # joins torchrun's group, picks the device
-    model = session.prepare(MyLSTM())               # on the device, wrapped in DDP
-    loader = session.loader(dataset, batch_size=32, shuffle=True)   # this rank's share, on device
+    session = shardwise.setup(pp=2)                  # joins torchrun's group, builds the layout
+    model = session.prepare(MyLM())                  # this rank's stage, wrapped for its replicas
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for x, y in session.loader(dataset, batch_size=32):
+        optimizer.zero_grad()
+        loss = session.forward_backward(model, x, y)  # a pipeline schedule, or forward+backward
+        session.clip_gradients(model, optimizer, 1.0)
+        session.step(optimizer)
 
-Run the script with `torchrun --nproc-per-node N script.py` (or plain `python script.py` for one
-process). Each pass over `loader` is a new, seeded epoch; batches arrive on `session.device`.
+Run the script with `torchrun --nproc-per-node N script.py`, `shardwise.launch(fn, nproc=N)`, or
+plain `python script.py` for one process. With data parallelism alone `model(x)` and
+`loss.backward()` work as in plain PyTorch (see README). The layout comes from keywords, a
+`TrainConfig`, or a TOML file (`setup(config="run.toml")`): the same keys as `shardwise train`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from shardwise.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
-from shardwise.parallel.data_parallel import gradient_sync, wrap_data_parallel
+from shardwise.checkpoint import TrainerState, agree_on_checkpoint, load_checkpoint, save_checkpoint
+from shardwise.config import TrainConfig, load_config
+from shardwise.data.device_loader import DeviceLoader, device_loader
+from shardwise.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    comm_device,
+    init_distributed,
+    shutdown_distributed,
+)
+from shardwise.loss import count_targets
+from shardwise.parallel.data_parallel import gradient_sync, unwrap
+from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelize import parallelize
+from shardwise.partition import plan_stages, shared_plan
+from shardwise.precision import Precision
+
+# The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's.
+SESSION_KEYS = (
+    "dp", "pp", "tp", "microbatches", "schedule", "split_points", "sync", "precision", "device",
+    "seed", "timeout_s",
+)  # fmt: skip
 
 
 class Session:
-    """This process's place in the job, and the few calls a training loop needs."""
+    """This process's place in the layout, and the calls a training loop needs."""
 
-    def __init__(self, env: DistEnv, seed: int) -> None:
+    def __init__(self, env: DistEnv, config: TrainConfig) -> None:
         self.env = env
-        self.seed = seed
+        self.config = config
+        self.layout = config.layout(env.world_size).build(env, config.timeout_s)
+        self.precision = Precision(config.precision, env.device)
 
     @property
     def device(self) -> torch.device:
@@ -45,76 +74,212 @@ class Session:
     def is_main(self) -> bool:
         return self.env.is_main
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Move `model` to this rank's device and wrap it for synchronous data parallelism."""
-        return wrap_data_parallel(model, self.env)
+    def prepare(
+        self, model: nn.Module, cuts: list[str] | None = None, example: torch.Tensor | None = None
+    ) -> ParallelModel:
+        """This rank's part of `model` for the layout, on the device, wrapped for its replicas.
+
+        model = session.prepare(MyLM())                       # build the optimizer after this
+        model = session.prepare(MyLM(), cuts=["blocks.2"])    # where stage 2 starts
+
+        Every rank must build `model` alike (the same seed). Without `cuts` a pipeline is cut
+        where rank 0's profile on `example` tokens (default: zeros) balances time and memory.
+        """
+        config = self.config
+        if self.layout.pp > 1 and not (cuts or config.split_points):
+            cuts = self._planned_cuts(model, example)
+        return parallelize(
+            model,
+            self.layout,
+            self.env,
+            cuts=cuts or config.split_points or [],
+            schedule=config.schedule,
+            microbatches=config.microbatches,
+            sync=config.sync,
+            autocast=self.precision.autocast,
+            backward=self.precision.backward,
+        )
+
+    def forward_backward(
+        self,
+        model: ParallelModel,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        step_tokens: int | None = None,
+        sync: bool = True,
+        reduce: bool = True,
+        **model_kwargs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Forward and backward of one batch (all its pipeline micro-batches); returns its loss.
+
+        loss = session.forward_backward(model, x, y)            # global token-mean, every rank
+        session.forward_backward(model, x1, y1, sync=False)     # accumulate; sync on the last
+
+        The loss is token cross-entropy over the targets that are not -100. `step_tokens` is the
+        token count of the whole optimizer step over every replica and micro-step (default: this
+        batch's, summed over replicas). `reduce=False` skips the collective that puts the loss
+        on every rank and returns the summed loss this rank owns instead (the trainer's choice).
+        """
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if step_tokens is None:
+            step_tokens = int(self._over_replicas(count_targets(targets)))
+        owned = model.forward_backward(inputs, targets, step_tokens, sync=sync, **model_kwargs)
+        if not reduce:
+            return owned
+        return self._over_world(owned) / max(step_tokens, 1)
+
+    @torch.no_grad()
+    def evaluate(self, model: ParallelModel, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The token-mean loss of one batch per replica, over all replicas (every rank calls it)."""
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        tokens = self._over_replicas(count_targets(targets))
+        return float(self._over_world(model.evaluate(inputs, targets))) / max(tokens, 1.0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, scaled under fp16 (data parallel: for your own loss)."""
+        self.precision.backward(loss)
+
+    def clip_gradients(
+        self, model: ParallelModel, optimizer: torch.optim.Optimizer, max_norm: float
+    ) -> torch.Tensor:
+        """Clip to `max_norm` by the whole model's norm across stages and shards; returns it.
+
+        norm = session.clip_gradients(model, optimizer, 1.0)   # 0: measure only
+        """
+        if self.precision.scaler is not None:
+            self.precision.scaler.unscale_(optimizer)
+        return model.clip_grad_norm(max_norm)
+
+    def step(self, optimizer: torch.optim.Optimizer, model: ParallelModel | None = None) -> None:
+        """The optimizer step (fp16: through the loss scaler), then the sync strategy's turn."""
+        self.precision.step(optimizer)
+        if model is not None:
+            model.strategy.after_step(model.module, self.layout)
 
     def loader(
         self, dataset: Dataset, batch_size: int, shuffle: bool = True, **kwargs: Any
     ) -> DeviceLoader:
-        """A DataLoader over this rank's share of `dataset`; batches come out on the device."""
-        sampler = DistributedSampler(
+        """This replica's share of `dataset` (the same on every stage of a pipeline), on device."""
+        return device_loader(
             dataset,
-            num_replicas=self.world_size,
-            rank=self.rank,
+            batch_size,
+            replicas=self.layout.dp,
+            rank=self.layout.dp_rank,
+            seed=self.config.seed,
+            device=self.device,
             shuffle=shuffle,
-            seed=self.seed,
-            drop_last=True,
+            **kwargs,
         )
-        pin = self.device.type == "cuda"
-        inner = DataLoader(dataset, batch_size, sampler=sampler, pin_memory=pin, **kwargs)
-        return DeviceLoader(inner, sampler, self.device)
 
-    def no_sync(
-        self, model: nn.Module, accumulating: bool = True
-    ) -> contextlib.AbstractContextManager:
+    def save(
+        self,
+        directory: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int = 0,
+        state: TrainerState | None = None,
+    ) -> Path:
+        """A verified, reshardable checkpoint `directory/step_XXXXXXXX`, written once by all ranks.
+
+        path = session.save("checkpoints", model, optimizer, step=100)
+
+        Keys are the names your model gives its parameters (no "module." prefix); any other
+        world size or layout loads it. Every rank must call it.
+        """
+        state = state or TrainerState(step=step)
+        state.world_size, state.scaler = self.world_size, self.precision.state_dict()
+        return save_checkpoint(Path(directory), _part(model), optimizer, state, self.env)
+
+    def load(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        verified: bool = False,
+    ) -> TrainerState:
+        """Restore `model` and `optimizer` from a checkpoint, or the newest good one in a folder.
+
+        step = session.load("checkpoints", model, optimizer).step
+
+        Files are checked against the checkpoint's digests first (`verified=True`: the caller
+        has just done so for this exact path); nothing loaded can run code.
+        """
+        path = Path(path)
+        if not verified:
+            path, _ = agree_on_checkpoint(path, self.env)
+        state = load_checkpoint(path, _part(model), optimizer, self.env, verify=False)
+        self.precision.load_state_dict(state.scaler)
+        return state
+
+    def no_sync(self, model: nn.Module, accumulating: bool = True) -> Any:
         """Skip the gradient all-reduce while `accumulating` (inner micro-steps)."""
+        if isinstance(model, ParallelModel):
+            return model.strategy.skipping(model.module) if accumulating else nullcontext()
         return gradient_sync(model, enabled=not accumulating)
 
     def mean(self, value: torch.Tensor | float) -> float:
         """The mean of `value` over all ranks (for logging)."""
-        total = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        total = torch.tensor([float(value)], dtype=torch.float64)
         return float(all_reduce_sum(total, self.env)) / self.world_size
 
     def close(self) -> None:
         """Leave the process group."""
         shutdown_distributed()
 
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
+    def _planned_cuts(self, model: nn.Module, example: torch.Tensor | None) -> list[str]:
+        config = self.config
+        sample = example if example is not None else torch.zeros(8, 32, dtype=torch.long)
+        plan = shared_plan(
+            self.env,
+            lambda: plan_stages(
+                model,
+                config.pp,
+                sample,
+                microbatches=config.microbatches,
+                schedule=config.schedule,
+            ),
+        )
+        return plan.cuts
+
+    def _over_replicas(self, value: float) -> float:
+        total = torch.tensor([float(value)], dtype=torch.float64, device=comm_device(self.env))
+        group = self.layout.group("dp")
+        if group is not None:
+            torch.distributed.all_reduce(total, group=group)
+        return float(total)
+
+    def _over_world(self, owned: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(owned.detach().double().cpu().reshape(1), self.env)[0].float()
 
 
-class DeviceLoader:
-    """Wraps a DataLoader: a new seeded epoch per pass, tensors moved to the device."""
+def setup(config: TrainConfig | str | Path | None = None, **settings: Any) -> Session:
+    """Join the job torchrun started (or run alone), build the layout, seed every rank alike.
 
-    def __init__(self, loader: DataLoader, sampler: DistributedSampler, device: torch.device):
-        self.loader = loader
-        self.sampler = sampler
-        self.device = device
-        self.epoch = 0
+    session = shardwise.setup()                              # data parallel over every rank
+    session = shardwise.setup(pp=2, microbatches=4)          # or tp=2, dp=2, precision="bf16"
+    session = shardwise.setup("run.toml")                    # the keys `shardwise train` reads
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        self.sampler.set_epoch(self.epoch)
-        self.epoch += 1
-        for batch in self.loader:
-            yield _to_device(batch, self.device)
+    Keywords are TrainConfig fields (dp, pp, tp, microbatches, schedule, split_points, sync,
+    precision, device, seed, timeout_s); they override the file's values.
+    """
+    config = _session_config(config, settings)
+    env = init_distributed(config.device, config.timeout_s)
+    torch.manual_seed(config.seed)
+    return Session(env, config)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(item, device) for item in batch)
-    if isinstance(batch, dict):
-        return {key: _to_device(item, device) for key, item in batch.items()}
-    return batch
+def _session_config(config: TrainConfig | str | Path | None, settings: dict) -> TrainConfig:
+    unknown = sorted(set(settings) - set(SESSION_KEYS))
+    if unknown:
+        raise TypeError(f"setup() got unknown settings {unknown}; it takes {list(SESSION_KEYS)}")
+    if isinstance(config, TrainConfig):
+        return TrainConfig.model_validate({**config.model_dump(), **settings})
+    path = Path(config) if config is not None else None
+    return load_config(path, settings)
 
 
-def setup(device: str = "auto", seed: int = 0, timeout_s: float = 300.0) -> Session:
-    """Join the job torchrun started (or run alone), pick the device and seed every rank alike."""
-    env = init_distributed(device, timeout_s)
-    torch.manual_seed(seed)
-    return Session(env, seed)
+def _part(model: nn.Module) -> nn.Module:
+    return model.part if isinstance(model, ParallelModel) else unwrap(model)

@@ -288,3 +288,23 @@ def _is_loopback(host: str) -> bool:
 def _loopback_interface() -> str | None:
     names = {name for _, name in socket.if_nameindex()}
     return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
+def check_port_free(endpoint: str) -> None:
+    """Fail clearly, before any worker starts, if a one-node run's rendezvous port is taken.
+
+    Probes loopback, where a one-node run's store listens whatever host the endpoint names.
+    """
+    _, port = parse_endpoint(endpoint)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            raise port_in_use(endpoint, port) from None

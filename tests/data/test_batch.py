@@ -16,5 +16,5 @@ def test_lengths_reach_the_model_only_when_packing_pays() -> None:
     ragged = collate([np.array([1, 2, 3]), np.array([1, 2])], step_tokens=3)
     even = collate([np.array([1, 2, 3]), np.array([4, 5, 6])], step_tokens=4)
     assert even.model_lengths(torch.device("cuda")) is None
-    assert ragged.model_lengths(torch.device("cuda")) is not None
+    assert ragged.model_lengths(torch.device("cuda")).tolist() == [2, 1]  # targets per row
     assert ragged.model_lengths(torch.device("cpu")) is None

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import quick_config, train
 from shardwise.errors import ShardwiseError
-from shardwise.launch import free_port
+from shardwise.stores import free_port
 
 FAULTY_MODEL = """
 import os

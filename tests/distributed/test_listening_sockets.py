@@ -10,7 +10,7 @@ import pytest
 
 from helpers import quick_config, train
 from listeners import SNAPSHOT_DIR_ENV, is_loopback, watch_listeners
-from shardwise.launch import free_port
+from shardwise.stores import free_port
 
 
 @pytest.mark.timeout(120)  # a few seconds on an idle machine; CI machines are shared

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import shardwise
 from helpers import (
     assert_adam_equivalent_weights,
     assert_same_weights,
@@ -28,15 +29,21 @@ def test_pipeline_trains_like_one_process_and_resumes_in_another_layout(
     pipeline = quick_config(
         corpus, tmp_path / "pp", pp=2, microbatches=4, schedule="gpipe", **common
     )
-    train(single, nproc=1)
+    alone = train(single, nproc=1)
+    planned = shardwise.plan(pipeline.model_copy(update={"nproc": 2}))  # what --dry-run prints
     summary = train(pipeline, nproc=2)
+
+    # The dry run's cut is the cut that trained, and summary.json records it.
+    assert planned.stages is not None and planned.cuts
+    assert summary["stages"] == [list(stage.layer_names) for stage in planned.stages.stages]
+    assert [stage[0] for stage in summary["stages"][1:]] == planned.cuts
 
     assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "pp"), 1e-5)
     for one, two in zip(metrics(tmp_path / "single"), metrics(tmp_path / "pp"), strict=True):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-5)
-    assert summary["eval_loss"] is not None
-    assert summary["parameters"] > 0
+    assert summary["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)
+    assert summary["parameters"] == alone["parameters"]  # the whole model, not one stage
 
     # Saved with --pp 2, resumed with --dp 2 (plain data parallel, batch 4 per rank).
     step_2 = tmp_path / "dp" / "checkpoints" / "step_00000002"

@@ -17,7 +17,9 @@ from ranks import run_ranks
 from shardwise.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv
-from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+from shardwise.loss import token_loss_sum
+from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelize import parallelize
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,36 +34,38 @@ def moments(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
     }
 
 
+def stages(env: DistEnv, cuts: list[str], schedule: str) -> ParallelModel:
+    layout = layout_for(env, pp=2)
+    return parallelize(tiny_model("gru"), layout, env, cuts=cuts, schedule=schedule, microbatches=2)
+
+
 def save_from_two_stages(env: DistEnv, directory: Path) -> dict[str, Any]:
-    runner = PipelineRunner(tiny_model("gru"), layout_for(env, pp=2), ["blocks.1"], "gpipe")
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
+    model = stages(env, ["blocks.1"], "gpipe")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     for batch in step_batches()[:2]:
-        runner.train_step(batch)
+        model.forward_backward(batch.tokens, batch.targets, batch.step_tokens)
         optimizer.step()
         optimizer.zero_grad()
-    save_checkpoint(directory, runner.module, optimizer, TrainerState(step=2), env)
-    return {"state": runner.state_dict(), "moments": moments(runner.module, optimizer)}
+    save_checkpoint(directory, model.part, optimizer, TrainerState(step=2), env)
+    return {"state": model.state_dict(), "moments": moments(model, optimizer)}
 
 
 def load_into_two_stages(env: DistEnv, path: Path) -> dict[str, Any]:
     # A different cut from the one that saved: stage 0 now ends after blocks.1.
-    runner = PipelineRunner(tiny_model("gru"), layout_for(env, pp=2), ["blocks.2"], "1f1b")
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
-    state = load_checkpoint(path, runner.module, optimizer, env)
-    return {
-        "step": state.step,
-        "state": runner.state_dict(),
-        "moments": moments(runner.module, optimizer),
-    }
+    model = stages(env, ["blocks.2"], "1f1b")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    state = load_checkpoint(path, model.part, optimizer, env)
+    return {"step": state.step, "state": model.state_dict(), "moments": moments(model, optimizer)}
 
 
 def save_from_two_shards(env: DistEnv, directory: Path) -> dict[str, torch.Tensor]:
-    runner = PipelineRunner(tiny_model("transformer"), layout_for(env, tp=2))
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=LR)
-    runner.train_step(step_batches()[0])
+    model = parallelize(tiny_model("transformer"), layout_for(env, tp=2), env)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    batch = step_batches()[0]
+    model.forward_backward(batch.tokens, batch.targets, batch.step_tokens)
     optimizer.step()
-    save_checkpoint(directory, runner.module, optimizer, TrainerState(step=1), env)
-    return whole_tensors(runner.state_dict())
+    save_checkpoint(directory, model.part, optimizer, TrainerState(step=1), env)
+    return whole_tensors(model.state_dict())
 
 
 def test_tensor_parallel_shards_load_whole_into_one_process(tmp_path: Path) -> None:

@@ -56,8 +56,9 @@ def test_shardwise_train_under_torchrun(corpus: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_own_loop_example_trains_under_torchrun(tmp_path: Path) -> None:
-    result = torchrun(str(REPO / "examples" / "own_loop.py"), cwd=tmp_path)
+@pytest.mark.parametrize("example", ["own_loop.py", "own_loop_pp.py"])
+def test_own_loop_examples_train_under_torchrun(tmp_path: Path, example: str) -> None:
+    result = torchrun(str(REPO / "examples" / example), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [
         float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("epoch")

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from parallel_cases import step_batches, tiny_model
-from shardwise.parallel.gradients import clip_grad_norm, grad_norm, sum_over_group
-from shardwise.parallel.mesh import ParallelMesh
-from shardwise.parallel.pipeline import token_loss_sum
+from shardwise.loss import token_loss_sum
+from shardwise.parallel.data_parallel import average_over_group
+from shardwise.parallel.gradients import clip_grad_norm, grad_norm
+from shardwise.parallel.mesh import Layout
 
-ALONE = ParallelMesh(dp=1, pp=1, tp=1)
+ALONE = Layout(dp=1, pp=1, tp=1)
 
 
 def model_with_gradients() -> torch.nn.Module:
@@ -39,9 +40,9 @@ def test_grad_norm_skips_parameters_without_gradients() -> None:
     )
 
 
-def test_summing_over_no_group_leaves_gradients_alone() -> None:
+def test_averaging_over_no_group_leaves_gradients_alone() -> None:
     model = model_with_gradients()
     before = [p.grad.clone() for p in model.parameters()]
-    sum_over_group(model.parameters(), None)
+    average_over_group(model.parameters(), None)
     for grad, p in zip(before, model.parameters(), strict=True):
         assert torch.equal(grad, p.grad)

@@ -8,7 +8,7 @@ import torch
 from ranks import COLLECTIVE_TIMEOUT_S, run_ranks
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
-from shardwise.parallel.mesh import Layout, ParallelMesh, build_mesh, check_microbatches
+from shardwise.parallel.mesh import Layout, check_microbatches
 
 ALONE = DistEnv(0, 1, 0, 1, torch.device("cpu"))
 
@@ -74,12 +74,8 @@ def test_coordinates_put_tensor_parallel_peers_next_to_each_other() -> None:
     ]  # fmt: skip
 
 
-def test_parallel_mesh_is_the_layout_under_its_older_name() -> None:
-    assert ParallelMesh is Layout
-
-
 def test_one_process_gets_a_layout_without_groups_or_mesh() -> None:
-    mesh = build_mesh(ALONE)
+    mesh = Layout.for_world(1).build(ALONE)
     assert (mesh.dp, mesh.pp, mesh.tp, mesh.pp_rank) == (1, 1, 1, 0)
     assert mesh.group("dp") is None and mesh.device_mesh is None
     with pytest.raises(RuntimeError, match="no DeviceMesh"):
@@ -88,7 +84,7 @@ def test_one_process_gets_a_layout_without_groups_or_mesh() -> None:
 
 def test_one_process_cannot_ask_for_two_stages() -> None:
     with pytest.raises(ShardwiseError, match="but the job has 1"):
-        build_mesh(ALONE, pp=2)
+        Layout.for_world(1, pp=2).build(ALONE)
 
 
 def _mesh_shapes(env: DistEnv, degrees: dict[str, int]) -> dict:
@@ -112,6 +108,7 @@ def _mesh_shapes(env: DistEnv, degrees: dict[str, int]) -> dict:
     ],
     ids=["dp2", "tp2"],
 )
+@pytest.mark.distributed
 def test_every_distributed_run_gets_a_pp_dp_tp_mesh(
     degrees: dict[str, int], shape: tuple[int, ...], sizes: dict[str, int]
 ) -> None:

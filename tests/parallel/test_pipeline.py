@@ -1,8 +1,6 @@
-"""PipelineRunner in one process: micro-batched training is exact; its errors are clear."""
+"""A prepared model in one process: it trains exactly like plain training; its errors are clear."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -17,39 +15,50 @@ from parallel_cases import (
 )
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
-from shardwise.parallel.mesh import ParallelMesh
-from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+from shardwise.loss import token_loss_sum
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.parallelize import parallelize
 
 ALONE = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+TWO_STAGES = Layout(dp=1, pp=2, tp=1, rank=0)  # checks run before any communication
 
 
-@pytest.mark.parametrize("microbatches", [1, 3])
 @pytest.mark.parametrize("kind", ["gru", "transformer"])
-def test_one_stage_trains_exactly_like_plain_training(kind: str, microbatches: int) -> None:
-    # 8 rows in 3 micro-batches: one padded row, and lengths padded up to a bucket of 8.
-    trained = train_layout(ALONE, kind, {}, microbatches=microbatches, length_bucket=8)
-    assert_ranks_match([trained], train_single(kind))
+def test_one_process_trains_exactly_like_plain_training(kind: str) -> None:
+    assert_ranks_match([train_layout(ALONE, kind, {})], train_single(kind))
 
 
-def test_eval_loss_is_the_summed_token_loss() -> None:
+def test_evaluate_is_the_summed_token_loss() -> None:
     batch = step_batches()[2]
-    runner = PipelineRunner(tiny_model("lstm"), ParallelMesh(1, 1, 1), microbatches=3)
+    model = parallelize(tiny_model("lstm"), Layout(), ALONE)
     with torch.no_grad():
         want = token_loss_sum(tiny_model("lstm")(batch.tokens), batch.targets)
-    assert float(runner.eval_loss(batch)) == pytest.approx(float(want), rel=1e-6)
-    assert runner.module.training  # eval_loss leaves the mode as it found it
+    assert float(model.evaluate(batch.tokens, batch.targets)) == pytest.approx(
+        float(want), rel=1e-6
+    )
 
 
 def test_accumulating_without_sync_then_syncing_matches_one_step() -> None:
     batch = step_batches()[0]
     halves = [replica_share(batch, 2, half) for half in (0, 1)]
-    whole = PipelineRunner(tiny_model("gru"), ParallelMesh(1, 1, 1), microbatches=2)
-    split = PipelineRunner(tiny_model("gru"), ParallelMesh(1, 1, 1), microbatches=2)
-    loss = whole.train_step(batch)
-    losses = [split.train_step(halves[0], sync_grads=False), split.train_step(halves[1])]
+    whole = parallelize(tiny_model("gru"), Layout(), ALONE)
+    split = parallelize(tiny_model("gru"), Layout(), ALONE)
+    loss = whole.forward_backward(batch.tokens, batch.targets, batch.step_tokens)
+    losses = [
+        split.forward_backward(half.tokens, half.targets, batch.step_tokens, sync=sync)
+        for half, sync in zip(halves, (False, True), strict=True)
+    ]
     assert float(sum(losses)) == pytest.approx(float(loss), rel=1e-6)
     for a, b in zip(whole.parameters(), split.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_the_prepared_model_keeps_the_model_s_own_names() -> None:
+    model = parallelize(tiny_model("gru"), Layout(), ALONE)
+    assert list(model.state_dict()) == list(tiny_model("gru").state_dict())
+    assert [n for n, _ in model.named_parameters()] == [
+        n for n, _ in tiny_model("gru").named_parameters()
+    ]
 
 
 @pytest.mark.parametrize(
@@ -64,16 +73,23 @@ def test_accumulating_without_sync_then_syncing_matches_one_step() -> None:
 )
 def test_layout_mistakes_are_user_errors(options: dict, message: str) -> None:
     options = {"cuts": ["blocks.1"], "schedule": "gpipe", "microbatches": 2} | options
-    two_stages = ParallelMesh(dp=1, pp=2, tp=1, rank=0)  # checks run before any communication
     with pytest.raises(ShardwiseError, match=message):
-        PipelineRunner(tiny_model("gru"), two_stages, **options)
+        parallelize(tiny_model("gru"), TWO_STAGES, ALONE, **options)
 
 
 def test_packed_batches_are_refused_with_a_clear_message() -> None:
     batch = step_batches()[0]
-    if not hasattr(batch, "segment_ids"):
-        pytest.skip("this Batch has no packed form")
-    packed = dataclasses.replace(batch, segment_ids=torch.zeros_like(batch.tokens))
-    runner = PipelineRunner(tiny_model("gru"), ParallelMesh(1, 1, 1))
+    model = parallelize(
+        tiny_model("gru"), TWO_STAGES, ALONE, cuts=["blocks.1"], schedule="gpipe", microbatches=2
+    )
+    segments = torch.zeros_like(batch.tokens)
     with pytest.raises(ShardwiseError, match="packed batches"):
-        runner.train_step(packed)
+        model.forward_backward(batch.tokens, batch.targets, batch.step_tokens, segment_ids=segments)
+
+
+def test_a_pipeline_stage_has_no_forward_of_its_own() -> None:
+    model = parallelize(
+        tiny_model("gru"), TWO_STAGES, ALONE, cuts=["blocks.1"], schedule="gpipe", microbatches=2
+    )
+    with pytest.raises(ShardwiseError, match="forward_backward"):
+        model(step_batches()[0].tokens)

@@ -12,27 +12,13 @@ from shardwise.models import build_model
 from shardwise.train.export import export_model, sample_text
 
 
-class _WholeModelEngine:
-    """An engine whose model is already whole (as under DDP)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.asked_for: Path | None = None
-
-    def whole_model(self, checkpoint: Path) -> torch.nn.Module:
-        self.asked_for = checkpoint
-        return self.model
-
-
 def test_export_writes_the_weights_and_reports_parameters_and_sample(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("gru", vocab_size=256)
-    engine = _WholeModelEngine(model)
     config = SimpleNamespace(sample_bytes=8, seed=3)
 
-    fields = export_model(config, engine, tmp_path / "checkpoints" / "step_1", tmp_path)
+    fields = export_model(config, model, tmp_path)
 
-    assert engine.asked_for == tmp_path / "checkpoints" / "step_1"
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from shardwise.errors import ShardwiseError
-from shardwise.train.precision import Precision
+from shardwise.precision import Precision
 
 
 def test_bf16_autocast_runs_matmuls_in_bf16_on_cpu() -> None:

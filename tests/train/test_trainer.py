@@ -20,10 +20,15 @@ def test_same_seed_same_weights_other_seed_other_weights(corpus: Path, tmp_path:
 
 
 def test_bf16_trains_and_stays_close_to_fp32(corpus: Path, tmp_path: Path) -> None:
-    fp32 = train(quick_config(corpus, tmp_path / "fp32", max_steps=4), nproc=1)
-    bf16 = train(quick_config(corpus, tmp_path / "bf16", max_steps=4, precision="bf16"), nproc=1)
-    assert math.isfinite(bf16["final_train_loss"])
-    assert bf16["final_train_loss"] == pytest.approx(fp32["final_train_loss"], rel=0.05)
+    train(quick_config(corpus, tmp_path / "fp32", max_steps=4), nproc=1)
+    train(quick_config(corpus, tmp_path / "bf16", max_steps=4, precision="bf16"), nproc=1)
+    fp32 = [row["loss"] for row in metrics(tmp_path / "fp32")]
+    bf16 = [row["loss"] for row in metrics(tmp_path / "bf16")]
+    assert all(math.isfinite(loss) for loss in bf16)
+    # bf16 really ran (other rounding), yet every step stays within 0.5% of fp32 (measured:
+    # under 0.05% on the test corpus, while the loss itself falls by half over these steps).
+    assert bf16 != fp32
+    assert bf16 == pytest.approx(fp32, rel=5e-3)
 
 
 def test_loss_falls_and_lr_follows_the_schedule(corpus: Path, tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from shardwise.data.packing import pack_rows
+from shardwise.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PADDING_SEGMENT = -1
 
 

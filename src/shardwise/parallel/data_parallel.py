@@ -1,18 +1,33 @@
-"""Synchronous data parallelism with DDP: bucketed all-reduce that overlaps backward.
+"""Data parallelism: replicas average their gradients, by DDP or by a bucketed all-reduce.
 
-model = wrap_data_parallel(model, env)
-with gradient_sync(model, enabled=is_last_micro_step): loss.backward()
+    model = wrap_data_parallel(model, env)                        # whole model on every rank
+    with gradient_sync(model, enabled=is_last_micro_step): loss.backward()
+    average_over_group(stage.parameters(), layout.group("dp"))    # a stage or shard's replicas
+
+There are two paths because there are two kinds of replica. When every rank holds the whole
+model, DDP is the best tool: its buckets all-reduce during backward, overlapping communication
+with compute, and its comm hooks are where compression plugs in. A pipeline stage or a
+tensor-parallel shard is not a model DDP can wrap (its backward runs inside a schedule, its
+gradients are DTensor shards), so those replicas average after the schedule's last backward,
+in a few flat buckets. Both average over the data-parallel group, so a caller scales each
+replica's loss alike: summed token loss times `dp` over the step's token count.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.distributed import DistEnv
+from shardwise.parallel.gradients import local_grad
+
+# Big enough that a few all-reduces carry a step's gradients, small enough not to double memory.
+_BUCKET_BYTES = 32 * 2**20
 
 
 def wrap_data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
@@ -39,3 +54,45 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         return
     with model.no_sync():
         yield
+
+
+def average_over_group(
+    params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None
+) -> None:
+    """Replace each gradient by its mean over `group` (a no-op without a group or with one rank).
+
+    average_over_group(stage.parameters(), layout.group("dp"))
+
+    Gradients are flattened into buckets of one dtype so that a step costs a few all-reduces,
+    not one per parameter.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    size = dist.get_world_size(group)
+    grads = [local_grad(p.grad) for p in params if p.grad is not None]
+    for bucket in _buckets(grads):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)  # a sum: gloo has no average
+        flat.div_(size)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    buckets: list[list[torch.Tensor]] = []
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault((g.dtype, g.device), []).append(g)
+    for group in by_dtype.values():
+        current: list[torch.Tensor] = []
+        size = 0
+        for g in group:
+            if current and size + g.numel() * g.element_size() > _BUCKET_BYTES:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(g)
+            size += g.numel() * g.element_size()
+        buckets.append(current)
+    return buckets

@@ -1,11 +1,11 @@
-"""Gradients across process groups: summed over data-parallel replicas, and one global norm.
+"""The whole model's gradient norm, and clipping by it, when no rank holds the whole model.
 
-    sum_over_group(stage.parameters(), layout.group("dp"))       # after the last backward
     norm = clip_grad_norm(stage.parameters(), 1.0, layout)       # the norm of the whole model
 
-With pipeline and tensor parallelism no rank holds the whole model, so neither the gradient
-all-reduce nor the norm can be left to DDP or `torch.nn.utils.clip_grad_norm_`: each stage sums
-its own gradients over its replicas, and the norm adds every stage's and every shard's share.
+With pipeline and tensor parallelism `torch.nn.utils.clip_grad_norm_` sees one stage's shard
+only: the norm adds every stage's and every shard's share over the replica's ranks. With data
+parallelism alone the group is empty and this is the local norm, which after the all-reduce is
+the global one.
 """
 
 from __future__ import annotations
@@ -16,34 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from shardwise.parallel.mesh import MODEL, ParallelMesh
-
-# Big enough that a few all-reduces carry a step's gradients, small enough not to double memory.
-_BUCKET_BYTES = 32 * 2**20
+from shardwise.parallel.mesh import MODEL, Layout
 
 
-def sum_over_group(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
-    """Replace each gradient by its sum over `group` (a no-op without a group or with one rank).
-
-    sum_over_group(model.parameters(), layout.group("dp"))
-
-    Gradients are flattened into buckets of one dtype so that a step costs a few all-reduces,
-    not one per parameter. Loss normalisation makes a *sum* right here: each replica's loss is
-    already divided by the token count of the whole step.
-    """
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    for bucket in _buckets(grads):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelMesh) -> torch.Tensor:
+def grad_norm(params: Iterable[torch.nn.Parameter], layout: Layout) -> torch.Tensor:
     """The 2-norm of the whole model's gradient, the same on every rank (float32, on CPU).
 
     norm = grad_norm(stage.parameters(), layout)
@@ -52,20 +28,23 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: ParallelMesh) -> tor
     tensor-parallel rank, a replicated tensor only on tensor-parallel rank 0. The sum then runs
     over the replica's stages and shards; data-parallel replicas hold equal gradients already.
     """
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        if _is_sharded(p.grad) or layout.tp_rank == 0:
-            total += _local(p.grad).detach().double().square().sum().cpu()
+    owned = [
+        local_grad(p.grad).detach().double().square().sum()
+        for p in params
+        if p.grad is not None and (_is_sharded(p.grad) or layout.tp_rank == 0)
+    ]
+    # Summed where the gradients live: one transfer at most, and NCCL reduces CUDA tensors only.
+    total = torch.stack(owned).sum() if owned else torch.zeros((), dtype=torch.float64)
     group = layout.group(MODEL)
     if group is not None and dist.get_world_size(group) > 1:
+        if not owned and dist.get_backend(group) == "nccl":
+            total = total.cuda()
         dist.all_reduce(total, group=group)
-    return total.sqrt().float()
+    return total.sqrt().float().cpu()
 
 
 def clip_grad_norm(
-    params: Iterable[torch.nn.Parameter], max_norm: float, layout: ParallelMesh
+    params: Iterable[torch.nn.Parameter], max_norm: float, layout: Layout
 ) -> torch.Tensor:
     """Scale gradients so the global norm is at most `max_norm` (0: never); returns the norm.
 
@@ -82,11 +61,11 @@ def clip_grad_norm(
     if coef < 1.0:
         for p in params:
             if p.grad is not None:
-                _local(p.grad).mul_(coef)
+                local_grad(p.grad).mul_(coef)
     return norm
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
+def local_grad(grad: torch.Tensor) -> torch.Tensor:
     # Under no_grad, DTensor.to_local() is the local shard itself, so writes land in the grad.
     with torch.no_grad():
         return grad.to_local() if isinstance(grad, DTensor) else grad
@@ -94,21 +73,3 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 def _is_sharded(grad: torch.Tensor) -> bool:
     return isinstance(grad, DTensor) and any(isinstance(p, Shard) for p in grad.placements)
-
-
-def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    buckets: list[list[torch.Tensor]] = []
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault((g.dtype, g.device), []).append(g)
-    for group in by_dtype.values():
-        current: list[torch.Tensor] = []
-        size = 0
-        for g in group:
-            if current and size + g.numel() * g.element_size() > _BUCKET_BYTES:
-                buckets.append(current)
-                current, size = [], 0
-            current.append(g)
-            size += g.numel() * g.element_size()
-        buckets.append(current)
-    return buckets

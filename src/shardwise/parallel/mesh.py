@@ -150,10 +150,6 @@ class Layout:
         return self.device_mesh[dim]
 
 
-# The name PipelineRunner, gradients.py and tensor_parallel.py know the layout by; the same class.
-ParallelMesh = Layout
-
-
 def check_microbatches(schedule: str, microbatches: int, stages: int) -> None:
     """Raise `ShardwiseError` when 1F1B has fewer micro-batches than pipeline stages.
 
@@ -166,17 +162,6 @@ def check_microbatches(schedule: str, microbatches: int, stages: int) -> None:
             f"--microbatches {microbatches} for --pp {stages}: raise --microbatches to "
             f"{stages} or use --schedule gpipe"
         )
-
-
-def build_mesh(
-    env: DistEnv, dp: int = 1, pp: int = 1, tp: int = 1, timeout_s: float = 300.0
-) -> Layout:
-    """This rank's `Layout` with explicit degrees (no default dp); every rank must call it.
-
-    layout = build_mesh(env, dp=1, pp=2)
-    stage = layout.pp_rank
-    """
-    return Layout(dp, pp, tp).build(env, timeout_s)
 
 
 def _ranks_along(ranks: torch.Tensor, axis: int) -> list[list[int]]:

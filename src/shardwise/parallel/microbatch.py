@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from shardwise.data.batch import IGNORE_INDEX
+from shardwise.loss import IGNORE_INDEX
 
 
 def bucket_length(length: int, bucket: int, max_len: int | None = None) -> int:

@@ -13,8 +13,10 @@ the model's names: a checkpoint written by K stages loads into one model, and ba
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.models import RecurrentLM, TransformerLM
 
 Run = Callable[[torch.Tensor], torch.Tensor]
+Autocast = Callable[[], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,58 @@ class StageModule(nn.Module):
         for run in self._runs:
             x = run(x)
         return x
+
+
+Boundary = tuple[tuple[int, ...], torch.dtype]  # a stage output's shape after [B, T], dtype
+
+
+def keep_stage(
+    model: nn.Module,
+    cuts: Sequence[str],
+    num_stages: int,
+    stage: int,
+    autocast: Autocast = contextlib.nullcontext,
+) -> tuple[StageModule, list[Boundary]]:
+    """Stage `stage` of `model` cut at `cuts`, and every stage boundary's shape and dtype.
+
+        mine, boundaries = keep_stage(model, ["blocks.1"], num_stages=2, stage=rank)
+
+    The pieces of the other stages move to the meta device: their memory is freed here, while
+    the model keeps its structure. Boundaries come from one 1 x 2 token forward, done before,
+    so a pipeline of any batch shape needs no probing pass of its own; under `autocast`, as
+    the stages will run, so that the dtypes are the ones sent.
+    """
+    pieces = model_pieces(model)
+    starts = stage_starts(model, pieces, cuts, num_stages)
+    with autocast():
+        boundaries = probe_boundaries(model, pieces, starts[1:])
+    mine = pieces[starts[stage] : starts[stage + 1]]
+    kept = {name for piece in mine for name in piece.names}
+    for piece in pieces:
+        for name in piece.names:
+            if name not in kept:  # another rank trains it
+                model.get_submodule(name).to("meta")
+    return StageModule(model, mine), boundaries
+
+
+@torch.no_grad()
+def probe_boundaries(
+    model: nn.Module, pieces: Sequence[Piece], ends: Sequence[int]
+) -> list[Boundary]:
+    """The output shape (after [batch, time]) and dtype of each stage, ending before `ends`."""
+    device = next(model.parameters(), torch.empty(0)).device
+    x = torch.zeros(1, 2, dtype=torch.long, device=device)
+    boundaries = []
+    for index, piece in enumerate(pieces, start=1):
+        x = piece.run(x)
+        if index in ends:
+            if tuple(x.shape[:2]) != (1, 2):
+                raise ShardwiseError(
+                    f"piece {piece.name!r} returns shape {tuple(x.shape)} for a 1 x 2 token "
+                    "batch; pipeline stages must pass [batch, time, ...] tensors"
+                )
+            boundaries.append((tuple(x.shape[2:]), x.dtype))
+    return boundaries
 
 
 class _Container(nn.Module):

@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from shardwise.checkpoint.files import replace_file
 from shardwise.report.metrics import read_metrics
-from shardwise.report.summary import KNOWN_KEYS, atomic_write_text, format_bytes, summary_rows
+from shardwise.report.summary import KNOWN_KEYS, format_bytes, summary_rows
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def write_report(run_dir: Path, summary: Mapping[str, Any], plots: Sequence[Path
     run_dir = Path(run_dir)
     path = run_dir / REPORT_FILE
     try:
-        return atomic_write_text(path, render_report(run_dir, summary, plots))
+        return replace_file(path, render_report(run_dir, summary, plots))
     except OSError as error:
         log.warning("could not write %s: %s", path, error)
         return None

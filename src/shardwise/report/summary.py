@@ -13,11 +13,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from shardwise.checkpoint.files import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -49,47 +50,10 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path | None:
     """
     text = json.dumps(summary, indent=2, default=json_value) + "\n"
     try:
-        return atomic_write_text(Path(run_dir) / SUMMARY_FILE, text)
+        return replace_file(Path(run_dir) / SUMMARY_FILE, text)
     except OSError as error:
         log.warning("could not write %s: %s", Path(run_dir) / SUMMARY_FILE, error)
         return None
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Replace `path` with `text` so that readers see the old file or the new one, never a part.
-
-    atomic_write_text(run_dir / "report.md", "# Run report\\n")
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary))
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file must live in the same directory: os.replace is atomic only within one
-    # filesystem.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable across a power loss; not possible on every platform.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def json_value(value: Any) -> Any:

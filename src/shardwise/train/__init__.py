@@ -1,1 +1,1 @@
-"""The training loop and its parts: precision, LR schedule, the worker's whole job."""
+"""The training loop and its parts: the builder, the loop, accounting, resume, the worker."""

@@ -1,6 +1,6 @@
 """The held-out loss at the end of a run, each data rank taking its share of the sequences.
 
-    eval_loss = held_out_loss(engine, corpus.eval, batch_size=8, env=env)   # None: no tokens
+    eval_loss = held_out_loss(model, corpus.eval, batch_size=8, env=env)   # None: no tokens
 
 Every rank must call it: the per-rank sums meet in one all-reduce.
 """
@@ -12,22 +12,23 @@ import torch
 
 from shardwise.data.batch import collate
 from shardwise.distributed import DistEnv, all_reduce_sum
-from shardwise.train.engines import Engine
+from shardwise.parallel.model import ParallelModel
 
 
 @torch.no_grad()
 def held_out_loss(
-    engine: Engine, sequences: list[np.ndarray], batch_size: int, env: DistEnv
+    model: ParallelModel, sequences: list[np.ndarray], batch_size: int, env: DistEnv
 ) -> float | None:
-    """Token-mean loss of `engine`'s model on `sequences`; None when they hold no tokens."""
-    mine = sequences[engine.data_rank :: engine.data_world_size]
-    engine.module.eval()
+    """Token-mean loss of `model` on `sequences`; None when they hold no tokens."""
+    layout = model.layout
+    mine = sequences[layout.dp_rank :: layout.dp]
+    model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for begin in range(0, len(mine), batch_size):
-        batch = collate(mine[begin : begin + batch_size], step_tokens=1)
-        loss_sum = engine.eval_loss_sum(batch.to(env.device))
-        tokens = batch.n_tokens if engine.owns_counts else 0
-        totals += torch.tensor([loss_sum, tokens], dtype=torch.float64)
-    engine.module.train()
+        batch = collate(mine[begin : begin + batch_size], step_tokens=1).to(env.device)
+        loss_sum = model.evaluate(batch.tokens, batch.targets, **batch.model_kwargs(env.device))
+        tokens = batch.n_tokens if model.owns_loss else 0
+        totals += torch.tensor([float(loss_sum), tokens], dtype=torch.float64)
+    model.train()
     loss_sum, tokens = all_reduce_sum(totals, env).tolist()
     return loss_sum / tokens if tokens else None

@@ -16,22 +16,30 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from shardwise.checkpoint import load_model_weights
 from shardwise.config import TrainConfig
-from shardwise.models import generate
+from shardwise.models import build_model, generate
+from shardwise.parallel.model import ParallelModel
 from shardwise.run_dir import WEIGHTS_FILE
-from shardwise.train.engines import Engine
 
 SAMPLE_PROMPT = b"The "
 
 
-def export_model(
-    config: TrainConfig, engine: Engine, checkpoint: Path, run_dir: Path
-) -> dict[str, Any]:
-    """Write `run_dir/model.safetensors`; return the summary's `parameters` and `sample_text`.
+def whole_model(
+    model: ParallelModel, checkpoint: Path, config: TrainConfig, vocab_size: int
+) -> nn.Module:
+    """The trained model in one piece: this rank's, or rebuilt from `checkpoint` (model parallel).
 
-    Call on one rank only: a model-parallel engine rebuilds the model from `checkpoint` alone.
+    Call on one rank only: no rank holds a pipeline's or shards' whole model, but the final
+    checkpoint does.
     """
-    model = engine.whole_model(checkpoint)
+    if model.holds_whole_model:
+        return model.part
+    return load_model_weights(checkpoint, build_model(config.model, vocab_size))
+
+
+def export_model(config: TrainConfig, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+    """Write `run_dir/model.safetensors`; return the summary's `parameters` and `sample_text`."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(run_dir / WEIGHTS_FILE))
     return {

@@ -18,14 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydantic import ValidationError
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from shardwise.checkpoint import CheckpointRejected, TrainerState
+from shardwise.checkpoint import CheckpointRejected, TrainerState, agree_on_checkpoint, read_state
 from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.errors import ShardwiseError
-from shardwise.train.schedule import lr_factor
+from shardwise.parallel.model import ParallelModel
+from shardwise.session import Session
+from shardwise.train.build import stream_identity
+from shardwise.train.schedule import follow_schedule, lr_factor
 
 # Another value makes it another run: the reason the resume is refused.
 REFUSED = {
@@ -75,6 +80,7 @@ def check_resume(
     state must have exactly their shape, and every optimizer hyperparameter but the learning
     rate (which follows the schedule) must match.
     """
+    _check_stream(path, state, config)
     saved = saved_config(path, state)
     # Named settings first: their refusal says more than a fingerprint that differs.
     changes = _setting_changes(path, saved, config)
@@ -84,6 +90,15 @@ def check_resume(
     _check_same_shape(path, "scheduler", state.scheduler, live.scheduler)
     _check_schedule(path, state, saved)
     return changes
+
+
+def _check_stream(path: Path, state: TrainerState, config: TrainConfig) -> None:
+    if state.stream and state.stream != stream_identity(config):
+        raise ShardwiseError(
+            f"--resume {path}: the checkpoint's data order came from {state.stream}, "
+            f"this run's from {stream_identity(config)}; resume with the same settings "
+            "(batch sizes, world size and layout may change)"
+        )
 
 
 def saved_config(path: Path, state: TrainerState) -> TrainConfig:
@@ -214,3 +229,37 @@ def _consequence(name: str, value: object) -> str:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def resume_training(
+    session: Session,
+    model: ParallelModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    corpus: PreparedCorpus,
+    model_print: str,
+) -> tuple[TrainerState, Path, list[str]]:
+    """Load `--resume`'s newest good checkpoint after every check; its state, path and notes.
+
+    state, path, notes = resume_training(session, model, optimizer, scheduler, corpus, print_)
+
+    `model_print` is the whole model's fingerprint, taken before it was cut into stages.
+    """
+    fingerprints = Fingerprints(model_print, data_fingerprint(corpus))
+    config, env = session.config, session.env
+    assert config.resume is not None
+    path, skipped = agree_on_checkpoint(config.resume, env)
+    state = read_state(path)  # rank 0 verified every file moments ago
+    live = LiveState([dict(group) for group in optimizer.param_groups], scheduler.state_dict())
+    changes = check_resume(path, state, config, corpus, fingerprints, live)
+    state = session.load(path, model, optimizer, verified=True)
+    scheduler.load_state_dict(state.scheduler)
+    factor = lr_factor(state.step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    follow_schedule(optimizer, scheduler, factor)
+    state.world_size = env.world_size
+    notes = [*skipped, *changes]
+    if env.is_main:
+        print(f"shardwise: resuming from {path} (step {state.step})", flush=True)
+        for note in notes:
+            print(f"  {note}", flush=True)
+    return state, path, notes

@@ -26,3 +26,14 @@ def warmup_cosine(
 ) -> LambdaLR:
     """A LambdaLR following `lr_factor`; its state is just the step count, so resume is exact."""
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, min_ratio))
+
+
+def follow_schedule(optimizer: Optimizer, scheduler: LambdaLR, factor: float) -> None:
+    """Set each group's rate to its base rate times `factor` (this run's schedule at a step).
+
+    follow_schedule(optimizer, scheduler, lr_factor(step, 20, 400, 0.1))   # after a resume
+
+    A resumed run takes the next rate from its own schedule: `max_steps` may have changed.
+    """
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor

@@ -17,11 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from shardwise.config import TrainConfig
-from shardwise.data.cache import default_cache_dir
-from shardwise.data.prepare import PreparedCorpus, prepare_corpus
 from shardwise.distributed import (
     DistEnv,
     barrier,
@@ -30,14 +28,18 @@ from shardwise.distributed import (
     shutdown_distributed,
 )
 from shardwise.errors import ShardwiseError, first_line
-from shardwise.models import build_model
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
+from shardwise.report.summary import json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
-from shardwise.train.export import export_model
+from shardwise.session import Session
+from shardwise.train.build import load_corpus, seeded_model, stage_plan
+from shardwise.train.export import export_model, whole_model
 from shardwise.train.trainer import Trainer
 
 ERROR_FILE = "error-rank{rank}.txt"
 ERROR_FILE_GLOB = "error-rank*.txt"
+SYS_PATH_FILE = "sys_path.json"
+LAUNCHER_SUMMARY_FILE = "summary-rank{rank}.json"
 _EXIT_FAILED = 2
 _ROOT_CAUSE_GRACE_S = 1.0
 
@@ -92,9 +94,10 @@ class PeerLostError(ShardwiseError):
 
 def train(config: TrainConfig, env: DistEnv) -> dict:
     """Train as described by `config` on this rank; rank 0 writes the report and prints it."""
-    torch.manual_seed(config.seed)
     corpus = load_corpus(config)
-    model = build_model(config.model, corpus.vocab_size)
+    stages = stage_plan(config, corpus, env)  # before the model: profiling draws random numbers
+    model = seeded_model(config, corpus.vocab_size)
+    session = Session(env, config)
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
     # Usually the launching process holds the run dir; only when the rendezvous picked which
     # node is node 0 does rank 0 learn here that the run is its to hold.
@@ -104,27 +107,16 @@ def train(config: TrainConfig, env: DistEnv) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
         barrier(env)
-        trainer = Trainer(config, env, corpus, model, run_dir)
+        trainer = Trainer(config, session, corpus, model, run_dir, stages)
         result = trainer.fit()
         summary = result.summary
         if env.is_main:
-            summary |= export_model(config, trainer.engine, result.checkpoint, run_dir)
+            whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
+            summary |= export_model(config, whole, run_dir)
             write_summary(run_dir, summary)
             write_report(run_dir, summary, plot_metrics(run_dir))
             print(format_summary(summary), flush=True)
     return summary
-
-
-def load_corpus(config: TrainConfig) -> PreparedCorpus:
-    """The run's train and held-out sequences, through the tokenisation cache when enabled."""
-    return prepare_corpus(
-        config.data,
-        config.max_len,
-        config.long_sequences,
-        config.eval_fraction,
-        config.seed,
-        cache_dir=default_cache_dir() if config.corpus_cache else None,
-    )
 
 
 # What gloo and NCCL say when a collective's peer is gone or silent past the timeout.
@@ -140,3 +132,37 @@ _PEER_FAILURE_MARKERS = (
 
 def _is_peer_failure(exc: RuntimeError) -> bool:
     return any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS)
+
+
+# Below: launch_workers starts each worker as the command `python -P -m shardwise.train.worker`.
+
+
+# What that command reads from the launcher's folder, and leaves there for it.
+
+
+@record
+def main() -> None:
+    """`python -P -m shardwise.train.worker CONFIG_JSON FOLDER`: one worker of launch_workers.
+
+        elastic_launch(launch_config, sys.executable)("-P", "-m", "shardwise.train.worker", ...)
+
+    Takes the launcher's sys.path (as a spawned worker would inherit it), trains, and leaves its
+    summary in FOLDER, since a command returns nothing through the agent. `@record` writes an
+    exception to this worker's error file (TORCHELASTIC_ERROR_FILE) for the launcher to report.
+    """
+    config_json, folder = sys.argv[1:]
+    sys.path[:] = json.loads(Path(folder, SYS_PATH_FILE).read_text(encoding="utf-8"))
+    summary = run_worker(config_json, folder)
+    rank = os.environ.get("RANK", "0")
+    text = json.dumps(summary, default=json_value)
+    Path(folder, LAUNCHER_SUMMARY_FILE.format(rank=rank)).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            raise
+        # Recorded in the error file, which the launcher prints once: not here a second time.
+        sys.exit(1)

@@ -1,7 +1,7 @@
 """Cut a model into K contiguous stages that balance time and memory, and describe the cut.
 
     plan = plan_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
-    runner = PipelineRunner(model, layout, plan.cuts, plan.schedule, plan.microbatches)
+    model = parallelize(model, layout, env, cuts=plan.cuts, schedule=plan.schedule)
 
 Like torchgpipe's `balance_by_time` and `balance_by_size`, but with both at once: each piece
 costs `time_weight` times its share of the model's time plus the rest times its share of the
@@ -24,7 +24,7 @@ from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv, broadcast_object
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.stages import model_pieces, stage_starts
-from shardwise.plan.profile import PieceCost, profile_pieces
+from shardwise.partition.profile import PieceCost, profile_pieces
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """A cut into stages with predictions; `cuts` is what `PipelineRunner` takes."""
+    """A cut into stages with predictions; `cuts` is what `parallelize` takes."""
 
     stages: tuple[StagePlan, ...]
     microbatches: int

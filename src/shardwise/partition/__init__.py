@@ -1,4 +1,4 @@
-"""Planning a layout: profile a model's pieces, then cut it into balanced pipeline stages.
+"""Partition a model into pipeline stages: profile its pieces, then cut where they balance.
 
 plan = plan_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
 print(plan.describe())   # what `shardwise train --pp 2 --dry-run` shows
@@ -6,8 +6,8 @@ print(plan.describe())   # what `shardwise train --pp 2 --dry-run` shows
 
 from __future__ import annotations
 
-from shardwise.plan.partition import Plan, StagePlan, balance, plan_stages, shared_plan
-from shardwise.plan.profile import PieceCost, profile_pieces
+from shardwise.partition.cut import Plan, StagePlan, balance, plan_stages, shared_plan
+from shardwise.partition.profile import PieceCost, profile_pieces
 
 __all__ = [
     "PieceCost",

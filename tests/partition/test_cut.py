@@ -9,8 +9,8 @@ import torch
 
 from parallel_cases import tiny_model
 from shardwise.errors import ShardwiseError
-from shardwise.plan import PieceCost, balance, plan_stages
-from shardwise.plan.partition import plan_from_costs
+from shardwise.partition import PieceCost, balance, plan_stages
+from shardwise.partition.cut import plan_from_costs
 
 
 def brute_force(weights: list[float], parts: int) -> float:

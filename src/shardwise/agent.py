@@ -1,134 +1,170 @@
 """Start the workers of a run through torch.distributed.run's elastic agent.
 
     summary = launch_workers(config, nproc=2)   # rank 0's summary once every worker is done
+    loss = launch(train, 2, "lstm")              # rank 0's return of train("lstm"), your own loop
 
 The agent does what `torchrun` does (c10d rendezvous, worker monitoring, teardown of the rest
 when one dies); we call it programmatically so `shardwise train` needs no wrapper script. A
 worker that fails on a user mistake leaves its one-line message in a file for the launcher to
-print. Any other exception is written to the worker's error file by the agent's own `@record`
-wrapper (TORCHELASTIC_ERROR_FILE); the launcher raises it as a `WorkerFailedError` carrying the
-worker's type, message and traceback, so the root cause reaches the user exactly once.
+print. Any other exception is written to the worker's error file by torch's `@record` (around
+the worker command's `main`, or the agent's own around a function; TORCHELASTIC_ERROR_FILE);
+the launcher raises it as a `WorkerFailedError` carrying the worker's type, message and
+traceback, so the root cause reaches the user exactly once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
-import socket
+import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from shardwise.config import TrainConfig, parse_endpoint
+from shardwise.config import TrainConfig
 from shardwise.errors import ShardwiseError, WorkerFailedError, first_line
-from shardwise.stores import LOOPBACK, bind_configs, loopback_comms, port_in_use, rendezvous_backend
-from shardwise.train.worker import ERROR_FILE_GLOB, run_worker
+from shardwise.stores import (
+    bind_configs,
+    check_port_free,
+    free_port,
+    loopback_comms,
+    rendezvous_backend,
+)
+from shardwise.train.worker import ERROR_FILE_GLOB, LAUNCHER_SUMMARY_FILE, SYS_PATH_FILE
 
 T = TypeVar("T")
 _AGENT_LOGS = "agent"
 
 
-def launch_workers(config: TrainConfig, nproc: int) -> dict:
-    """Run `nproc` workers on this node (of `config.nnodes`) and return rank 0's summary.
+def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
+    """Run `nproc` workers on this node (of `config.nnodes`); rank 0's summary, if it ran here.
 
-    The job's store listens on loopback for one node, else on the endpoint's address only
-    (see shardwise.stores).
+    Each worker is the command `python -P -m shardwise.train.worker`, never a function: spawning
+    a function re-imports the caller's script in every worker, so a script calling
+    `shardwise.run(...)` without an `if __name__ == "__main__":` guard would start the run again
+    in each of them. The job's store listens on loopback for one node, else on the endpoint's
+    address only (see shardwise.stores). A node whose workers do not include rank 0 gets None.
     """
     endpoint = config.rdzv_endpoint or f"localhost:{free_port()}"
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(endpoint)
-    static = config.node_rank is not None
-    rdzv_configs: dict[str, object] = {
-        "join_timeout": int(config.timeout_s),
-        **bind_configs(endpoint, config.nnodes),
-    }
-    if static:
-        rdzv_configs["rank"] = config.node_rank
-    launch_config = LaunchConfig(
-        min_nodes=config.nnodes,
-        max_nodes=config.nnodes,
-        nproc_per_node=nproc,
-        run_id="shardwise" if config.nnodes > 1 else uuid.uuid4().hex[:8],
-        rdzv_backend=rendezvous_backend(static),
-        rdzv_endpoint=endpoint,
-        rdzv_configs=rdzv_configs,
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
+    launch_config = _launch_config(
+        nproc, endpoint, nnodes=config.nnodes, node_rank=config.node_rank, join_s=config.timeout_s
     )
-    _quiet_agent_logs()
-    with (
-        loopback_comms(config.nnodes),
-        tempfile.TemporaryDirectory(prefix="shardwise-") as error_dir,
-    ):
-        # The agent's per-worker error files (what `@record` writes) go into the same temporary
-        # folder, so they are removed with it rather than left in /tmp/torchelastic_* per run.
-        launch_config.logs_specs = DefaultLogsSpecs(log_dir=str(Path(error_dir, _AGENT_LOGS)))
+    with _agent(launch_config, config.nnodes) as folder:
+        # -P: the working directory stays off the worker's path (see shardwise/__main__.py); the
+        # worker then takes this process's sys.path from the folder, as a spawned one would.
+        (folder / SYS_PATH_FILE).write_text(json.dumps(sys.path), encoding="utf-8")
+        command = ("-P", "-m", "shardwise.train.worker", config.model_dump_json(), str(folder))
         try:
-            results = elastic_launch(launch_config, run_worker)(config.model_dump_json(), error_dir)
-        except ChildFailedError as exc:
-            raise _root_cause(exc, Path(error_dir)) from None
+            elastic_launch(launch_config, sys.executable)(*command)
         except RendezvousError as exc:
             raise ShardwiseError(
                 f"rendezvous at {endpoint}: the {config.nnodes} nodes did not all join within "
                 f"{config.timeout_s:g}s ({type(exc).__name__}); start `shardwise train` on every "
                 "node with the same --nnodes and --rdzv-endpoint"
             ) from None
-    return results.get(0) or next(iter(results.values()), {})
+        # A command returns nothing through the agent: each worker left its summary here.
+        rank_zero = folder / LAUNCHER_SUMMARY_FILE.format(rank=0)
+        return json.loads(rank_zero.read_text(encoding="utf-8")) if rank_zero.exists() else None
 
 
-def run_local(entrypoint: Callable[..., T], nproc: int, *args: object) -> dict[int, T]:
-    """Run `entrypoint(*args)` on `nproc` local gloo/NCCL workers; their returns by rank.
+def launch(fn: Callable[..., T], nproc: int, *args: object) -> T:
+    """Run `fn(*args)` in `nproc` local worker processes; return rank 0's return value.
 
-        results = run_local(measure, 2, "lstm")   # {0: ..., 1: ...}
+        def train(model_name):
+            session = shardwise.setup()   # RANK, WORLD_SIZE, MASTER_ADDR... are set
+            ...
+            return final_loss
 
-    For benchmarks and tools that need a plain local job through the same elastic agent; its
-    store listens on loopback only.
+        loss = shardwise.launch(train, 2, "lstm")
+
+    Workers start through torch's elastic agent as `shardwise train`'s do: torchrun's
+    environment in each, a store on loopback only, and a worker that raises reaches the caller
+    as a `WorkerFailedError` naming its exception (its traceback in `worker_traceback`). From a
+    script, workers are spawned, which imports the script again in each of them: call `launch`
+    under `if __name__ == "__main__":`, as with any multiprocessing script. In a notebook or
+    REPL they are forked instead, so `fn` may be defined right there; that needs CUDA untouched
+    in this process until then.
     """
-    endpoint = f"localhost:{free_port()}"
-    launch_config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+    launch_config = _launch_config(nproc, f"localhost:{free_port()}", start_method=_start_method())
+    with _agent(launch_config, nnodes=1):
+        return elastic_launch(launch_config, fn)(*args)[0]
+
+
+def _start_method() -> str:
+    """Spawn from a script; fork where `__main__` has no file to import again (a notebook)."""
+    if getattr(sys.modules.get("__main__"), "__file__", None):
+        return "spawn"
+    if torch.cuda.is_initialized():
+        raise ShardwiseError(
+            "shardwise.launch: CUDA is already initialised in this process, and from a notebook "
+            "or REPL workers can only be forked, which CUDA does not survive; call "
+            "shardwise.launch before anything touches the GPU (restart the kernel)"
+        )
+    return "fork"
+
+
+def _launch_config(
+    nproc: int,
+    endpoint: str,
+    *,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    join_s: float | None = None,
+    start_method: str = "spawn",
+) -> LaunchConfig:
+    """The agent's settings for `nproc` workers here, of `nnodes` nodes meeting at `endpoint`.
+
+    A given `node_rank` fixes this node's place (static rendezvous); else the rendezvous
+    assigns it. No restarts: a failed worker fails the run, reported by its root cause.
+    """
+    rdzv_configs: dict[str, object] = dict(bind_configs(endpoint, nnodes))
+    if join_s is not None:
+        rdzv_configs["join_timeout"] = int(join_s)
+    if node_rank is not None:
+        rdzv_configs["rank"] = node_rank
+    return LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
         nproc_per_node=nproc,
-        run_id=uuid.uuid4().hex[:8],
-        rdzv_backend=rendezvous_backend(static=False),
+        # Every node of a job must name the same run; one node's job needs no shared name.
+        run_id="shardwise" if nnodes > 1 else uuid.uuid4().hex[:8],
+        rdzv_backend=rendezvous_backend(static=node_rank is not None),
         rdzv_endpoint=endpoint,
-        rdzv_configs=bind_configs(endpoint, nnodes=1),
+        rdzv_configs=rdzv_configs,
         max_restarts=0,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method=start_method,
     )
+
+
+@contextlib.contextmanager
+def _agent(launch_config: LaunchConfig, nnodes: int) -> Iterator[Path]:
+    """While the agent runs: a temporary folder for the workers' reports (yielded), quiet agent
+    logs and loopback sockets; a worker's failure leaves as the run's root cause."""
     _quiet_agent_logs()
-    with loopback_comms(nnodes=1):
-        return elastic_launch(launch_config, entrypoint)(*args)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return int(probe.getsockname()[1])
-
-
-def check_port_free(endpoint: str) -> None:
-    """Fail clearly, before any worker starts, if a one-node run's rendezvous port is taken.
-
-    Probes loopback, where a one-node run's store listens whatever host the endpoint names.
-    """
-    _, port = parse_endpoint(endpoint)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    with (
+        loopback_comms(nnodes),
+        tempfile.TemporaryDirectory(prefix="shardwise-") as folder,
+    ):
+        # The agent's per-worker error files (what `@record` writes) go into the same temporary
+        # folder, so they are removed with it rather than left in /tmp/torchelastic_* per run.
+        launch_config.logs_specs = DefaultLogsSpecs(log_dir=str(Path(folder, _AGENT_LOGS)))
         try:
-            probe.bind((LOOPBACK, port))
-        except OSError:
-            raise port_in_use(endpoint, port) from None
+            yield Path(folder)
+        except ChildFailedError as exc:
+            raise _root_cause(exc, Path(folder)) from None
 
 
 def _root_cause(exc: ChildFailedError, error_dir: Path) -> ShardwiseError:
@@ -164,7 +200,7 @@ def _root_cause(exc: ChildFailedError, error_dir: Path) -> ShardwiseError:
 def _recorded(failure: ProcessFailure) -> dict | None:
     """What `@record` wrote for a worker that raised, or None for one that died without raising.
 
-    `@record` (the agent's wrapper around every function entrypoint) writes
+    `@record` (on train/worker.py's `main`, and the agent's wrapper around a function) writes
     {"message": {"message": "Type: text", "extraInfo": {"py_callstack": traceback}}}; os._exit,
     a signal or a segfault leave no such record.
     """

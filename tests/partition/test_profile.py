@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from parallel_cases import tiny_model
-from shardwise.plan import profile_pieces
-from shardwise.plan.profile import STATE_COPIES
+from shardwise.partition import profile_pieces
+from shardwise.partition.profile import STATE_COPIES
 
 
 def test_every_piece_gets_a_time_and_its_parameters_counted() -> None:

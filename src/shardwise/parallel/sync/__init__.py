@@ -1,0 +1,73 @@
+"""How replicas agree: one small interface, one module per synchronisation strategy.
+
+    strategy = sync_strategy("allreduce")
+    module = strategy.wrap(stage, layout, env)       # once, after stages and tensor parallel
+    with strategy.skipping(module): ...              # inner accumulation micro-steps
+    strategy.after_backward(module, layout)          # after a step's last backward
+    strategy.after_step(module, layout)              # after the optimizer step
+
+A strategy changes a model or how its gradients and parameters travel between replicas; it
+never owns the training loop. The loop (`ParallelModel`, `Session`, the trainer) calls these
+four hooks at the same places for every strategy, so gradient aggregation (every step, or
+compressed through DDP comm hooks), model averaging (after the optimizer step, every H steps),
+an outer optimizer (a pseudo-gradient step in `after_step`) and sharded parameters (a
+different `wrap`) each fit in one module. Today there is one: `allreduce`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from shardwise.distributed import DistEnv
+from shardwise.errors import ShardwiseError
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.allreduce import AllReduceEveryStep
+
+
+class SyncStrategy(Protocol):
+    """What the loop needs from a way of keeping the data-parallel replicas in agreement."""
+
+    name: str
+
+    def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
+        """The module forward and backward run through (this rank's stage or shard inside)."""
+        ...
+
+    def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
+        """A context for inner accumulation micro-steps: no communication in it."""
+        ...
+
+    def after_backward(self, module: nn.Module, layout: Layout) -> None:
+        """Called once the step's last backward is done, before clipping."""
+        ...
+
+    def after_step(self, module: nn.Module, layout: Layout) -> None:
+        """Called after every optimizer step."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep for an exact resume (tensors only)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+SYNC_STRATEGIES: dict[str, type[SyncStrategy]] = {AllReduceEveryStep.name: AllReduceEveryStep}
+
+
+def sync_strategy(name: str) -> SyncStrategy:
+    """A fresh strategy named `name` (see SYNC_STRATEGIES).
+
+    >>> sync_strategy("allreduce").name
+    'allreduce'
+    """
+    if name not in SYNC_STRATEGIES:
+        raise ShardwiseError(f"--sync {name}: choose one of {', '.join(SYNC_STRATEGIES)}")
+    return SYNC_STRATEGIES[name]()
+
+
+__all__ = ["SYNC_STRATEGIES", "AllReduceEveryStep", "SyncStrategy", "sync_strategy"]

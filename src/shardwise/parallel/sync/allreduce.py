@@ -1,0 +1,47 @@
+"""Gradient aggregation every step: the replicas average their gradients before each update.
+
+    strategy = AllReduceEveryStep()
+    module = strategy.wrap(model, layout, env)   # DDP when every rank holds the whole model
+
+The right default on one fast machine: after every backward all replicas hold the same
+gradient, so they stay bit-identical. Whole-model replicas use DDP (overlap with backward);
+pipeline stages and tensor-parallel shards average after their schedule (see data_parallel).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from shardwise.distributed import DistEnv
+from shardwise.parallel.data_parallel import average_over_group, gradient_sync, wrap_data_parallel
+from shardwise.parallel.mesh import Layout
+
+
+class AllReduceEveryStep:
+    """Average gradients over the data-parallel group after every step's last backward."""
+
+    name = "allreduce"
+
+    def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
+        if layout.replica_size == 1:  # the "dp" group is the whole world: DDP's default group
+            return wrap_data_parallel(module, env)
+        return module.to(env.device)
+
+    def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
+        return gradient_sync(module, enabled=False)
+
+    def after_backward(self, module: nn.Module, layout: Layout) -> None:
+        if layout.replica_size > 1:  # DDP averaged during backward otherwise
+            average_over_group(module.parameters(), layout.group("dp"))
+
+    def after_step(self, module: nn.Module, layout: Layout) -> None:
+        """Nothing: the replicas applied the same gradient, so they agree already."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Nothing to restore: this strategy keeps no state between steps."""

@@ -1,0 +1,107 @@
+"""What `shardwise.run` returns: rank 0's summary as typed fields, and the trained model.
+
+    result = shardwise.run(TrainConfig(model="gru", max_steps=100))
+    result.eval_loss, result.tokens_per_s
+    model = result.load_model()   # the trained nn.Module, from run_dir/model.safetensors
+
+summary.json stays the record on disk; `RunResult` is the same keys, typed. Building one from
+a summary with a key too many or too few is a bug (the summary and this class drifted apart),
+so it fails loudly rather than dropping or inventing a figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shardwise.report.summary import json_value
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run, as rank 0 summed it up (summary.json), in summary.json's order."""
+
+    world_size: int
+    layout: dict[str, int]  # the degrees and world size: {"dp": 2, "pp": 1, "tp": 1, ...}
+    stages: tuple[tuple[str, ...], ...] | None  # each pipeline stage's layers; None: one stage
+    device: str
+    precision: str
+    model: str  # a built-in's name or 'package.module:factory'
+    vocab_size: int  # what the model was built with: 256 bytes, or more for token ids
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    wall_time_s: float
+    final_train_loss: float | None  # None: no step was logged
+    eval_loss: float | None  # None: no held-out tokens
+    peak_rss_bytes: tuple[int, ...]  # per rank
+    padding_fraction: float
+    imbalance: float
+    rank_wait_s: tuple[float, ...]  # per rank
+    wait_fraction: float | None
+    batching: str
+    data_notes: str
+    resumed_from: Path | None
+    resume_notes: tuple[str, ...]
+    run_dir: Path
+    parameters: int
+    sample_text: str
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> RunResult:
+        """The result for rank 0's summary dict; ValueError unless its keys are exactly ours.
+
+        result = RunResult.from_summary(json.loads((run_dir / "summary.json").read_text()))
+        """
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in summary]
+        unknown = [key for key in summary if key not in names]
+        if missing or unknown:
+            raise ValueError(
+                f"a run summary does not match RunResult: missing {missing}, unknown {unknown}; "
+                "the summary's keys and RunResult's fields must change together"
+            )
+        values = dict(summary)
+        for name in ("peak_rss_bytes", "rank_wait_s", "resume_notes"):
+            values[name] = tuple(values[name])
+        if values["stages"] is not None:
+            values["stages"] = tuple(tuple(stage) for stage in values["stages"])
+        values["run_dir"] = Path(values["run_dir"])
+        if values["resumed_from"] is not None:
+            values["resumed_from"] = Path(values["resumed_from"])
+        return cls(**values)
+
+    def to_summary(self) -> dict[str, Any]:
+        """The summary dict as summary.json holds it (lists and strings, not tuples and paths).
+
+        assert result.to_summary() == json.loads((result.run_dir / "summary.json").read_text())
+        """
+        return json.loads(json.dumps(dataclasses.asdict(self), default=json_value))
+
+    def load_model(self) -> nn.Module:
+        """The trained model, rebuilt and loaded from `run_dir/model.safetensors`, in eval mode.
+
+        model = result.load_model()
+        text = shardwise.models.generate(model, b"The ", 200)
+
+        Built as the run built it: its config.toml's model at the run's vocabulary size. A
+        factory model must be importable here as it was in the run.
+        """
+        # Imported here: a result that is only read needs neither a corpus nor a model.
+        from safetensors.torch import load_file
+
+        from shardwise.config import load_config
+        from shardwise.models import build_model
+        from shardwise.run_dir import WEIGHTS_FILE
+
+        config = load_config(self.run_dir / "config.toml")
+        model = build_model(config.model, self.vocab_size)
+        model.load_state_dict(load_file(str(self.run_dir / WEIGHTS_FILE)))
+        return model.eval()

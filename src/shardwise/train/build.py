@@ -1,0 +1,169 @@
+"""From a TrainConfig to the run's parts: corpus, sampler, model, layout, cut, precision.
+
+    corpus = load_corpus(config)
+    plan = stage_plan(config, corpus)              # None without --pp; else the cut that trains
+    model = seeded_model(config, corpus.vocab_size)
+
+The preflight, `--dry-run` and every worker build through these functions alone, so what the
+launcher checks and prints is what the workers train: the same corpus, the same seeded model,
+and the same cut, profiled on the same sample batch and remembered (partition/store.py) so that a
+dry run's cut is the run's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from shardwise.config import TrainConfig
+from shardwise.data.batch import Batch, collate
+from shardwise.data.cache import default_cache_dir
+from shardwise.data.cost import cost_model_for
+from shardwise.data.loader import make_loader
+from shardwise.data.prepare import PreparedCorpus, prepare_corpus
+from shardwise.data.sampler import FixedBatchSampler, SamplerPosition
+from shardwise.data.token_sampler import TokenBudgetSampler
+from shardwise.distributed import DistEnv
+from shardwise.errors import ShardwiseError
+from shardwise.models import build_model
+from shardwise.parallel.stages import model_pieces, stage_starts
+from shardwise.partition import Plan, plan_stages, shared_plan
+from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
+
+
+def load_corpus(config: TrainConfig) -> PreparedCorpus:
+    """The run's train and held-out sequences, through the tokenisation cache when enabled."""
+    return prepare_corpus(
+        config.data,
+        config.max_len,
+        config.long_sequences,
+        config.eval_fraction,
+        config.seed,
+        cache_dir=default_cache_dir() if config.corpus_cache else None,
+    )
+
+
+def seeded_model(config: TrainConfig, vocab_size: int) -> nn.Module:
+    """The model every rank builds alike: the run's seed first, then the factory."""
+    torch.manual_seed(config.seed)
+    return build_model(config.model, vocab_size)
+
+
+def sequence_lengths(corpus: PreparedCorpus) -> np.ndarray:
+    """Each training sequence's length, what the samplers plan with."""
+    return np.fromiter((len(seq) for seq in corpus.train), dtype=np.int64)
+
+
+def stage_plan(
+    config: TrainConfig, corpus: PreparedCorpus, env: DistEnv | None = None
+) -> Plan | None:
+    """The pipeline cut this run trains with (None for one stage), the same wherever built.
+
+    plan = stage_plan(config, corpus)        # in the launcher (preflight, --dry-run)
+    plan = stage_plan(config, corpus, env)   # in the workers: rank 0's plan on every rank
+
+    Given --split-points it keeps them; otherwise the first profile of this model on this
+    sample decides and is remembered, so the dry run and the run cut alike.
+    """
+    if config.pp == 1:
+        return None
+    check_pipeline_split(config, corpus.vocab_size)
+    model = seeded_model(config, corpus.vocab_size)
+    sample = profile_sample(config, corpus)
+    key = plan_key(
+        model, sample, stages=config.pp, microbatches=config.microbatches, schedule=config.schedule
+    )
+    cuts = config.split_points or remembered_cuts(key)
+
+    def make() -> Plan:
+        return plan_stages(
+            model,
+            config.pp,
+            sample,
+            microbatches=config.microbatches,
+            schedule=config.schedule,
+            cuts=cuts,
+        )
+
+    plan = make() if env is None else shared_plan(env, make)
+    if cuts is None and (env is None or env.is_main):
+        remember_cuts(key, plan.cuts)
+    return plan
+
+
+def profile_sample(config: TrainConfig, corpus: PreparedCorpus) -> torch.Tensor:
+    """The batch a plan profiles: the first `batch_size` training sequences, padded."""
+    return collate(corpus.train[: config.batch_size], step_tokens=1).tokens
+
+
+def check_pipeline_split(config: TrainConfig, vocab_size: int) -> None:
+    """Enough cuttable pieces for --pp stages, and split points that name real cut places."""
+    with torch.device("meta"):  # structure only: no memory, no initialisation cost
+        model = build_model(config.model, vocab_size)
+    pieces = model_pieces(model)
+    if config.pp > len(pieces):
+        raise ShardwiseError(
+            f"--pp {config.pp}: model {config.model!r} has only {len(pieces)} pieces that can "
+            f"start a stage ({', '.join(p.name for p in pieces)}); use --pp {len(pieces)} or less"
+        )
+    if config.split_points is not None:
+        stage_starts(model, pieces, config.split_points, config.pp)
+
+
+def build_sampler(
+    config: TrainConfig,
+    lengths: np.ndarray,
+    world_size: int,
+    rank: int,
+    start: SamplerPosition | None = None,
+) -> FixedBatchSampler | TokenBudgetSampler:
+    """The sampler `config.batching` names, over sequences of `lengths`, for one data rank."""
+    if config.batching == "fixed":
+        return FixedBatchSampler(
+            lengths, config.batch_size, world_size, rank, config.grad_accum, config.seed, start
+        )
+    return TokenBudgetSampler(
+        lengths,
+        config.tokens_per_batch,
+        world_size,
+        rank,
+        config.grad_accum,
+        config.seed,
+        start,
+        cost_model=cost_model_for(config.model),
+        packing=config.packs_rows,
+        sort_window=config.sort_window,
+    )
+
+
+def stream_identity(config: TrainConfig) -> dict[str, object]:
+    """What defines the order of the data stream; a resumed run must keep it to stay exact."""
+    identity: dict[str, object] = {"batching": config.batching, "seed": config.seed}
+    if config.batching == "tokens":
+        identity["sort_window"] = config.sort_window
+    return identity
+
+
+def step_groups(
+    config: TrainConfig,
+    corpus: PreparedCorpus,
+    replicas: int,
+    replica: int,
+    device: torch.device,
+    start: SamplerPosition | None = None,
+) -> Iterator[list[Batch]]:
+    """Each optimizer step's micro-batches for data replica `replica`, from `start` on.
+
+    steps = step_groups(config, corpus, replicas=2, replica=0, device=env.device)
+    next(steps)   # config.grad_accum batches, on the device the loader was given
+    """
+    sampler = build_sampler(config, sequence_lengths(corpus), replicas, replica, start=start)
+    batches = iter(
+        make_loader(corpus.train, sampler, device, config.num_workers, packing=config.packs_rows)
+    )
+    # Not a generator function: the sampler is built now, so its errors come before training.
+    return ([next(batches) for _ in range(config.grad_accum)] for _ in itertools.count())

@@ -1,0 +1,50 @@
+"""The house: arrows point one way, modules stay small, the loop reads in one sitting."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "shardwise"
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+@pytest.mark.parametrize("path", sorted((SRC / "parallel").rglob("*.py")), ids=str)
+def test_parallel_modules_import_neither_data_nor_train(path: Path) -> None:
+    bad = {m for m in imported_modules(path) if m.startswith(("shardwise.data", "shardwise.train"))}
+    assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)}"
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = {
+        str(path.relative_to(SRC)): n
+        for path in SRC.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 400
+    }
+    assert not long
+
+
+def test_the_training_loop_reads_in_one_sitting() -> None:
+    assert len((SRC / "train" / "trainer.py").read_text().splitlines()) < 200
+
+
+def test_the_preflight_reaches_no_train_module_but_the_builder() -> None:
+    probe = "import sys, shardwise.preflight; print(sorted(m for m in sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    train_modules = {m for m in eval(loaded) if m.startswith("shardwise.train.")}
+    assert train_modules == {"shardwise.train.build"}
