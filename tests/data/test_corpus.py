@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,17 @@ def test_missing_file_and_directory(tmp_path):
         read_sequences(tmp_path)
     with pytest.raises(ShardwiseError, match="not found"):
         corpus_fingerprint(tmp_path / "nope.txt")
+
+
+@pytest.mark.timeout(10)
+def test_a_pipe_or_a_device_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "corpus.fifo"
+    os.mkfifo(fifo)  # reading it would block forever: nobody writes
+    for path in (fifo, Path("/dev/zero")):  # /dev/zero never ends
+        with pytest.raises(ShardwiseError, match="not a regular file"):
+            read_sequences(path)
+        with pytest.raises(ShardwiseError, match="not a regular file"):
+            corpus_fingerprint(path)
 
 
 def test_unreadable_file(tmp_path, monkeypatch):

@@ -99,6 +99,11 @@ def _read_bytes(path: Path) -> bytes:
         raise ShardwiseError(f"{path}: file not found; {_USE_INSTEAD}")
     if path.is_dir():
         raise ShardwiseError(f"{path}: is a directory; pass a file inside it instead")
+    if not path.is_file():
+        # A pipe would block the run forever and a device (/dev/zero) never ends: refuse both.
+        raise ShardwiseError(
+            f"{path}: is not a regular file (a pipe, socket or device); pass a file instead"
+        )
     try:
         return path.read_bytes()
     except OSError as error:
