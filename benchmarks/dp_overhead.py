@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import shardwise
 from shardwise.config import TrainConfig
 from shardwise.data.fit import FitReport
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import init_distributed, shutdown_distributed
-from shardwise.launch import run_local
 from shardwise.models import build_model
+from shardwise.session import Session
 from shardwise.train.schedule import warmup_cosine
 from shardwise.train.trainer import Trainer
 from support.rounds import (
@@ -74,7 +75,7 @@ def run_shardwise(config: TrainConfig, corpus: PreparedCorpus) -> float:
     torch.manual_seed(config.seed)
     model = build_model(config.model, 256)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, env, corpus, model, Path(run_dir))
+        trainer = Trainer(config, Session(env, config), corpus, model, Path(run_dir))
         trainer.fit()
         return trainer.totals.train_s / config.max_steps
 
@@ -155,7 +156,7 @@ def worker(config_json: str, order: list[str]) -> dict[str, float]:
 
 
 def launch(nproc: int, config: TrainConfig, order: list[str]) -> dict[str, float]:
-    return run_local(worker, nproc, config.model_dump_json(), order)[0]
+    return shardwise.launch(worker, nproc, config.model_dump_json(), order)
 
 
 def main() -> None:

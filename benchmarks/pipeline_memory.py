@@ -1,7 +1,7 @@
 """Peak memory per rank of pipeline training against one process, for a ~1.5 GB training state.
 
     python benchmarks/pipeline_memory.py              # single vs pp 2 vs pp 4: ~8 min, 2 cores
-    python benchmarks/pipeline_memory.py --rounds 2 --dim 128 --layers 2   # smoke test
+    python benchmarks/pipeline_memory.py --rounds 2 --dim 128 --layers 4 --heads 4   # smoke
 
 A TransformerLM whose parameters, gradients and AdamW moments take about 1.5 GB trains for a
 few steps, once in a single process and once cut into 2 and into 4 pipeline stages (one gloo
@@ -32,9 +32,10 @@ import torch.multiprocessing as mp
 
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv
-from shardwise.launch import free_port
-from shardwise.parallel.mesh import build_mesh
-from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+from shardwise.loss import token_loss_sum
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.parallelize import parallelize
+from shardwise.stores import free_port
 from support.rounds import Comparison, add_rounds_flag, interleave, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
@@ -122,12 +123,18 @@ def train_pipeline(args: argparse.Namespace, batch: Batch, env: DistEnv) -> None
     stages = env.world_size
     # Whole blocks per stage, evenly: the embedding joins stage 0 and the head the last stage.
     cuts = [f"blocks.{k * args.layers // stages}" for k in range(1, stages)]
-    runner = PipelineRunner(
-        build_transformer(args), build_mesh(env, pp=stages), cuts, "1f1b", args.microbatches
+    layout = Layout.for_world(stages, pp=stages).build(env, timeout_s=300)
+    model = parallelize(
+        build_transformer(args),
+        layout,
+        env,
+        cuts=cuts,
+        schedule="1f1b",
+        microbatches=args.microbatches,
     )
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(args.steps):
-        runner.train_step(batch)
+        model.forward_backward(batch.tokens, batch.targets, batch.step_tokens)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

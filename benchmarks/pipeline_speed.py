@@ -8,16 +8,17 @@ interleaved rounds (support/rounds.py) of `--steps` steps per side:
 - Bubble: a TransformerLM cut into K=2 stages trains under GPipe with M = 1, 4 and 8
   micro-batches of one fixed batch, the three in an order rotated every round. Each rank adds
   up the time its stage spends computing (forward and backward of a micro-batch) during
-  `train_step`; a rank's bubble is the share of the steps it spends not computing (waiting,
-  communicating, summing the loss). A round's figure is the mean over ranks; `bubble_measured`
-  is the median over rounds (with its min-max), against the bound (K-1)/(M+K-1) of a
-  perfectly balanced pipeline whose communication is free.
-- Throughput: the same model and cut trained by `PipelineRunner` (1F1B, M=8) and by plain
-  `torch.distributed.pipelining` (PipelineStage with shapes inferred by torch, Schedule1F1B,
-  the same loss), each step including the AdamW update, each side's steps between two
-  barriers. Every round runs shardwise, plain, and shardwise again (the A/A twin) in a rotated
-  order; `ratio_vs_torch_pipelining` is the median over rounds of plain step time / shardwise
-  step time (above 1: shardwise is faster), with its min-max, the A/A band (shardwise again /
+  `forward_backward`; a rank's bubble is the share of the steps it spends not computing
+  (waiting, communicating, summing the loss). A round's figure is the mean over ranks;
+  `bubble_measured` is the median over rounds (with its min-max), against the bound
+  (K-1)/(M+K-1) of a perfectly balanced pipeline whose communication is free.
+- Throughput: the same model and cut trained through shardwise's public path (`parallelize`,
+  then `forward_backward`; 1F1B, M=8) and by plain `torch.distributed.pipelining`
+  (PipelineStage with shapes inferred by torch, Schedule1F1B, the same loss), each step
+  including the AdamW update, each side's steps between two barriers. Every round runs
+  shardwise, plain, and shardwise again (the A/A twin) in a rotated order;
+  `ratio_vs_torch_pipelining` is the median over rounds of plain step time / shardwise step
+  time (above 1: shardwise is faster), with its min-max, the A/A band (shardwise again /
   shardwise) and whether it is resolved (further from 1 than the A/A noise).
 The last line is JSON with those figures, and `bubble_measured` / `bubble_bound` for M=8.
 """
@@ -41,10 +42,12 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv, all_gather_floats
-from shardwise.launch import free_port
-from shardwise.parallel.mesh import build_mesh
-from shardwise.parallel.pipeline import PipelineRunner, token_loss_sum
+from shardwise.loss import token_loss_sum
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelize import parallelize
 from shardwise.parallel.stages import split_into_stages
+from shardwise.stores import free_port
 from support.rounds import Comparison, add_rounds_flag, interleave, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
@@ -134,10 +137,11 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)  # one core per stage on a 2-core machine
     join_gloo(rank, STAGES, port, timeout_s=120)
     env = DistEnv(rank, STAGES, rank, STAGES, torch.device("cpu"))
+    layout = Layout.for_world(STAGES, pp=STAGES).build(env, timeout_s=120)
     BusyClock.install()
     batch = fixed_batch(args)
-    bubble = measure_bubbles(args, env, batch)
-    step_s = measure_throughput(args, env, batch)
+    bubble = measure_bubbles(args, env, layout, batch)
+    step_s = measure_throughput(args, env, layout, batch)
     if rank == 0:
         report = {"bubble": bubble, "step_s": step_s}
         Path(out, "report.json").write_text(json.dumps(report))
@@ -145,41 +149,41 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
 
 
 def measure_bubbles(
-    args: argparse.Namespace, env: DistEnv, batch: Batch
+    args: argparse.Namespace, env: DistEnv, layout: Layout, batch: Batch
 ) -> dict[str, list[list[float]]]:
-    """Per M, per round, each rank's share of `train_step` time spent not computing."""
-    runners = {m: make_runner(args, env, "gpipe", m) for m in BUBBLE_MICROBATCHES}
-    for runner in runners.values():  # warm up: shapes, buffers, communicators
-        runner.train_step(batch)
+    """Per M, per round, each rank's share of `forward_backward` time spent not computing."""
+    models = {m: make_ours(args, env, layout, "gpipe", m) for m in BUBBLE_MICROBATCHES}
+    for model in models.values():  # warm up: shapes, buffers, communicators
+        train_ours(model, batch)
 
-    def bubble(runner: PipelineRunner) -> list[float]:
+    def bubble(model: ParallelModel) -> list[float]:
         busy = wall = 0.0
         for _ in range(args.steps):
             dist.barrier()
             BusyClock.busy = 0.0
             started = time.perf_counter()
-            runner.train_step(batch)
+            train_ours(model, batch)
             wall += time.perf_counter() - started
             busy += BusyClock.busy
-            for p in runner.parameters():
+            for p in model.parameters():
                 p.grad = None
         return [1 - row[0] / row[1] for row in all_gather_floats([busy, wall], env)]
 
-    sides = {str(m): partial(bubble, runner) for m, runner in runners.items()}
+    sides = {str(m): partial(bubble, model) for m, model in models.items()}
     return interleave(sides, args.rounds)
 
 
 def measure_throughput(
-    args: argparse.Namespace, env: DistEnv, batch: Batch
+    args: argparse.Namespace, env: DistEnv, layout: Layout, batch: Batch
 ) -> dict[str, list[float]]:
     """Seconds per step of shardwise (`ours`), plain pipelining and `ours_again`, per round."""
-    runner = make_runner(args, env, "1f1b", 8)
-    ours_optimizer = torch.optim.AdamW(runner.parameters(), lr=1e-4)
+    model = make_ours(args, env, layout, "1f1b", 8)
+    ours_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     plain_schedule, plain_stage = make_plain(args, env, 8)
     plain_optimizer = torch.optim.AdamW(plain_stage.parameters(), lr=1e-4)
 
     def ours() -> None:
-        runner.train_step(batch, reduce_loss=False)  # plain pipelining gathers no loss either
+        train_ours(model, batch)  # no loss collective, as plain pipelining gathers none
         ours_optimizer.step()
         ours_optimizer.zero_grad(set_to_none=True)
 
@@ -212,16 +216,24 @@ def cut(args: argparse.Namespace) -> list[str]:
     return [f"blocks.{args.layers // 2}"]
 
 
-def make_runner(args: argparse.Namespace, env: DistEnv, schedule: str, m: int) -> PipelineRunner:
-    return PipelineRunner(
-        build_transformer(args), build_mesh(env, pp=STAGES), cut(args), schedule, m
+def make_ours(
+    args: argparse.Namespace, env: DistEnv, layout: Layout, schedule: str, m: int
+) -> ParallelModel:
+    """Shardwise's public path: the whole model, parallelized for this rank's stage."""
+    return parallelize(
+        build_transformer(args), layout, env, cuts=cut(args), schedule=schedule, microbatches=m
     )
+
+
+def train_ours(model: ParallelModel, batch: Batch) -> None:
+    """One step's forward and backward through the public call (the owned loss is unused)."""
+    model.forward_backward(batch.tokens, batch.targets, batch.step_tokens)
 
 
 def make_plain(
     args: argparse.Namespace, env: DistEnv, m: int
 ) -> tuple[Schedule1F1B, torch.nn.Module]:
-    """Stock pipelining on the same cut: shapes inferred by torch, no shardwise runner."""
+    """Stock pipelining on the same cut: shapes inferred by torch, no shardwise pipeline."""
     stage = split_into_stages(build_transformer(args), cut(args))[env.rank]
 
     def loss(logits: torch.Tensor, targets: torch.Tensor, step_tokens: int) -> torch.Tensor:

@@ -4,9 +4,10 @@
     python benchmarks/seq_balance.py --quick       # a smoke run (tiny data, 2 short rounds)
 
 Two ranks (gloo, CPU, one thread each, started by torch's elastic launcher) train the same
-DDP-wrapped model on the same samples, with the trainer's loss (summed token loss x world size
-/ the step's target count), and AdamW; each method's steps are planned up front, alike on every
-rank (support/batching_plans.py):
+model on the same samples through shardwise's public path (`parallelize`, then
+`forward_backward` per micro-batch: DDP, the trainer's loss, summed token loss x world size /
+the step's target count, gradients averaged over the ranks), and AdamW; each method's steps
+are planned up front, alike on every rank (support/batching_plans.py):
 - fixed:     `DistributedSampler` order, B sequences per rank and step, padded to the longest.
 - grouped:   the `group_by_length` recipe: megabatches of 50 batches of B, each sorted longest
              first, consecutive batches dealt to the ranks in turn; no cross-rank balancing.
@@ -30,11 +31,12 @@ shardwise tokens/s over the baseline's, with its min-max, the A/A band (shardwis
 shardwise) and whether it is resolved (further from 1 than the A/A noise).
 
 Measured per step and rank: compute (from the step's start to this rank's last gradient,
-stamped by a post-accumulate-grad hook) and wait (from there until backward returns, i.e. until
-DDP's all-reduce is done, which is where a fast rank waits for a slow one). `imbalance` is the
-sum over steps of the slowest rank's compute over the sum of the mean rank's, and
-`predicted_imbalance` the same for the cost model's prediction; `padding_fraction` is the share
-of computed slots that hold no real token (exact: it depends on the batches, not the clock);
+stamped by a post-accumulate-grad hook) and wait (from there until `forward_backward` returns,
+i.e. until DDP's all-reduce is done, which is where a fast rank waits for a slow one).
+`imbalance` is the sum over steps of the slowest rank's compute over the sum of the mean
+rank's, and `predicted_imbalance` the same for the cost model's prediction;
+`padding_fraction` is the share of computed slots that hold no real token (exact: it depends
+on the batches, not the clock);
 `tokens_per_s` counts real tokens only, over the side's wall time. A control, `identical`, runs
 shardwise's rank-0 batches on both ranks: its imbalance is the machine's timing noise, the
 imbalance's A/A band; `imbalance` is reported as the median over rounds with its min-max, that
@@ -53,11 +55,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shardwise.agent import launch
 from shardwise.config import TrainConfig
-from shardwise.data.batch import IGNORE_INDEX, Batch, collate, pack_collate
+from shardwise.data.batch import collate, pack_collate
 from shardwise.distributed import (
     DistEnv,
     all_gather_floats,
@@ -66,9 +68,10 @@ from shardwise.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from shardwise.launch import run_local
 from shardwise.models import RecurrentLM, TransformerLM
-from shardwise.parallel.data_parallel import gradient_sync, wrap_data_parallel
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelize import parallelize
 from support.batching_plans import (
     CONTROL,
     HEADLINE,
@@ -89,7 +92,7 @@ TWIN = again("shardwise")  # shardwise run a second time in every round: the A/A
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    report = run_local(worker, WORLD_SIZE, vars(args))[0]
+    report = launch(worker, WORLD_SIZE, vars(args))
     report["setup"]["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
     print_table(report)
     headline = report["cases"][HEADLINE]
@@ -145,20 +148,27 @@ def worker(settings: dict[str, Any]) -> dict[str, Any] | None:
     env = init_distributed("cpu", timeout_s=300)
     torch.set_num_threads(1)
     try:
+        layout = Layout.for_world(env.world_size).build(env, timeout_s=300)  # data parallel only
         cases = build_cases(settings)
         plans = {(c.name, m): plan(c, m, settings["seed"]) for c in cases for m in methods_for(c)}
         if not all(plans.values()):
             raise SystemExit("a dataset is too small for one step of B sequences; add sequences")
         for case in cases:  # warm-up: first calls of every kernel, allocator growth
             for method in methods_for(case):
-                run(case, method, plans[case.name, method][:2], env, min_seconds=0.0)
+                run(case, method, plans[case.name, method][:2], layout, env, min_seconds=0.0)
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for case in cases:
             # Case by case: each case's methods alternate round by round, which is what its
             # ratios compare; rounds of different cases need not sit together.
             sides = {
                 method: partial(
-                    run, case, method, plans[case.name, method], env, settings["side_seconds"]
+                    run,
+                    case,
+                    method,
+                    plans[case.name, method],
+                    layout,
+                    env,
+                    settings["side_seconds"],
                 )
                 for method in methods_for(case)
             }
@@ -179,10 +189,10 @@ def build_model(name: str) -> nn.Module:
 
 
 def run(
-    case: Case, method: str, steps: list[Step], env: DistEnv, min_seconds: float
+    case: Case, method: str, steps: list[Step], layout: Layout, env: DistEnv, min_seconds: float
 ) -> dict[str, Any]:
     """Train whole epochs of `steps` until `min_seconds` have passed; the side's figures."""
-    model = wrap_data_parallel(build_model(case.model), env)
+    model = parallelize(build_model(case.model), layout, env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     last_grad = [0.0]
     for parameter in model.parameters():
@@ -233,15 +243,22 @@ def any_rank_done(mine: bool, env: DistEnv) -> bool:
     return all_reduce_sum(torch.tensor([float(mine)]), env).item() > 0
 
 
-def train_step(model: nn.Module, case: Case, step: Step, env: DistEnv, pack: bool) -> torch.Tensor:
+def train_step(
+    model: ParallelModel, case: Case, step: Step, env: DistEnv, pack: bool
+) -> torch.Tensor:
     """Forward and backward of this rank's micro-batches; [real tokens, slots] computed."""
     counts = torch.zeros(2, dtype=torch.float64)
     mine = step.batches[env.rank]
     for index, indices in enumerate(mine):
         chosen = [case.sequences[i] for i in indices]
         batch = (pack_collate if pack else collate)(chosen, step.step_tokens)
-        with gradient_sync(model, enabled=index == len(mine) - 1):
-            (loss_sum(model, batch) * env.world_size / step.step_tokens).backward()
+        model.forward_backward(
+            batch.tokens,
+            batch.targets,
+            step.step_tokens,
+            sync=index == len(mine) - 1,  # replicas average once, after the last micro-batch
+            **batch.model_kwargs(env.device),
+        )
         counts += torch.tensor([batch.n_tokens, batch.n_slots], dtype=torch.float64)
     return counts
 
@@ -253,16 +270,6 @@ def print_round(case: Case, rounds: int, index: int, results: dict[str, dict[str
     shown["A/A"] = tokens_per_s[TWIN] / ours
     line = round_line(index, rounds, tokens_per_s, "tokens/s", shown)
     print(f"{case.name}: {line}", flush=True)
-
-
-def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = model(batch.tokens, **batch.model_kwargs(batch.tokens.device))
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        batch.targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 # ---- the report ------------------------------------------------------------------------------
