@@ -9,6 +9,7 @@ keys, the flags and `shardwise train --help` can never drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import tomllib
 from pathlib import Path
@@ -27,6 +28,7 @@ from pydantic import (
 from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout, check_microbatches
+from shardwise.parallel.sync.options import SyncOptions
 
 
 class TrainConfig(BaseModel):
@@ -97,9 +99,41 @@ class TrainConfig(BaseModel):
         description="Module names where pipeline stages begin, comma-separated "
         "(e.g. blocks.2). Default: balanced automatically by profiling.",
     )
-    sync: Literal["allreduce"] = Field(
+    sync: Literal["allreduce", "local-sgd", "diloco"] = Field(
         "allreduce",
-        description="How data-parallel replicas agree: allreduce averages gradients every step.",
+        description="How data-parallel replicas agree: allreduce averages gradients every step; "
+        "local-sgd averages parameters every --sync-every steps; diloco feeds that average to "
+        "an outer Nesterov SGD.",
+    )
+    sync_every: int = Field(
+        8, ge=1, description="Optimizer steps between parameter exchanges (local-sgd, diloco)."
+    )
+    sync_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps of every-step gradient all-reduce before local steps begin "
+        "(local-sgd, diloco: post-local SGD).",
+    )
+    outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate.")
+    outer_momentum: float = Field(
+        0.9, ge=0, lt=1, description="DiLoCo's outer Nesterov momentum (0: plain outer SGD)."
+    )
+    outer_bf16: bool = Field(
+        False, description="Send DiLoCo's averaged pseudo-gradient in bfloat16."
+    )
+    grad_compression: Literal["none", "bf16", "fp16", "powersgd"] = Field(
+        "none",
+        description="Compress --sync allreduce's gradients through DDP comm hooks "
+        "(whole-model replicas only).",
+    )
+    powersgd_rank: int = Field(4, ge=1, description="Rank of PowerSGD's low-rank gradient factors.")
+    powersgd_warmup_steps: int = Field(
+        10,
+        ge=2,
+        description="Uncompressed steps before PowerSGD starts (PyTorch needs at least 2).",
+    )
+    bucket_mb: float = Field(
+        25.0, gt=0, description="Megabytes of gradients per DDP all-reduce bucket."
     )
     timeout_s: float = Field(
         300.0, gt=0, description="Seconds before a missing or hung peer becomes an error."
@@ -170,7 +204,30 @@ class TrainConfig(BaseModel):
                 f"{self.pp - 1}"
             )
         self._check_model_parallel_rules()
+        self._check_sync_rules()
         return self
+
+    def _check_sync_rules(self) -> None:
+        if self.grad_compression != "none" and self.sync != "allreduce":
+            raise ValueError(
+                f"--grad-compression {self.grad_compression} compresses --sync allreduce's "
+                f"gradients; --sync {self.sync} sends parameters: drop --grad-compression"
+            )
+        if self.grad_compression != "none" and self.model_parallel > 1:
+            raise ValueError(
+                "--grad-compression works through DDP, which only whole-model replicas use; "
+                "drop it, or use --pp 1 --tp 1"
+            )
+        if self.sync != "allreduce" and self.tp > 1:
+            raise ValueError(
+                f"--sync {self.sync} does not average tensor-parallel shards yet; use --tp 1 "
+                "or --sync allreduce"
+            )
+        if self.sync != "allreduce" and self.precision == "fp16":
+            raise ValueError(
+                f"--sync {self.sync} lets replicas step apart, so their fp16 loss scales would "
+                "drift apart; use --precision bf16 or --sync allreduce"
+            )
 
     def _check_model_parallel_rules(self) -> None:
         # Checked here rather than in the workers, so a bad combination fails in the launcher
@@ -191,6 +248,12 @@ class TrainConfig(BaseModel):
         config.layout(4).dp   # 2 with --pp 2
         """
         return Layout.for_world(world_size, dp=self.dp, pp=self.pp, tp=self.tp)
+
+    def sync_options(self) -> SyncOptions:
+        """The synchronisation strategy's settings: the flags of the same names."""
+        return SyncOptions(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(SyncOptions)}
+        )
 
     @property
     def packs_rows(self) -> bool:
@@ -242,6 +305,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "schedule",
         "split_points",
         "sync",
+        "sync_every",
+        "sync_warmup_steps",
+        "outer_lr",
+        "outer_momentum",
+        "outer_bf16",
+        "grad_compression",
+        "powersgd_rank",
+        "powersgd_warmup_steps",
+        "bucket_mb",
         "timeout_s",
     ),
     "Optimisation": (

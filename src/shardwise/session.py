@@ -25,7 +25,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from shardwise.checkpoint import TrainerState, agree_on_checkpoint, load_checkpoint, save_checkpoint
+from shardwise.checkpoint import (
+    SyncState,
+    TrainerState,
+    agree_on_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from shardwise.config import TrainConfig, load_config
 from shardwise.data.device_loader import DeviceLoader, device_loader
 from shardwise.distributed import (
@@ -39,13 +45,15 @@ from shardwise.loss import count_targets
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
+from shardwise.parallel.sync import sync_strategy
 from shardwise.partition import plan_stages, shared_plan
 from shardwise.precision import Precision
 
 # The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's.
 SESSION_KEYS = (
     "dp", "pp", "tp", "microbatches", "schedule", "split_points", "sync", "precision", "device",
-    "seed", "timeout_s",
+    "seed", "timeout_s", "sync_every", "sync_warmup_steps", "outer_lr", "outer_momentum",
+    "outer_bf16", "grad_compression", "powersgd_rank", "powersgd_warmup_steps", "bucket_mb",
 )  # fmt: skip
 
 
@@ -95,7 +103,7 @@ class Session:
             cuts=cuts or config.split_points or [],
             schedule=config.schedule,
             microbatches=config.microbatches,
-            sync=config.sync,
+            sync=sync_strategy(config.sync, config.sync_options()),
             autocast=self.precision.autocast,
             backward=self.precision.backward,
         )
@@ -157,6 +165,13 @@ class Session:
         if model is not None:
             model.strategy.after_step(model.module, self.layout)
 
+    def finish(self, model: ParallelModel) -> None:
+        """After the last optimizer step: bring replicas that train apart to one model.
+
+        session.finish(model)   # local SGD / DiLoCo: a last exchange if the period is open
+        """
+        model.strategy.finish(model.module, self.layout)
+
     def loader(
         self, dataset: Dataset, batch_size: int, shuffle: bool = True, **kwargs: Any
     ) -> DeviceLoader:
@@ -186,11 +201,13 @@ class Session:
         path = session.save("checkpoints", model, optimizer, step=100)
 
         Keys are the names your model gives its parameters (no "module." prefix); any other
-        world size or layout loads it. Every rank must call it.
+        world size or layout loads it (with local-sgd or diloco: the same data-parallel degree,
+        since each replica's own weights and optimizer state are kept). Every rank must call it.
         """
         state = state or TrainerState(step=step)
         state.world_size, state.scaler = self.world_size, self.precision.state_dict()
-        return save_checkpoint(Path(directory), _part(model), optimizer, state, self.env)
+        sync = self._sync_state(model)
+        return save_checkpoint(Path(directory), _part(model), optimizer, state, self.env, sync)
 
     def load(
         self,
@@ -210,9 +227,19 @@ class Session:
         path = Path(path)
         if not verified:
             path, _ = agree_on_checkpoint(path, self.env)
-        state = load_checkpoint(path, _part(model), optimizer, self.env, verify=False)
+        sync = self._sync_state(model)
+        state = load_checkpoint(path, _part(model), optimizer, self.env, verify=False, sync=sync)
+        if isinstance(model, ParallelModel):
+            model.strategy.load_state_dict(sync.tensors)
         self.precision.load_state_dict(state.scaler)
         return state
+
+    def _sync_state(self, model: nn.Module) -> SyncState:
+        """The strategy's tensors, and whether this replica's own copy of the rest is kept."""
+        if not isinstance(model, ParallelModel):
+            return SyncState()
+        replica = self.layout.dp_rank if model.strategy.replicas_differ else None
+        return SyncState(model.strategy.state_dict(), replica)
 
     def no_sync(self, model: nn.Module, accumulating: bool = True) -> Any:
         """Skip the gradient all-reduce while `accumulating` (inner micro-steps)."""

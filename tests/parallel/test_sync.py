@@ -26,6 +26,7 @@ class RecordingStrategy(AllReduceEveryStep):
     name = "recording"
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[str] = []
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:

@@ -54,6 +54,8 @@ def test_settings_that_may_change_are_applied_and_listed(corpus: Path, run: Path
         ({"warmup_steps": 0}, "warmup_steps was 1, now 0"),
         ({"max_len": 32}, "max_len was 64, now 32"),
         ({"model": "lstm"}, "model was 'gru', now 'lstm': the checkpoint holds another model's"),
+        ({"sync": "diloco"}, "sync was 'allreduce', now 'diloco': the checkpoint holds another"),
+        ({"sync_every": 4}, "sync_every was 8, now 4: replicas would meet at other steps"),
     ],
 )
 def test_settings_that_would_make_another_run_are_refused(

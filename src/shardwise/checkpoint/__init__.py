@@ -31,7 +31,7 @@ from shardwise.checkpoint.find import (
 from shardwise.checkpoint.load import load_checkpoint, load_model_weights, verify_checkpoint
 from shardwise.checkpoint.manifest import MANIFEST_FILE, verify_manifest
 from shardwise.checkpoint.metadata import METADATA_FILE, read_metadata
-from shardwise.checkpoint.save import checkpoint_name, save_checkpoint
+from shardwise.checkpoint.save import SyncState, checkpoint_name, save_checkpoint
 from shardwise.checkpoint.state import STATE_FILE, TrainerState, read_state
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "METADATA_FILE",
     "STATE_FILE",
     "CheckpointRejected",
+    "SyncState",
     "TrainerState",
     "agree_on_checkpoint",
     "candidates",

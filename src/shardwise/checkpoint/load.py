@@ -10,6 +10,7 @@ only, the trainer state is schema-checked JSON and RNG states are safetensors.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from shardwise.checkpoint.errors import CheckpointRejected
 from shardwise.checkpoint.manifest import check_regular_file, verify_manifest
 from shardwise.checkpoint.metadata import SafeFileSystemReader, read_metadata
-from shardwise.checkpoint.save import checkpoint_name, rng_file, split_optimizer_state
+from shardwise.checkpoint.save import (
+    SyncState,
+    checkpoint_name,
+    replica_key,
+    rng_file,
+    split_optimizer_state,
+)
 from shardwise.checkpoint.state import TrainerState, read_state
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError, first_line
@@ -48,19 +55,27 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     env: DistEnv,
     verify: bool = True,
+    sync: SyncState | None = None,
 ) -> TrainerState:
     """Restore model, optimizer and this rank's RNG from `path`; returns the trainer state.
 
-    `verify=False` when another rank already verified the same files moments ago.
+    `verify=False` when another rank already verified the same files moments ago. `sync`'s
+    tensors are filled in place; with `sync.replica` set, the model and optimizer come from
+    that replica's own copy (see `SyncState`).
     """
-    if verify:
-        state = verify_checkpoint(path)  # reads the metadata through the allow-list too
-    else:
-        state = read_state(path)
-        read_metadata(path)  # before any shard is opened, whoever verified the files
+    state = verify_checkpoint(path) if verify else read_state(path)
+    # Through the allow-list before any shard is opened, whoever verified the files.
+    metadata = read_metadata(path)
     tensors, _ = split_optimizer_state(model, optimizer)
+    sync = sync or SyncState()
+    wanted: dict = dict(tensors)
+    if sync.replica is not None:
+        _require_replica(path, metadata.state_dict_metadata, sync.replica)
+        wanted = {"replica": {replica_key(sync.replica): tensors}}
+    if sync.tensors:
+        wanted["sync"] = sync.tensors
     try:
-        _dcp_load(tensors, path)
+        _dcp_load(wanted, path)
     except _MISFIT as exc:
         raise ShardwiseError(
             f"--resume {path}: does not fit this model and optimizer ({_root_cause(exc)})"
@@ -88,6 +103,16 @@ def load_model_weights(path: Path, model: nn.Module) -> nn.Module:
     _dcp_load(state, path, no_dist=True)
     model.load_state_dict(state["model"])
     return model
+
+
+def _require_replica(path: Path, keys: Iterable[str], dp_rank: int) -> None:
+    prefix = f"replica.{replica_key(dp_rank)}."
+    if not any(key.startswith(prefix) for key in keys):
+        raise ShardwiseError(
+            f"--resume {path}: it keeps no own weights for data-parallel replica {dp_rank}; "
+            "--sync local-sgd and diloco resume exactly only with the --sync and data-parallel "
+            "degree that saved them: resume with those"
+        )
 
 
 def optimizer_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:

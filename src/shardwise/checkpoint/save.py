@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,21 @@ from shardwise.distributed import DistEnv, barrier
 PARTIAL_SUFFIX = ".partial"
 
 
+@dataclass
+class SyncState:
+    """What the sync strategy adds to a checkpoint (tensors only).
+
+    `tensors` is the strategy's own state (`strategy.state_dict()`: a local-SGD step counter,
+    DiLoCo's anchor and outer momentum), saved under "sync". `replica` is this rank's
+    data-parallel index where replicas' weights and optimizer states differ (local SGD between
+    meetings): each replica's own copy is then saved under "replica.dp<i>" as well, since the
+    shared "model" entry holds one replica's only. None: the replicas agree.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    replica: int | None = None
+
+
 def checkpoint_name(step: int) -> str:
     """`step_00000100` for step 100."""
     return f"step_{step:08d}"
@@ -41,6 +57,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     env: DistEnv,
+    sync: SyncState | None = None,
 ) -> Path:
     """Write a checkpoint for `state.step` under `directory`; returns its final path."""
     final = directory / checkpoint_name(state.step)
@@ -50,6 +67,11 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     barrier(env)
     tensors, state.optimizer_groups = split_optimizer_state(model, optimizer)
+    sync = sync or SyncState()
+    if sync.replica is not None:  # the same tensors twice: DCP keeps one replica's "model"
+        tensors["replica"] = {replica_key(sync.replica): dict(tensors)}
+    if sync.tensors:
+        tensors["sync"] = dict(sync.tensors)
     with warnings.catch_warnings():
         # A single process has no group; DCP warns that it will save alone, as intended.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -82,6 +104,11 @@ def split_optimizer_state(
     for group in groups:
         group.pop("params")  # this rank's parameter names: rebuilt from the live optimizer
     return {"model": model_state, "optim": {"state": optim_state["state"]}}, groups
+
+
+def replica_key(dp_rank: int) -> str:
+    """Where replica `dp_rank`'s own model and optimizer state live (under "replica")."""
+    return f"dp{dp_rank}"
 
 
 def rng_file(rank: int) -> str:

@@ -30,15 +30,20 @@ from shardwise.parallel.gradients import local_grad
 _BUCKET_BYTES = 32 * 2**20
 
 
-def wrap_data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
-    """Move `model` to this rank's device and wrap it in DDP when there is more than one rank."""
+def wrap_data_parallel(model: nn.Module, env: DistEnv, bucket_mb: float = 25.0) -> nn.Module:
+    """Move `model` to this rank's device and wrap it in DDP when there is more than one rank.
+
+    `bucket_mb` is DDP's `bucket_cap_mb`: the gradient megabytes each all-reduce carries.
+    """
     model = model.to(env.device)
     if not env.distributed or env.world_size == 1:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     # gradient_as_bucket_view saves a gradient-sized copy per step; static_graph is not set
     # because user models may take different paths per batch (packed vs plain tensors).
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(
+        model, device_ids=device_ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

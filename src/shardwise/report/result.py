@@ -33,6 +33,7 @@ class RunResult:
     stages: tuple[tuple[str, ...], ...] | None  # each pipeline stage's layers; None: one stage
     device: str
     precision: str
+    sync: str  # how replicas agreed: allreduce, local-sgd or diloco
     model: str  # a built-in's name or 'package.module:factory'
     vocab_size: int  # what the model was built with: 256 bytes, or more for token ids
     steps: int

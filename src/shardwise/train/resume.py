@@ -45,6 +45,11 @@ REFUSED = {
     "seed": "the data order is part of the run",
     "batching": "the data order is part of the run",
     "sort_window": "the data order is part of the run",
+    "sync": "the checkpoint holds another synchronisation strategy's state",
+    "sync_every": "replicas would meet at other steps, mid-period state would not fit",
+    "sync_warmup_steps": "replicas would start their local steps at another step",
+    "outer_lr": "the outer optimizer's settings are part of the run",
+    "outer_momentum": "the outer optimizer's settings are part of the run",
 }
 # Not settings of the run itself; the data is compared by its tokens' fingerprint instead.
 IGNORED = {"run_dir", "resume", "overwrite", "data"}

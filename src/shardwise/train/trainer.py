@@ -133,6 +133,8 @@ class Trainer:
         self.clock.backward_done()
         window.grad_norm = session.clip_gradients(model, self.optimizer, self.config.clip_norm)
         session.step(self.optimizer, model)
+        if self.state.step + 1 == self.config.max_steps:  # before the last checkpoint is saved
+            session.finish(model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
@@ -179,6 +181,7 @@ class Trainer:
             "stages": self.stages and [list(stage.layer_names) for stage in self.stages.stages],
             "device": self.env.device.type,
             "precision": self.config.precision,
+            "sync": self.config.sync,
             "model": self.config.model,
             "vocab_size": self.corpus.vocab_size,
             "steps": self.state.step,

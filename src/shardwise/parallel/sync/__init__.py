@@ -11,7 +11,8 @@ never owns the training loop. The loop (`ParallelModel`, `Session`, the trainer)
 four hooks at the same places for every strategy, so gradient aggregation (every step, or
 compressed through DDP comm hooks), model averaging (after the optimizer step, every H steps),
 an outer optimizer (a pseudo-gradient step in `after_step`) and sharded parameters (a
-different `wrap`) each fit in one module. Today there is one: `allreduce`.
+different `wrap`) each fit in one module: `allreduce` (optionally compressed), `local-sgd`
+and `diloco`. Their settings come in one `SyncOptions`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.allreduce import AllReduceEveryStep
+from shardwise.parallel.sync.diloco import DiLoCo
+from shardwise.parallel.sync.local_sgd import PeriodicAveraging
+from shardwise.parallel.sync.options import SyncOptions
 
 
 class SyncStrategy(Protocol):
     """What the loop needs from a way of keeping the data-parallel replicas in agreement."""
 
     name: str
+    # Whether replicas' parameters or optimizer states may differ between steps: then a
+    # checkpoint keeps every replica's own copy, so that a resume is exact.
+    replicas_differ: bool
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
         """The module forward and backward run through (this rank's stage or shard inside)."""
@@ -49,6 +56,10 @@ class SyncStrategy(Protocol):
         """Called after every optimizer step."""
         ...
 
+    def finish(self, module: nn.Module, layout: Layout) -> None:
+        """Called after a run's last optimizer step: leave the replicas in agreement."""
+        ...
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep for an exact resume (tensors only)."""
         ...
@@ -56,18 +67,28 @@ class SyncStrategy(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
-SYNC_STRATEGIES: dict[str, type[SyncStrategy]] = {AllReduceEveryStep.name: AllReduceEveryStep}
+SYNC_STRATEGIES: dict[str, type[SyncStrategy]] = {
+    strategy.name: strategy for strategy in (AllReduceEveryStep, PeriodicAveraging, DiLoCo)
+}
 
 
-def sync_strategy(name: str) -> SyncStrategy:
-    """A fresh strategy named `name` (see SYNC_STRATEGIES).
+def sync_strategy(name: str, options: SyncOptions | None = None) -> SyncStrategy:
+    """A fresh strategy named `name` (see SYNC_STRATEGIES) with `options`.
 
-    >>> sync_strategy("allreduce").name
-    'allreduce'
+    >>> sync_strategy("local-sgd", SyncOptions(every=4)).options.sync_every
+    4
     """
     if name not in SYNC_STRATEGIES:
         raise ShardwiseError(f"--sync {name}: choose one of {', '.join(SYNC_STRATEGIES)}")
-    return SYNC_STRATEGIES[name]()
+    return SYNC_STRATEGIES[name](options)  # type: ignore[call-arg]
 
 
-__all__ = ["SYNC_STRATEGIES", "AllReduceEveryStep", "SyncStrategy", "sync_strategy"]
+__all__ = [
+    "SYNC_STRATEGIES",
+    "AllReduceEveryStep",
+    "DiLoCo",
+    "PeriodicAveraging",
+    "SyncOptions",
+    "SyncStrategy",
+    "sync_strategy",
+]

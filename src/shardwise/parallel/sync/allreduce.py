@@ -1,10 +1,11 @@
 """Gradient aggregation every step: the replicas average their gradients before each update.
 
-    strategy = AllReduceEveryStep()
+    strategy = AllReduceEveryStep(SyncOptions(grad_compression="bf16"))
     module = strategy.wrap(model, layout, env)   # DDP when every rank holds the whole model
 
 The right default on one fast machine: after every backward all replicas hold the same
-gradient, so they stay bit-identical. Whole-model replicas use DDP (overlap with backward);
+gradient, so they stay bit-identical. Whole-model replicas use DDP (overlap with backward,
+buckets of `bucket_mb`, compression through PyTorch's comm hooks: see compression.py);
 pipeline stages and tensor-parallel shards average after their schedule (see data_parallel).
 """
 
@@ -14,20 +15,31 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.distributed import DistEnv
 from shardwise.parallel.data_parallel import average_over_group, gradient_sync, wrap_data_parallel
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.compression import register_compression
+from shardwise.parallel.sync.options import SyncOptions
 
 
 class AllReduceEveryStep:
     """Average gradients over the data-parallel group after every step's last backward."""
 
     name = "allreduce"
+    replicas_differ = False  # every replica applies the same gradient
+
+    def __init__(self, options: SyncOptions | None = None) -> None:
+        self.options = options or SyncOptions()
+        self.powersgd = None  # PowerSGD's hook state, once registered
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
         if layout.replica_size == 1:  # the "dp" group is the whole world: DDP's default group
-            return wrap_data_parallel(module, env)
+            module = wrap_data_parallel(module, env, self.options.bucket_mb)
+            if isinstance(module, DistributedDataParallel):
+                self.powersgd = register_compression(module, self.options)
+            return module
         return module.to(env.device)
 
     def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
@@ -39,6 +51,9 @@ class AllReduceEveryStep:
 
     def after_step(self, module: nn.Module, layout: Layout) -> None:
         """Nothing: the replicas applied the same gradient, so they agree already."""
+
+    def finish(self, module: nn.Module, layout: Layout) -> None:
+        """Nothing: the replicas never differ."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -1,0 +1,95 @@
+"""Model averaging: every replica steps on its own; parameters are averaged every H steps.
+
+    strategy = PeriodicAveraging(SyncOptions(sync_every=8, sync_warmup_steps=100))
+    module = strategy.wrap(stage, layout, env)   # no DDP: backward sends nothing after warm-up
+    strategy.after_step(module, layout)          # the loop calls it after every optimizer step
+
+Post-local SGD: the first `sync_warmup_steps` steps average gradients every step (as allreduce
+does, after the backward), then the replicas train apart and meet every `sync_every` steps, when
+`average_parameters` (PyTorch's model_averaging) replaces each parameter by its mean over the
+data-parallel group. A pipeline stage averages with the same stage of the other replicas, since
+that is what its "dp" group holds. Replicas' parameters between meetings and their optimizer
+states always differ (`replicas_differ`), so a checkpoint keeps each replica's own copy.
+
+No DDP wrap: after warm-up there is nothing for DDP to overlap, and its reducer, buffer
+broadcasts and hook dispatch would run every step for nothing; the warm-up pays for that with
+an all-reduce after the backward instead of one overlapped with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+from shardwise.distributed import DistEnv
+from shardwise.parallel.data_parallel import average_over_group
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.options import SyncOptions
+
+
+class PeriodicAveraging:
+    """Local SGD: average the replicas' parameters every `options.sync_every` optimizer steps."""
+
+    name = "local-sgd"
+    replicas_differ = True
+
+    def __init__(self, options: SyncOptions | None = None) -> None:
+        self.options = options or SyncOptions()
+        self.steps = 0  # optimizer steps taken, warm-up included
+        self.group: dist.ProcessGroup | None = None
+
+    def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
+        module = module.to(env.device)
+        self.group = layout.group("dp") if layout.dp > 1 else None
+        if self.group is not None:  # start alike, as DDP makes sure of at its wrap
+            for param in owned_parameters(module):
+                dist.broadcast(param.data, group=self.group, group_src=0)
+        return module
+
+    def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the backward never communicates
+
+    def after_backward(self, module: nn.Module, layout: Layout) -> None:
+        if self.steps < self.options.sync_warmup_steps:
+            average_over_group(module.parameters(), self.group)
+
+    def after_step(self, module: nn.Module, layout: Layout) -> None:
+        self.steps += 1
+        local_steps = self.steps - self.options.sync_warmup_steps
+        if local_steps <= 0:
+            self.warming_up(module)
+        elif local_steps % self.options.sync_every == 0:
+            with torch.no_grad():
+                self.exchange(module)
+
+    def finish(self, module: nn.Module, layout: Layout) -> None:
+        """Exchange once more unless the last step just did: the run ends with one model."""
+        local_steps = self.steps - self.options.sync_warmup_steps
+        if local_steps > 0 and local_steps % self.options.sync_every != 0:
+            with torch.no_grad():
+                self.exchange(module)
+
+    def warming_up(self, module: nn.Module) -> None:
+        """After a warm-up step: nothing, the replicas applied the same gradient."""
+
+    def exchange(self, module: nn.Module) -> None:
+        """Every replica's parameters become their mean over the data-parallel group."""
+        if self.group is None:
+            return  # one replica: nothing to agree with
+        average_parameters(iter(owned_parameters(module)), self.group)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"steps": torch.tensor(self.steps, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps = int(state["steps"])
+
+
+def owned_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """This rank's parameters (not the other stages' placeholders on the meta device)."""
+    return [param for param in module.parameters() if param.device.type != "meta"]
