@@ -70,12 +70,19 @@ def test_data_parallel_loop_on_two_ranks_equals_one_rank_with_twice_the_batch() 
     assert_ranks_match(ranks, train_single("gru"))
 
 
-@pytest.mark.parametrize("kind", ["lstm", "transformer"])
-def test_pipeline_loop_on_two_stages_equals_one_process(kind: str, tmp_path: Path) -> None:
-    layout = {"pp": 2, "microbatches": 4, "split_points": ["blocks.1"]}
-    ranks = run_ranks(user_loop, world=2, args=(kind, layout, tmp_path))
-    reference = train_single(kind)
-    assert_ranks_match(ranks, reference)
+def user_loops(env: DistEnv, jobs: tuple[tuple, ...]) -> list[Trained]:
+    """Several user loops one after another on the same ranks (one process start for all)."""
+    return [user_loop(env, *job) for job in jobs]
+
+
+def test_pipeline_loops_on_two_stages_equal_one_process(tmp_path: Path) -> None:
+    given = {"pp": 2, "microbatches": 4, "split_points": ["blocks.1"]}
+    profiled = {"pp": 2, "microbatches": 2}  # no split points: rank 0's profile cuts for all
+    jobs = (("lstm", given, tmp_path), ("transformer", given, None), ("gru", profiled, None))
+    ranks = run_ranks(user_loops, world=2, args=(jobs,), timeout_s=120)
+    for (kind, _, _), results in zip(jobs, zip(*ranks, strict=True), strict=True):
+        assert_ranks_match(list(results), train_single(kind))
+    kind, reference = "lstm", train_single("lstm")
     # Written once, under the names the user's model gives its parameters: it loads whole.
     alone = Session(DistEnv(0, 1, 0, 1, torch.device("cpu")), TrainConfig(device="cpu"))
     model = tiny_model(kind)
@@ -83,11 +90,6 @@ def test_pipeline_loop_on_two_stages_equals_one_process(kind: str, tmp_path: Pat
     assert state.step == len(step_batches())
     for name, value in reference.state.items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-5, rtol=0, msg=name)
-
-
-def test_a_pipeline_without_split_points_is_cut_alike_on_every_rank() -> None:
-    ranks = run_ranks(user_loop, world=2, args=("gru", {"pp": 2, "microbatches": 2}, None))
-    assert_ranks_match(ranks, train_single("gru"))
 
 
 def test_the_loader_gives_both_stages_the_same_batches_and_replicas_different_ones() -> None:

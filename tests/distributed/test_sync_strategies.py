@@ -71,9 +71,20 @@ def sync_loop(
     return trained
 
 
-def run_sync(settings: dict[str, Any], steps: range, *args: Any, world: int = 2) -> list[Trained]:
+def sync_loops(env: DistEnv, jobs: tuple[tuple, ...]) -> list[Trained]:
+    """Several `sync_loop`s one after another on the same ranks (one process start for all)."""
+    return [sync_loop(env, *job) for job in jobs]
+
+
+def run_syncs(*jobs: tuple, world: int = 2) -> list[list[Trained]]:
+    """Each job's per-rank results; every job is `(settings, steps, *sync_loop's other args)`."""
     # Generous: two cores are shared with other jobs; the collectives still time out in 20 s.
-    return run_ranks(sync_loop, world=world, args=(settings, steps, *args), timeout_s=240)
+    ranks = run_ranks(sync_loops, world=world, args=(jobs,), timeout_s=240)
+    return [list(results) for results in zip(*ranks, strict=True)]
+
+
+def run_sync(settings: dict[str, Any], steps: range, *args: Any, world: int = 2) -> list[Trained]:
+    return run_syncs((settings, steps, *args), world=world)[0]
 
 
 def assert_each_rank_close(got: list[Trained], want: list[Trained], atol: float) -> None:
@@ -81,82 +92,98 @@ def assert_each_rank_close(got: list[Trained], want: list[Trained], atol: float)
         assert_same_state(mine.state, theirs.state, atol)
 
 
-def test_local_sgd_every_step_with_plain_sgd_equals_allreduce() -> None:
+PERIOD = {"sync_every": 2, "sync_warmup_steps": 1}
+EVERY_4 = {"sync": "local-sgd", "sync_every": 4}
+ALL_STEPS = range(len(step_batches()))
+POWERSGD = {"grad_compression": "powersgd", "powersgd_rank": 2, "powersgd_warmup_steps": 2}
+# The 2-rank runs the tests below compare, run one after another in one process start.
+JOBS: dict[str, tuple] = {
+    "local H=1 sgd": ({"sync": "local-sgd", "sync_every": 1}, range(6), "sgd"),
+    "allreduce sgd": ({"sync": "allreduce"}, range(6), "sgd"),
+    "apart": (EVERY_4, range(3)),
+    "met": (EVERY_4, range(4)),
+    "finished": (EVERY_4, range(3), "adamw", None, None, True),
+    "diloco lr 1": ({"sync": "diloco", **PERIOD, "outer_lr": 1.0, "outer_momentum": 0.0}, range(5)),
+    "local": ({"sync": "local-sgd", **PERIOD}, range(5)),
+    "diloco momentum": ({"sync": "diloco", "sync_every": 2}, range(4)),
+    "local every 2": ({"sync": "local-sgd", "sync_every": 2}, range(4)),
+    "no compression": ({"sync": "allreduce", "grad_compression": "none"}, ALL_STEPS),
+    "todays": ({"sync": "allreduce"}, ALL_STEPS),
+    "fp16": ({"sync": "allreduce", "grad_compression": "fp16"}, ALL_STEPS),
+    "powersgd": (POWERSGD, range(5)),
+}
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, list[Trained]]:
+    return dict(zip(JOBS, run_syncs(*JOBS.values()), strict=True))
+
+
+def test_local_sgd_every_step_with_plain_sgd_equals_allreduce(runs: dict) -> None:
     # Averaging parameters after one SGD step is averaging the gradients before it.
-    local = run_sync({"sync": "local-sgd", "sync_every": 1}, range(6), "sgd")
-    allreduce = run_sync({"sync": "allreduce"}, range(6), "sgd")
-    assert_each_rank_close(local, allreduce, atol=1e-6)
+    assert_each_rank_close(runs["local H=1 sgd"], runs["allreduce sgd"], atol=1e-6)
 
 
 def test_pipeline_stages_average_with_their_replicas() -> None:
     # dp 2 x pp 2: each stage averages over its own "dp" group, never with the other stage.
     layout = {"dp": 2, "pp": 2, "split_points": ["blocks.1"], "microbatches": 2}
-    local = run_sync({**layout, "sync": "local-sgd", "sync_every": 1}, range(3), "sgd", world=4)
-    allreduce = run_sync({**layout, "sync": "allreduce"}, range(3), "sgd", world=4)
+    local, allreduce = run_syncs(
+        ({**layout, "sync": "local-sgd", "sync_every": 1}, range(3), "sgd"),
+        ({**layout, "sync": "allreduce"}, range(3), "sgd"),
+        world=4,
+    )
     assert_each_rank_close(local, allreduce, atol=1e-6)
 
 
-def test_local_sgd_replicas_differ_between_meetings_and_agree_at_them() -> None:
-    apart = run_sync({"sync": "local-sgd", "sync_every": 4}, range(3))
+def test_local_sgd_replicas_differ_between_meetings_and_agree_at_them(runs: dict) -> None:
+    apart, met = runs["apart"], runs["met"]
     with pytest.raises(AssertionError):
         assert_same_state(apart[0].state, apart[1].state, atol=1e-6)
-    met = run_sync({"sync": "local-sgd", "sync_every": 4}, range(4))
     assert_same_state(met[0].state, met[1].state, atol=0)
 
 
-def test_a_run_ending_mid_period_ends_with_the_replicas_mean() -> None:
-    settings = {"sync": "local-sgd", "sync_every": 4}
-    apart = run_sync(settings, range(3))
-    finished = run_sync(settings, range(3), "adamw", None, None, True)
+def test_a_run_ending_mid_period_ends_with_the_replicas_mean(runs: dict) -> None:
+    apart = runs["apart"]
     mean = {k: (apart[0].state[k] + apart[1].state[k]) / 2 for k in apart[0].state}
-    for rank in finished:
+    for rank in runs["finished"]:
         assert_same_state(rank.state, mean, atol=1e-6)
 
 
-def test_diloco_with_outer_lr_one_and_no_momentum_equals_local_sgd() -> None:
-    period = {"sync_every": 2, "sync_warmup_steps": 1}
-    outer = {"outer_lr": 1.0, "outer_momentum": 0.0}
-    diloco = run_sync({"sync": "diloco", **period, **outer}, range(5))
-    local = run_sync({"sync": "local-sgd", **period}, range(5))
+def test_diloco_with_outer_lr_one_and_no_momentum_equals_local_sgd(runs: dict) -> None:
     # anchor - mean(anchor - local) rounds differently from mean(local): a few ulps.
-    assert_each_rank_close(diloco, local, atol=1e-6)
+    assert_each_rank_close(runs["diloco lr 1"], runs["local"], atol=1e-6)
 
 
-def test_diloco_with_momentum_differs_from_local_sgd() -> None:
-    diloco = run_sync({"sync": "diloco", "sync_every": 2}, range(4))
-    local = run_sync({"sync": "local-sgd", "sync_every": 2}, range(4))
+def test_diloco_with_momentum_differs_from_local_sgd(runs: dict) -> None:
+    diloco, local = runs["diloco momentum"], runs["local every 2"]
     assert_same_state(diloco[0].state, diloco[1].state, atol=0)  # replicas take the anchor
     with pytest.raises(AssertionError):
         assert_same_state(diloco[0].state, local[0].state, atol=1e-6)
 
 
-def test_no_compression_is_todays_path_and_fp16_is_close_to_it() -> None:
-    steps = range(len(step_batches()))
+def test_no_compression_is_todays_path_and_fp16_is_close_to_it(runs: dict) -> None:
     reference = train_single("gru", clip_norm=math.inf)
-    plain = run_sync({"sync": "allreduce", "grad_compression": "none"}, steps)
-    todays = run_sync({"sync": "allreduce"}, steps)
+    plain, todays, half = runs["no compression"], runs["todays"], runs["fp16"]
     for mine, theirs in zip(plain, todays, strict=True):
         assert_same_state(mine.state, theirs.state, atol=0)
     assert_ranks_match_weights(plain, reference, atol=1e-5)
     # PyTorch's bf16 hook needs a CUDA build with NCCL; fp16 is the same hook at another width.
-    half = run_sync({"sync": "allreduce", "grad_compression": "fp16"}, steps)
     assert_same_state(half[0].state, half[1].state, atol=0)  # still one model
     assert_ranks_match_weights(half, reference, atol=2e-3)
     with pytest.raises(AssertionError):  # and the gradients were rounded on the way
         assert_ranks_match_weights(half, reference, atol=1e-7)
 
 
+def test_powersgd_trains_replicas_alike(runs: dict) -> None:
+    ranks = runs["powersgd"]
+    assert_same_state(ranks[0].state, ranks[1].state, atol=0)
+    assert all(math.isfinite(loss) for loss in ranks[0].losses)
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this PyTorch has the bf16 hook")
 def test_bf16_compression_without_cuda_is_refused_with_the_fix() -> None:
     with pytest.raises(Exception, match=r"--grad-compression bf16: .* use --grad-compression fp16"):
         run_sync({"sync": "allreduce", "grad_compression": "bf16"}, range(1))
-
-
-def test_powersgd_trains_replicas_alike() -> None:
-    settings = {"grad_compression": "powersgd", "powersgd_rank": 2, "powersgd_warmup_steps": 2}
-    ranks = run_sync(settings, range(5))
-    assert_same_state(ranks[0].state, ranks[1].state, atol=0)
-    assert all(math.isfinite(loss) for loss in ranks[0].losses)
 
 
 def assert_ranks_match_weights(ranks: list[Trained], reference: Trained, atol: float) -> None:
@@ -177,10 +204,12 @@ def test_resume_mid_period_equals_the_uninterrupted_run_bit_for_bit(
 ) -> None:
     # Warm-up step 0, local steps 1-3 (meeting after step 3), 4-6 (meeting after step 6):
     # saved after step 5, the replicas are apart and the DiLoCo anchor is step 3's.
-    whole = run_sync(settings, range(8))
-    run_sync(settings, range(5), "adamw", tmp_path)
     path = tmp_path / "step_00000005"
-    resumed = run_sync(settings, range(5, 8), "adamw", None, path)
+    whole, _, resumed = run_syncs(  # in order: the save comes before the resume
+        (settings, range(8)),
+        (settings, range(5), "adamw", tmp_path),
+        (settings, range(5, 8), "adamw", None, path),
+    )
     with pytest.raises(AssertionError):  # the test would not notice a lost replica otherwise
         assert_same_state(whole[0].state, whole[1].state, atol=1e-6)
     assert_each_rank_close(resumed, whole, atol=0)
