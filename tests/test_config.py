@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ShardwiseError, match="file not found"):
         load_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.timeout(10)
+def test_a_config_that_is_a_directory_or_a_pipe_is_a_one_line_error(tmp_path: Path) -> None:
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)  # reading it would block forever: nobody writes
+    for path in (tmp_path, fifo):
+        with pytest.raises(ShardwiseError, match="not a regular file; pass a TOML file"):
+            load_config(path)
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:

@@ -355,10 +355,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a config file, accepting dashed keys (as on the command line) too."""
+    if not path.is_file():  # missing, a directory, a pipe (reading would block) or a device
+        problem = "not a regular file; pass a TOML file" if path.exists() else "file not found"
+        raise ShardwiseError(f"--config {path}: {problem}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardwiseError(f"--config {path}: file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ShardwiseError(f"--config {path}: not valid TOML ({exc})") from None
     return {key.replace("-", "_"): value for key, value in raw.items()}
