@@ -35,7 +35,6 @@ from shardwise.config import TrainConfig
 from shardwise.errors import ShardwiseError, WorkerFailedError, first_line
 from shardwise.stores import (
     bind_configs,
-    check_port_free,
     free_port,
     loopback_comms,
     rendezvous_backend,
@@ -55,9 +54,8 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
     in each of them. The job's store listens on loopback for one node, else on the endpoint's
     address only (see shardwise.stores). A node whose workers do not include rank 0 gets None.
     """
+    # A given one-node endpoint's port was checked by the preflight, before anything started.
     endpoint = config.rdzv_endpoint or f"localhost:{free_port()}"
-    if config.nnodes == 1 and config.rdzv_endpoint:
-        check_port_free(endpoint)
     launch_config = _launch_config(
         nproc, endpoint, nnodes=config.nnodes, node_rank=config.node_rank, join_s=config.timeout_s
     )

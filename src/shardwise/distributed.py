@@ -100,15 +100,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (a no-op for a single process) and return it.
+def all_reduce_sum(
+    tensor: torch.Tensor, env: DistEnv, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Sum `tensor` over `group`'s ranks (None: all) in place (a no-op alone) and return it.
 
     The sum travels on `comm_device(env)` whatever device `tensor` is on: NCCL takes CUDA
     tensors only, and counters and losses are often kept on the CPU.
     """
     if env.distributed:
         travelling = tensor.to(comm_device(env))
-        dist.all_reduce(travelling, op=dist.ReduceOp.SUM)
+        dist.all_reduce(travelling, op=dist.ReduceOp.SUM, group=group)
         if travelling is not tensor:
             tensor.copy_(travelling)
     return tensor

@@ -37,7 +37,6 @@ from shardwise.data.device_loader import DeviceLoader, device_loader
 from shardwise.distributed import (
     DistEnv,
     all_reduce_sum,
-    comm_device,
     init_distributed,
     shutdown_distributed,
 )
@@ -272,11 +271,8 @@ class Session:
         return plan.cuts
 
     def _over_replicas(self, value: float) -> float:
-        total = torch.tensor([float(value)], dtype=torch.float64, device=comm_device(self.env))
-        group = self.layout.group("dp")
-        if group is not None:
-            torch.distributed.all_reduce(total, group=group)
-        return float(total)
+        total = torch.tensor([float(value)], dtype=torch.float64)
+        return float(all_reduce_sum(total, self.env, group=self.layout.group("dp")))
 
     def _over_world(self, owned: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(owned.detach().double().cpu().reshape(1), self.env)[0].float()
