@@ -1,7 +1,7 @@
-"""Typed training configuration: TOML file, then command-line flags on top.
+"""The typed training configuration: every field, its help text and its rules.
 
-    config = load_config(Path("run.toml"), overrides={"batch_size": 32})
-    config.batch_size  # 32, whatever the file said
+    config = TrainConfig(max_steps=50, pp=2)
+    config.layout(4).dp  # 2
 
 Every field carries its own help text: the CLI builds its flags from these fields, so the TOML
 keys, the flags and `shardwise train --help` can never drift apart.
@@ -10,24 +10,15 @@ keys, the flags and `shardwise train --help` can never drift apart.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import tomli_w
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shardwise.config.rules import check_model_parallel_rules, check_sync_rules
 from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
-from shardwise.errors import ShardwiseError
-from shardwise.parallel.mesh import Layout, check_microbatches
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.options import SyncOptions
 
 
@@ -203,44 +194,9 @@ class TrainConfig(BaseModel):
                 f"split_points names {len(self.split_points)} cut(s); --pp {self.pp} needs "
                 f"{self.pp - 1}"
             )
-        self._check_model_parallel_rules()
-        self._check_sync_rules()
+        check_model_parallel_rules(self)
+        check_sync_rules(self)
         return self
-
-    def _check_sync_rules(self) -> None:
-        if self.grad_compression != "none" and self.sync != "allreduce":
-            raise ValueError(
-                f"--grad-compression {self.grad_compression} compresses --sync allreduce's "
-                f"gradients; --sync {self.sync} sends parameters: drop --grad-compression"
-            )
-        if self.grad_compression != "none" and self.model_parallel > 1:
-            raise ValueError(
-                "--grad-compression works through DDP, which only whole-model replicas use; "
-                "drop it, or use --pp 1 --tp 1"
-            )
-        if self.sync != "allreduce" and self.tp > 1:
-            raise ValueError(
-                f"--sync {self.sync} does not average tensor-parallel shards yet; use --tp 1 "
-                "or --sync allreduce"
-            )
-        if self.sync != "allreduce" and self.precision == "fp16":
-            raise ValueError(
-                f"--sync {self.sync} lets replicas step apart, so their fp16 loss scales would "
-                "drift apart; use --precision bf16 or --sync allreduce"
-            )
-
-    def _check_model_parallel_rules(self) -> None:
-        # Checked here rather than in the workers, so a bad combination fails in the launcher
-        # within a second instead of after every worker has started and profiled the model.
-        if self.precision == "fp16" and self.model_parallel > 1:
-            raise ValueError(
-                "--precision fp16 is not supported with --pp or --tp above 1 yet (the stages "
-                "would have to agree on loss-scale overflows); use --precision bf16"
-            )
-        try:
-            check_microbatches(self.schedule, self.microbatches, self.pp)
-        except ShardwiseError as exc:  # pydantic reports only ValueError as a validation error
-            raise ValueError(str(exc)) from None
 
     def layout(self, world_size: int) -> Layout:
         """The degrees of this run over `world_size` ranks (dp defaulted), checked.
@@ -276,71 +232,6 @@ class TrainConfig(BaseModel):
         return tomli_w.dumps(values)
 
 
-# The sections of TrainConfig, in order (the comments in the class body): `shardwise train
-# --help` groups its flags under these titles. tests/test_cli.py checks that every field is in
-# exactly one section, so a new field cannot go missing from the help.
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "What to train on": (
-        "data",
-        "model",
-        "max_len",
-        "long_sequences",
-        "eval_fraction",
-        "batching",
-        "tokens_per_batch",
-        "packing",
-        "sort_window",
-        "corpus_cache",
-    ),
-    "Where and how wide": (
-        "nproc",
-        "device",
-        "nnodes",
-        "node_rank",
-        "rdzv_endpoint",
-        "dp",
-        "pp",
-        "tp",
-        "microbatches",
-        "schedule",
-        "split_points",
-        "sync",
-        "sync_every",
-        "sync_warmup_steps",
-        "outer_lr",
-        "outer_momentum",
-        "outer_bf16",
-        "grad_compression",
-        "powersgd_rank",
-        "powersgd_warmup_steps",
-        "bucket_mb",
-        "timeout_s",
-    ),
-    "Optimisation": (
-        "max_steps",
-        "batch_size",
-        "grad_accum",
-        "precision",
-        "clip_norm",
-        "lr",
-        "weight_decay",
-        "warmup_steps",
-        "min_lr_ratio",
-        "seed",
-    ),
-    "Run directory, checkpoints, reporting": (
-        "run_dir",
-        "checkpoint_every",
-        "resume",
-        "overwrite",
-        "log_every",
-        "num_workers",
-        "tensorboard",
-        "sample_bytes",
-    ),
-}
-
-
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """Split 'host:port' and check the port.
 
@@ -351,50 +242,3 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"rdzv_endpoint {endpoint!r} is not HOST:PORT")
     return host, int(port)
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a config file, accepting dashed keys (as on the command line) too."""
-    if not path.is_file():  # missing, a directory, a pipe (reading would block) or a device
-        problem = "not a regular file; pass a TOML file" if path.exists() else "file not found"
-        raise ShardwiseError(f"--config {path}: {problem}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ShardwiseError(f"--config {path}: not valid TOML ({exc})") from None
-    return {key.replace("-", "_"): value for key, value in raw.items()}
-
-
-def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Validate raw values into a TrainConfig, turning pydantic's report into one clear line."""
-    _reject_unknown_keys(values, source)
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        raise ShardwiseError(_describe_validation_error(exc, source)) from None
-
-
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Values from the TOML file at `path` (if any), with `overrides` (flags) taking precedence."""
-    values = read_toml(path) if path is not None else {}
-    source = f"--config {path}" if path is not None else "config"
-    return build_config({**values, **(overrides or {})}, source)
-
-
-def _reject_unknown_keys(values: dict[str, Any], source: str) -> None:
-    known = set(TrainConfig.model_fields)
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ShardwiseError(f"{source}: unknown key '{key}'{hint}")
-
-
-def _describe_validation_error(exc: ValidationError, source: str) -> str:
-    first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if not field:
-        return f"{source}: {message}"
-    flag = "--" + field.replace("_", "-")
-    return f"{source}: {field} ({flag}) = {first.get('input')!r}: {message}"
