@@ -33,9 +33,9 @@ from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.session import Session
 from shardwise.train.accounting import RunTotals, Window
 from shardwise.train.build import step_groups, stream_identity
-from shardwise.train.evaluation import held_out_loss
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
 from shardwise.train.schedule import warmup_cosine
+from shardwise.train.summary import run_summary
 from shardwise.train.timing import StepClock
 
 
@@ -112,7 +112,7 @@ class Trainer:
         if self.last_checkpoint is None:  # resumed at the end already: nothing trained
             self._save()
         assert self.last_checkpoint is not None  # for the type checker: just saved
-        return FitResult(self._summarise(started), self.last_checkpoint)
+        return FitResult(run_summary(self, started), self.last_checkpoint)
 
     def _train_step(self, micro_batches: list[Batch], window: Window) -> None:
         self.clock.start()
@@ -171,29 +171,3 @@ class Trainer:
         self.last_checkpoint = self.session.save(
             self.run_dir / "checkpoints", self.model, self.optimizer, state=self.state
         )
-
-    def _summarise(self, started: float) -> dict:
-        eval_loss = held_out_loss(self.model, self.corpus.eval, self.config.batch_size, self.env)
-        memory = all_gather_floats([peak_memory_bytes(self.env.device)], self.env)
-        return {
-            "world_size": self.env.world_size,
-            "layout": self.model.layout.to_dict(),
-            "stages": self.stages and [list(stage.layer_names) for stage in self.stages.stages],
-            "device": self.env.device.type,
-            "precision": self.config.precision,
-            "sync": self.config.sync,
-            "model": self.config.model,
-            "vocab_size": self.corpus.vocab_size,
-            "steps": self.state.step,
-            **self.totals.summary_fields(
-                wall_time_s=time.perf_counter() - started,
-                final_train_loss=self.last_loss,
-                eval_loss=eval_loss,
-                peak_rss_bytes=[int(row[0]) for row in memory],
-            ),
-            "batching": self.config.batching,
-            "data_notes": self.corpus.notes,
-            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "resume_notes": self.resume_notes,
-            "run_dir": str(self.run_dir),
-        }

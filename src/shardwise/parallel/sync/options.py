@@ -4,7 +4,7 @@
     strategy = sync_strategy("local-sgd", options)
 
 `TrainConfig.sync_options()` fills one from the run's flags of the same names; a user's own
-loop may build one directly. It lives here, not in config.py, so that `parallel/` never
+loop may build one directly. It lives here, not in the config package, so that `parallel/` never
 imports the config (which imports `data/`).
 """
 
