@@ -1,6 +1,6 @@
 """A plain single-device training loop made data parallel with shardwise (see README).
 
-    torchrun --nproc-per-node 2 examples/own_loop.py     # or: python examples/own_loop.py
+torchrun --nproc-per-node 2 examples/own_loop.py     # or: python examples/own_loop.py
 """
 
 import torch

@@ -1,6 +1,6 @@
 """The loop of own_loop.py cut into two pipeline stages with shardwise (see README).
 
-    torchrun --nproc-per-node 2 examples/own_loop_pp.py
+torchrun --nproc-per-node 2 examples/own_loop_pp.py
 """
 
 import torch

@@ -30,15 +30,23 @@ COLLECTIVE_TIMEOUT_S = 20.0
 
 
 def run_ranks(
-    worker: Callable[..., Any], world: int, args: tuple = (), timeout_s: float = 60.0
+    worker: Callable[..., Any],
+    world: int,
+    args: tuple = (),
+    timeout_s: float = 60.0,
+    per_node: int | None = None,
 ) -> list[Any]:
-    """`worker(env, *args)` on ranks 0..world-1; returns their results, indexed by rank."""
+    """`worker(env, *args)` on ranks 0..world-1; returns their results, indexed by rank.
+
+    `per_node` ranks make one pretend machine (`env.local_rank`, `env.local_world_size`), as
+    the launcher numbers them: contiguously. Default: all on one.
+    """
     source = inspect.getsourcefile(worker)
     assert source is not None, worker
     with tempfile.TemporaryDirectory(prefix="shardwise-ranks-") as out:
         context = mp.start_processes(
             _entry,
-            args=(world, free_port(), source, worker.__name__, args, out),
+            args=(world, per_node or world, free_port(), source, worker.__name__, args, out),
             nprocs=world,
             join=False,
             start_method="spawn",
@@ -56,7 +64,9 @@ def run_ranks(
         ]
 
 
-def _entry(rank: int, world: int, port: int, source: str, name: str, args: tuple, out: str) -> None:
+def _entry(
+    rank: int, world: int, per_node: int, port: int, source: str, name: str, args: tuple, out: str
+) -> None:
     torch.set_num_threads(1)  # N ranks share this machine's few cores
     dist.init_process_group(
         "gloo",
@@ -66,7 +76,7 @@ def _entry(rank: int, world: int, port: int, source: str, name: str, args: tuple
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     try:
-        env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+        env = DistEnv(rank, world, rank % per_node, per_node, torch.device("cpu"))
         result = _load(source, name)(env, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:

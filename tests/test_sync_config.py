@@ -34,6 +34,23 @@ from shardwise.parallel.sync import DiLoCo, PeriodicAveraging, SyncOptions, sync
         ({"powersgd_warmup_steps": 1}, "powersgd_warmup_steps (--powersgd-warmup-steps) = 1"),
         ({"outer_momentum": 1.0}, "outer_momentum (--outer-momentum) = 1.0"),
         ({"sync": "gossip"}, "sync (--sync) = 'gossip'"),
+        ({"sync": "async"}, "--sync async needs parameter servers: add --ps 1"),
+        ({"sync_groups": "node"}, "--sync-groups node splits local-sgd's and diloco's meetings"),
+        ({"ps": 2}, "--ps 2 serves --sync async: drop --ps"),
+        ({"sync": "async", "ps": 1, "pp": 2}, "--sync async does not work with --pp yet"),
+        (
+            {"sync": "async", "ps": 1, "nnodes": 2, "rdzv_endpoint": "h:1"},
+            "--sync async does not work with --nnodes yet (servers and workers run on one",
+        ),
+        (
+            {"sync": "async", "ps": 1, "checkpoint_every": 5},
+            "--sync async does not work with --checkpoint-every yet (the servers hold the "
+            "optimizer state, which checkpoints do not keep yet)",
+        ),
+        ({"sync": "async", "ps": 1, "resume": "runs/x"}, "does not work with --resume yet"),
+        ({"sync": "async", "ps": 1, "tp": 2}, "--sync async does not average tensor-parallel"),
+        ({"sync": "async", "ps": 1, "precision": "fp16"}, "fp16 loss scales would drift"),
+        ({"sync": "async", "ps": 1, "max_staleness": -1}, "max_staleness (--max-staleness)"),
     ],
 )
 def test_bad_sync_settings_are_refused_in_one_line(values: dict, message: str) -> None:

@@ -10,6 +10,11 @@ print. Any other exception is written to the worker's error file by torch's `@re
 the worker command's `main`, or the agent's own around a function; TORCHELASTIC_ERROR_FILE);
 the launcher raises it as a `WorkerFailedError` carrying the worker's type, message and
 traceback, so the root cause reaches the user exactly once.
+
+A failed worker group is restarted by the agent up to --max-restarts times (the workers resume
+by themselves: train/restarts.py); a user error is not retried. SIGTERM and the first Ctrl-C
+are the launcher's: it tells the workers it is a preemption and lets the agent pass SIGTERM on,
+waiting up to --preempt-grace-s for their checkpoint; a second Ctrl-C kills them at once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -26,12 +32,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shardwise.config import TrainConfig
+from shardwise.distributed import ATTEMPT_ENV
 from shardwise.errors import ShardwiseError, WorkerFailedError, first_line
 from shardwise.stores import (
     bind_configs,
@@ -39,10 +46,20 @@ from shardwise.stores import (
     loopback_comms,
     rendezvous_backend,
 )
+from shardwise.train.preemption import (
+    EXIT_STOPPED,
+    GiveUp,
+    launcher_signal_settings,
+    launcher_signals,
+    stopped_run,
+)
+from shardwise.train.restarts import AGENT_LOGS, ATTEMPT_DIR, latest_attempt
 from shardwise.train.worker import ERROR_FILE_GLOB, LAUNCHER_SUMMARY_FILE, SYS_PATH_FILE
 
 T = TypeVar("T")
-_AGENT_LOGS = "agent"
+_AGENT_LOGS = AGENT_LOGS
+_ELASTIC_LAST_CALL_S = 5
+_ELASTIC_KEEP_ALIVE_S = 2
 
 
 def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
@@ -57,9 +74,16 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
     # A given one-node endpoint's port was checked by the preflight, before anything started.
     endpoint = config.rdzv_endpoint or f"localhost:{free_port()}"
     launch_config = _launch_config(
-        nproc, endpoint, nnodes=config.nnodes, node_rank=config.node_rank, join_s=config.timeout_s
+        nproc,
+        endpoint,
+        nnodes=config.nnodes,
+        min_nodes=config.min_nodes,
+        node_rank=config.node_rank,
+        join_s=config.timeout_s,
+        max_restarts=config.max_restarts,
+        grace_s=config.preempt_grace_s,
     )
-    with _agent(launch_config, config.nnodes) as folder:
+    with _agent(launch_config, config.nnodes) as folder, launcher_signals(folder):
         # -P: the working directory stays off the worker's path (see shardwise/__main__.py); the
         # worker then takes this process's sys.path from the folder, as a spawned one would.
         (folder / SYS_PATH_FILE).write_text(json.dumps(sys.path), encoding="utf-8")
@@ -68,13 +92,28 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
             elastic_launch(launch_config, sys.executable)(*command)
         except RendezvousError as exc:
             raise ShardwiseError(
-                f"rendezvous at {endpoint}: the {config.nnodes} nodes did not all join within "
+                f"rendezvous at {endpoint}: the {config.min_nodes or config.nnodes} nodes did not "
+                f"all join within "
                 f"{config.timeout_s:g}s ({type(exc).__name__}); start `shardwise train` on every "
                 "node with the same --nnodes and --rdzv-endpoint"
             ) from None
+        except SignalException as exc:  # ours (see launcher_signals), or SIGHUP or SIGQUIT
+            if _rank_zero_summary(folder) is None:  # else it finished within the grace period
+                raise stopped_run(folder, exc.sigval, config.run_dir) from None
+        except GiveUp:
+            raise _user_error(folder) from None
         # A command returns nothing through the agent: each worker left its summary here.
-        rank_zero = folder / LAUNCHER_SUMMARY_FILE.format(rank=0)
-        return json.loads(rank_zero.read_text(encoding="utf-8")) if rank_zero.exists() else None
+        summary = _rank_zero_summary(folder)
+        if summary is None:  # a node without rank 0, or workers stopped by a signal to them
+            stop = stopped_run(folder, signal.SIGINT, config.run_dir)
+            if stop.checkpoint is not None:
+                raise stop
+        return summary
+
+
+def _rank_zero_summary(folder: Path) -> dict | None:
+    rank_zero = folder / LAUNCHER_SUMMARY_FILE.format(rank=0)
+    return json.loads(rank_zero.read_text(encoding="utf-8")) if rank_zero.exists() else None
 
 
 def launch(fn: Callable[..., T], nproc: int, *args: object) -> T:
@@ -118,22 +157,37 @@ def _launch_config(
     endpoint: str,
     *,
     nnodes: int = 1,
+    min_nodes: int | None = None,
     node_rank: int | None = None,
     join_s: float | None = None,
     start_method: str = "spawn",
+    max_restarts: int = 0,
+    grace_s: float | None = None,
 ) -> LaunchConfig:
     """The agent's settings for `nproc` workers here, of `nnodes` nodes meeting at `endpoint`.
 
     A given `node_rank` fixes this node's place (static rendezvous); else the rendezvous
-    assigns it. No restarts: a failed worker fails the run, reported by its root cause.
+    assigns it. With `min_nodes` below `nnodes` the job is elastic: a rendezvous closes with
+    `min_nodes` or more once no other node joined for a few seconds, so the survivors of a lost
+    node restart without it, and a node that arrives later makes the agents restart the group
+    with it (that restart does not count against `max_restarts`). A failed group is restarted
+    `max_restarts` times, then the run fails, reported by its root cause. With `grace_s`
+    SIGTERM and SIGINT are left to the launcher (see preemption.launcher_signals), and a
+    stopped worker gets that long before it is killed.
     """
     rdzv_configs: dict[str, object] = dict(bind_configs(endpoint, nnodes))
     if join_s is not None:
         rdzv_configs["join_timeout"] = int(join_s)
     if node_rank is not None:
         rdzv_configs["rank"] = node_rank
+    if min_nodes is not None and min_nodes < nnodes:
+        # The survivors of a lost node wait for it to be declared dead (no keep-alive for
+        # interval x attempts; torch: 5 s x 3), then for more nodes to join (torch: 30 s).
+        rdzv_configs["keep_alive_interval"] = _ELASTIC_KEEP_ALIVE_S
+        rdzv_configs["keep_alive_max_attempt"] = 3
+        rdzv_configs["last_call_timeout"] = _ELASTIC_LAST_CALL_S
     return LaunchConfig(
-        min_nodes=nnodes,
+        min_nodes=min_nodes or nnodes,
         max_nodes=nnodes,
         nproc_per_node=nproc,
         # Every node of a job must name the same run; one node's job needs no shared name.
@@ -141,9 +195,10 @@ def _launch_config(
         rdzv_backend=rendezvous_backend(static=node_rank is not None),
         rdzv_endpoint=endpoint,
         rdzv_configs=rdzv_configs,
-        max_restarts=0,
+        max_restarts=max_restarts,
         monitor_interval=0.1,
         start_method=start_method,
+        **(launcher_signal_settings(grace_s) if grace_s is not None else {}),
     )
 
 
@@ -162,10 +217,39 @@ def _agent(launch_config: LaunchConfig, nnodes: int) -> Iterator[Path]:
         try:
             yield Path(folder)
         except ChildFailedError as exc:
-            raise _root_cause(exc, Path(folder)) from None
+            restarts = latest_attempt(Path(folder))
+            attempt = Path(folder, ATTEMPT_DIR.format(attempt=restarts))
+            error = _root_cause(exc, attempt, Path(folder, _AGENT_LOGS))
+            raise _after_restarts(error, restarts, launch_config.max_restarts) from None
+        finally:
+            # The rendezvous numbered this job's attempts for its workers (stores.py); a later
+            # run in this process, one without the agent above all, must not read them.
+            os.environ.pop(ATTEMPT_ENV, None)
 
 
-def _root_cause(exc: ChildFailedError, error_dir: Path) -> ShardwiseError:
+def _after_restarts(error: ShardwiseError, restarts: int, limit: int) -> ShardwiseError:
+    """The root cause, saying that restarting the workers did not cure it."""
+    if restarts == 0:
+        return error
+    text = f"{error} (still failing after {restarts} restart(s), --max-restarts {limit})"
+    if isinstance(error, WorkerFailedError):
+        return WorkerFailedError(text, worker_traceback=error.worker_traceback)
+    return ShardwiseError(text)
+
+
+def _user_error(folder: Path) -> ShardwiseError:
+    """The user error a worker reported in this attempt, as the one line it wrote."""
+    attempt = folder / ATTEMPT_DIR.format(attempt=latest_attempt(folder))
+    for path in sorted(attempt.glob(ERROR_FILE_GLOB)):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not report["peer_lost"]:
+            return ShardwiseError(report["message"])
+    return ShardwiseError("a worker stopped on a user error it did not describe; see above")
+
+
+def _root_cause(
+    exc: ChildFailedError, error_dir: Path, agent_logs: Path | None = None
+) -> ShardwiseError:
     """The error to raise for a failed run: the root cause, never a peer it took down.
 
     A user error wins (its one line, as the worker wrote it); then the worker the agent saw fail,
@@ -183,11 +267,12 @@ def _root_cause(exc: ChildFailedError, error_dir: Path) -> ShardwiseError:
     failures = sorted(exc.failures.items())
     for rank, failure in failures:
         # The agent stops the surviving workers with SIGTERM; those are not the cause.
-        if _recorded(failure) or (rank not in reports and failure.exitcode != -signal.SIGTERM):
+        stopped = failure.exitcode in (-signal.SIGTERM, EXIT_STOPPED)
+        if _recorded(failure) or (rank not in reports and not stopped):
             return _worker_failure(rank, failure)
     # The agent returns only the worker it saw fail first, which may be a rank that merely lost
     # its peer while the one that raised was still exiting: every worker's error file counts.
-    raised = _recorded_elsewhere(failures, error_dir / _AGENT_LOGS)
+    raised = _recorded_elsewhere(failures, agent_logs or error_dir / _AGENT_LOGS)
     if raised:
         return _worker_failure(*raised[0])
     if reports:
@@ -216,9 +301,14 @@ def _recorded_elsewhere(
     rank, failure = failures[0]
     first_global = rank - failure.local_rank  # a node's workers hold consecutive global ranks
     found = []
-    # DefaultLogsSpecs keeps each worker's error file at <run_id>/attempt_N/<local_rank>/.
-    for path in sorted(agent_logs.glob("*/attempt_*/*/error.json")):
-        if str(path) in reported or not path.parent.name.isdigit():
+    # DefaultLogsSpecs keeps each worker's error file at <run_id>/attempt_N/<local_rank>/; the
+    # last attempt's are the ones that failed the run.
+    paths = sorted(agent_logs.glob("*/attempt_*/*/error.json"))
+    last = max((path.parent.parent.name for path in paths), key=_attempt_number, default="")
+    for path in paths:
+        if str(path) in reported or path.parent.parent.name != last:
+            continue
+        if not path.parent.name.isdigit():
             continue
         local_rank = int(path.parent.name)
         try:
@@ -228,6 +318,10 @@ def _recorded_elsewhere(
         if _recorded(other):
             found.append((first_global + local_rank, other))
     return found
+
+
+def _attempt_number(name: str) -> int:
+    return int(name.removeprefix("attempt_")) if name.startswith("attempt_") else -1
 
 
 def _worker_failure(rank: int, failure: ProcessFailure) -> ShardwiseError:
@@ -252,4 +346,6 @@ def _quiet_agent_logs() -> None:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     logging.getLogger("torch.distributed.launcher").setLevel(logging.WARNING)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # "Received SIGTERM death signal, shutting down workers": we say what happened, in one line.
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)

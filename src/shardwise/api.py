@@ -18,6 +18,7 @@ from shardwise.config import TrainConfig
 from shardwise.preflight import RunPlan, preflight
 from shardwise.report.result import RunResult
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
+from shardwise.train.restarts import restart_count
 from shardwise.train.worker import run_worker
 
 
@@ -26,12 +27,14 @@ def run(config: TrainConfig) -> RunResult | None:
 
     None only on a node of a multi-node job whose workers do not include rank 0. Workers are
     started as commands, not by importing the caller's script again, so a script calling this
-    needs no `if __name__ == "__main__":` guard.
+    needs no `if __name__ == "__main__":` guard. A failed worker group is restarted
+    (`max_restarts`) and resumes by itself; SIGTERM or Ctrl-C raises `Preempted` (from
+    shardwise.train.preemption) naming the checkpoint saved, which `resume` continues.
     """
     # Fixed first so that the preflight, the lock and every worker agree on one path.
     run_dir = resolve_run_dir(config)
     config = config.model_copy(update={"run_dir": run_dir})
-    nproc = preflight(config).nproc
+    nproc = preflight(config).nproc + config.ps  # parameter servers beside the workers
     # This process outlives every worker it starts, so its lock covers the whole run.
     held = launcher_holds_lock(config)
     with hold_run_dir(config, run_dir) if held else contextlib.nullcontext():
@@ -57,7 +60,8 @@ def run_as_torchrun_worker(config: TrainConfig) -> RunResult | None:
     # train() takes rank 0's path for every rank.
     run_dir = resolve_run_dir(config)
     config = config.model_copy(update={"run_dir": run_dir})
-    with hold_run_dir(config, run_dir):
+    # Under `torchrun --max-restarts`, a restarted rank 0 continues the same run.
+    with hold_run_dir(config, run_dir, restarted=restart_count() > 0):
         return RunResult.from_summary(run_worker(config.model_dump_json()))
 
 

@@ -22,7 +22,10 @@ from pathlib import Path
 import shardwise
 from shardwise.config import SECTIONS, TrainConfig, load_config
 from shardwise.errors import ShardwiseError, WorkerFailedError
+from shardwise.train.preemption import EXIT_INTERRUPTED, Preempted
 
+# Exit statuses (README, "Exit status"): 0 done, 2 an error, 75 preempted with a checkpoint
+# (--resume continues), 128 + N stopped by signal N before one was saved, 130 aborted (Ctrl-C).
 _EXIT_USER_ERROR = 2
 # What a bare `--resume` parses to: "the run dir's newest verified checkpoint" (see _train).
 _LATEST = "latest checkpoint of --run-dir"
@@ -43,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             print(exc.worker_traceback.rstrip(), file=sys.stderr)
         print(f"shardwise: error: {exc}", file=sys.stderr, flush=True)
         return _EXIT_USER_ERROR
+    except Preempted as stop:  # SIGTERM or Ctrl-C: stopped after a step, as it says
+        print(f"shardwise: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_status
     except KeyboardInterrupt:
         print("shardwise: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
 
@@ -84,7 +90,9 @@ def _train(args: argparse.Namespace) -> int:
     }
     if overrides.get("resume") == _LATEST:
         overrides["resume"] = _run_dir_to_resume(args.config, overrides)
-    config = load_config(args.config, overrides)
+    from shardwise.slurm import apply_slurm  # inside an srun step: nodes, rank and rendezvous
+
+    config = load_config(args.config, apply_slurm(os.environ, overrides, args.config))
     if "RANK" in os.environ:  # started by the user's torchrun: this process is one worker
         from shardwise.api import run_as_torchrun_worker
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import resource
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +33,8 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    # Asynchronous runs only: the group workers and parameter servers talk over.
+    exchange: Exchange | None = None
 
     @property
     def is_main(self) -> bool:
@@ -38,6 +43,25 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Who is a worker and who a parameter server, and their own point-to-point group.
+
+    The workers' default group (their `DistEnv`) holds only the workers, so the training loop's
+    collectives never wait for a server; the servers talk to them over `group` alone.
+    """
+
+    group: dist.ProcessGroup
+    rank: int  # in `group`: workers first, then servers
+    workers: list[int]
+    servers: list[int]
+    timeout_s: float
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank in self.servers
 
 
 def resolve_device(preference: str, nproc: int | None = None) -> torch.device:
@@ -59,27 +83,93 @@ def resolve_device(preference: str, nproc: int | None = None) -> torch.device:
     return torch.device("cuda")
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
-    """Join the process group torchrun described in the environment, or run alone without one."""
+def init_distributed(device: str = "auto", timeout_s: float = 300.0, servers: int = 0) -> DistEnv:
+    """Join the process group torchrun described in the environment, or run alone without one.
+
+    With `servers` (parameter servers of an asynchronous run, the world's last ranks), workers
+    and servers each get a default group of their own, and all share `DistEnv.exchange`.
+    """
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    kind = resolve_device(device, local_world_size if "RANK" in os.environ else None)
+    launched = "RANK" in os.environ
+    kind = resolve_device(device, local_world_size - servers if launched else None)
     target = torch.device("cuda", local_rank) if kind.type == "cuda" else kind
-    if target.type == "cuda":
+    if target.type == "cuda" and local_rank < local_world_size - servers:
         torch.cuda.set_device(target)
-    else:
-        # Each local process gets its share of the cores; oversubscription slows every rank.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
-    if "RANK" in os.environ and not dist.is_initialized():
-        _init_process_group(target, rank, world_size, timeout_s)
+    elif target.type != "cuda":
+        # Each local worker gets its share of the cores; oversubscription slows every rank. A
+        # parameter server (the world's last ranks) only adds and steps: one thread.
+        server = launched and rank >= world_size - servers
+        workers_here = max(1, local_world_size - servers)
+        # The cores this process may run on (taskset, cgroup cpusets), not the machine's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(1 if server else max(1, (cores or 1) // workers_here))
+    if launched and servers:
+        return _init_with_servers(target, rank, world_size, servers, timeout_s)
+    if launched and not dist.is_initialized():
+        _init_process_group(target, rank, world_size, timeout_s, _restarted_store(timeout_s))
     return DistEnv(rank, world_size, local_rank, local_world_size, target)
 
 
-def _init_process_group(device: torch.device, rank: int, world: int, timeout_s: float) -> None:
+# Set by our rendezvous handler in the agent (stores.py) for the workers it starts.
+ATTEMPT_ENV = "SHARDWISE_ATTEMPT"
+
+
+def attempt_number() -> int:
+    """Which start of the worker group this is (0: the first), the same on every node.
+
+    The rendezvous round, where our c10d handler ran it: it also counts the restarts that
+    admit a node arriving late (--nnodes MIN:MAX), which TORCHELASTIC_RESTART_COUNT does not,
+    and which the arriving node's own agent would call its first.
+    """
+    return int(os.environ.get(ATTEMPT_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def _restarted_store(timeout_s: float) -> dist.Store | None:
+    """After an elastic restart: this attempt's own keys in the agent's store (else env://).
+
+    The agent keeps one store across restarts, so a restarted group would read the dead
+    attempt's addresses there and dial peers that are gone.
+    """
+    attempt = attempt_number()
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    client = dist.TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"shardwise/attempt{attempt}", client)
+
+
+def _init_with_servers(
+    device: torch.device, rank: int, world: int, servers: int, timeout_s: float
+) -> DistEnv:
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    workers = world - servers
+    server = rank >= workers
+    own_rank, own_size = (rank - workers, servers) if server else (rank, workers)
+    own_device = torch.device("cpu") if server else device
+    # Keys of this attempt only: the agent keeps its store across elastic restarts.
+    attempt = f"shardwise/attempt{attempt_number()}"
+    prefix = f"{attempt}/{'servers' if server else 'workers'}"
+    _init_process_group(own_device, own_rank, own_size, timeout_s, dist.PrefixStore(prefix, store))
+    group = dist.ProcessGroupGloo(
+        dist.PrefixStore(f"{attempt}/exchange", store), rank, world, timeout
+    )
+    exchange = Exchange(group, rank, list(range(workers)), list(range(workers, world)), timeout_s)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistEnv(own_rank, own_size, local_rank, local_size, own_device, exchange)
+
+
+def _init_process_group(
+    device: torch.device, rank: int, world: int, timeout_s: float, store: dist.Store | None = None
+) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    if store is not None:
+        kwargs["store"] = store
     try:
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs
@@ -89,6 +179,41 @@ def _init_process_group(device: torch.device, rank: int, world: int, timeout_s: 
             f"rank {rank}: could not join the {world}-process group within {timeout_s:g}s "
             f"({first_line(exc)}); check that every peer started and can reach MASTER_ADDR"
         ) from None
+    _delay_collectives_for_testing()
+
+
+COLLECTIVE_DELAY_ENV = "SHARDWISE_TESTING_COLLECTIVE_DELAY_S"
+
+
+def _delay_collectives_for_testing() -> None:
+    """Testing aid, the slow-link fallback where network namespaces cannot be made: with
+    SHARDWISE_TESTING_COLLECTIVE_DELAY_S=SECONDS[:MBIT], every all_reduce, all_gather and
+    broadcast called through `torch.distributed` first sleeps SECONDS plus its bytes at MBIT.
+
+    That reaches DDP's comm hooks (fp16, PowerSGD), local SGD, DiLoCo and our helpers, but not
+    plain DDP's bucket all-reduce, which its C++ reducer issues: prefer benchmarks/support/netem.
+    """
+    setting = os.environ.get(COLLECTIVE_DELAY_ENV, "")
+    if not setting or getattr(dist.all_reduce, "delay_s", None) is not None:
+        return
+    seconds, _, mbit = setting.partition(":")
+    delay_s, bytes_per_s = float(seconds), float(mbit or "inf") * 1e6 / 8
+
+    def delayed(collective: Callable[..., Any]) -> Callable[..., Any]:
+        def call(tensor: Any, *args: Any, **kwargs: Any) -> Any:  # torch's signature, unchanged
+            size = sum(t.numel() * t.element_size() for t in _tensors(tensor))
+            time.sleep(delay_s + size / bytes_per_s)
+            return collective(tensor, *args, **kwargs)
+
+        call.delay_s = delay_s  # type: ignore[attr-defined]  # marks dist as patched already
+        return call
+
+    for name in ("all_reduce", "all_gather", "broadcast"):
+        setattr(dist, name, delayed(getattr(dist, name)))
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else [t for t in value if torch.is_tensor(t)]
 
 
 def shutdown_distributed() -> None:

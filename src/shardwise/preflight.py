@@ -50,6 +50,7 @@ class RunPlan:
     layout: Layout
     stages: Plan | None  # the pipeline cut and its predictions; None for one stage
     corpus: PreparedCorpus = field(repr=False)
+    servers: int = 0  # --sync async's parameter servers, started beside the workers
 
     @property
     def cuts(self) -> list[str]:
@@ -62,6 +63,11 @@ class RunPlan:
             f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
             f"{self.layout.world_size} ranks ({self.nproc} per node on {self.nnodes} node(s))"
         ]
+        if self.servers:
+            lines.append(
+                f"plus {self.servers} parameter server(s) holding the parameters and optimizer "
+                "state (--sync async)"
+            )
         if self.stages is None:
             lines.append("one stage: every rank of a replica holds the whole model")
         else:
@@ -84,4 +90,4 @@ def preflight(config: TrainConfig) -> RunPlan:
     check_run_dir(config, config.run_dir or resolve_run_dir(config))
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
-    return RunPlan(nproc, config.nnodes, layout, stages, corpus)
+    return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps)

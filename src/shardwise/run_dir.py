@@ -101,6 +101,8 @@ def check_run_dir(config: TrainConfig, run_dir: Path) -> None:
     Writes nothing. Only the side that will hold the lock looks at it: on a shared file system
     node 0 of this very job may already hold it while another node runs its preflight.
     """
+    if config.elastic:  # a node arriving late finds its own job there; rank 0 checks as it locks
+        return
     if launcher_holds_lock(config) or rank_zero_holds_lock(config):
         holder = _live_holder(run_dir)
         if holder is not None:
@@ -109,7 +111,7 @@ def check_run_dir(config: TrainConfig, run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def hold_run_dir(config: TrainConfig, run_dir: Path) -> Iterator[Path]:
+def hold_run_dir(config: TrainConfig, run_dir: Path, restarted: bool = False) -> Iterator[Path]:
     """Own `run_dir` for the duration of the block: lock it, then apply --overwrite.
 
     with hold_run_dir(config, Path("runs/a")) as run_dir:
@@ -117,6 +119,8 @@ def hold_run_dir(config: TrainConfig, run_dir: Path) -> Iterator[Path]:
 
     Creates the directory. Refuses with the same one line as `check_run_dir` when another run
     won the race to it, or used it since the preflight. Re-entrant within one process.
+    `restarted`: a worker group the elastic agent restarted holds it again; that is the same
+    run, so its outputs are neither refused nor deleted (--overwrite applied at the start).
     """
     key = run_dir.resolve()
     if key in _held_here:
@@ -125,9 +129,10 @@ def hold_run_dir(config: TrainConfig, run_dir: Path) -> Iterator[Path]:
     descriptor = _lock(run_dir)
     _held_here[key] = descriptor
     try:
-        _check_reuse(config, run_dir)
-        if config.overwrite:
-            remove_run_outputs(run_dir)
+        if not restarted:
+            _check_reuse(config, run_dir)
+            if config.overwrite:
+                remove_run_outputs(run_dir)
         yield run_dir
     finally:
         del _held_here[key]

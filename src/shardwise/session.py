@@ -26,11 +26,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from shardwise.checkpoint import (
+    CheckpointWriter,
+    Retention,
     SyncState,
     TrainerState,
     agree_on_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    take_snapshot,
 )
 from shardwise.config import TrainConfig, load_config
 from shardwise.data.device_loader import DeviceLoader, device_loader
@@ -44,7 +46,7 @@ from shardwise.loss import count_targets
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
-from shardwise.parallel.sync import sync_strategy
+from shardwise.parallel.sync import AsyncUpdates, sync_strategy
 from shardwise.partition import plan_stages, shared_plan
 from shardwise.precision import Precision
 
@@ -53,6 +55,7 @@ SESSION_KEYS = (
     "dp", "pp", "tp", "microbatches", "schedule", "split_points", "sync", "precision", "device",
     "seed", "timeout_s", "sync_every", "sync_warmup_steps", "outer_lr", "outer_momentum",
     "outer_bf16", "grad_compression", "powersgd_rank", "powersgd_warmup_steps", "bucket_mb",
+    "sync_groups",
 )  # fmt: skip
 
 
@@ -64,6 +67,7 @@ class Session:
         self.config = config
         self.layout = config.layout(env.world_size).build(env, config.timeout_s)
         self.precision = Precision(config.precision, env.device)
+        self.checkpoints = CheckpointWriter(config.timeout_s)  # one background save at a time
 
     @property
     def device(self) -> torch.device:
@@ -156,13 +160,34 @@ class Session:
         """
         if self.precision.scaler is not None:
             self.precision.scaler.unscale_(optimizer)
+        if isinstance(model.strategy, AsyncUpdates):  # the servers clip the step's mean gradient
+            max_norm = 0.0
         return model.clip_grad_norm(max_norm)
 
     def step(self, optimizer: torch.optim.Optimizer, model: ParallelModel | None = None) -> None:
-        """The optimizer step (fp16: through the loss scaler), then the sync strategy's turn."""
+        """The optimizer step (fp16: through the loss scaler), then the sync strategy's turn.
+
+        Under --sync async the parameter servers' optimizer takes the step: the strategy pushes
+        the gradients and pulls the parameters instead, and `optimizer` is left alone.
+        """
+        if model is not None and isinstance(model.strategy, AsyncUpdates):
+            model.strategy.update(model.module)
+            return
         self.precision.step(optimizer)
         if model is not None:
             model.strategy.after_step(model.module, self.layout)
+
+    def steps_done(self, model: ParallelModel, local_steps: int, max_steps: int) -> int:
+        """The run's steps done after this rank's `local_steps`: the same, but under --sync
+        async the parameter servers' count, all workers together (a fast worker does more)."""
+        if isinstance(model.strategy, AsyncUpdates):
+            return model.strategy.global_step(max_steps)
+        return local_steps
+
+    def meets_between_steps(self, model: ParallelModel) -> bool:
+        """Whether ranks may meet in a collective mid-run (metrics windows, checkpoints): not
+        asynchronous workers, which are at different steps (they meet once, at the end)."""
+        return not isinstance(model.strategy, AsyncUpdates)
 
     def finish(self, model: ParallelModel) -> None:
         """After the last optimizer step: bring replicas that train apart to one model.
@@ -194,19 +219,32 @@ class Session:
         *,
         step: int = 0,
         state: TrainerState | None = None,
+        background: bool = False,
     ) -> Path:
         """A verified, reshardable checkpoint `directory/step_XXXXXXXX`, written once by all ranks.
 
         path = session.save("checkpoints", model, optimizer, step=100)
+        path = session.save("checkpoints", model, optimizer, step=200, background=True)
 
         Keys are the names your model gives its parameters (no "module." prefix); any other
-        world size or layout loads it (with local-sgd or diloco: the same data-parallel degree,
-        since each replica's own weights and optimizer state are kept). Every rank must call it.
+        world size or layout loads it (with local-sgd, diloco or PowerSGD: the same data-parallel
+        degree, since each replica's own weights and optimizer state, or error feedback, are
+        kept). Every rank must call it.
+        `background=True` returns once the tensors are copied to CPU memory; the files are
+        written and sealed while you train on (`path` exists from then on), and the next save,
+        `wait_for_checkpoint()` or `close()` waits for it and raises its error, if any.
+        `keep_checkpoints` in the session's config deletes older ones once a save is sealed.
         """
         state = state or TrainerState(step=step)
         state.world_size, state.scaler = self.world_size, self.precision.state_dict()
         sync = self._sync_state(model)
-        return save_checkpoint(Path(directory), _part(model), optimizer, state, self.env, sync)
+        keep = Retention(self.config.keep_checkpoints, protect=self.config.resume)
+        snapshot = take_snapshot(Path(directory), _part(model), optimizer, state, sync, keep)
+        return self.checkpoints.save(snapshot, self.env, background)
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Block until a background save is sealed; its path (None: none was in flight)."""
+        return self.checkpoints.wait()
 
     def load(
         self,
@@ -224,6 +262,7 @@ class Session:
         has just done so for this exact path); nothing loaded can run code.
         """
         path = Path(path)
+        self.checkpoints.wait()  # a save in flight may be the one asked for
         if not verified:
             path, _ = agree_on_checkpoint(path, self.env)
         sync = self._sync_state(model)
@@ -252,7 +291,8 @@ class Session:
         return float(all_reduce_sum(total, self.env)) / self.world_size
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Finish any background save, then leave the process group."""
+        self.checkpoints.wait()
         shutdown_distributed()
 
     def _planned_cuts(self, model: nn.Module, example: torch.Tensor | None) -> list[str]:

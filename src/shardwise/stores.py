@@ -39,7 +39,9 @@ from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCP
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
 from shardwise.config import parse_endpoint
+from shardwise.distributed import ATTEMPT_ENV
 from shardwise.errors import ShardwiseError, first_line
+from shardwise.waiting import waiting_for_nodes
 
 LOOPBACK = "127.0.0.1"
 C10D_BACKEND = "shardwise-c10d"
@@ -172,8 +174,24 @@ class _SharedStoreHandler(DynamicRendezvousHandler):
         # even under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
         return True
 
+    endpoint: str
+    nnodes: int
+    rounds: int = 0
+
     def next_rendezvous(self) -> RendezvousInfo:
-        info = super().next_rendezvous()
+        # Arrivals are counted in the first round only: after a restart every node is back.
+        counter = self.rendezvous_store if self.rounds == 0 else None
+        self.rounds += 1
+        # torch reads the workers' store address from round-scoped keys that rank 0 writes only
+        # in its own first round: a node arriving in a later one (--nnodes MIN:MAX) would wait
+        # for them forever. Ours is known already, and returned below.
+        self._bootstrap_store_info = self.workers_store
+        with waiting_for_nodes(counter, self.endpoint, self.nnodes) as joined:
+            info = super().next_rendezvous()
+            joined.append(info.world_size)  # nodes: fewer than nnodes after an elastic shrink
+        # The workers' attempt number (shardwise.distributed.attempt_number): the same round on
+        # every node; they inherit the agent's environment.
+        os.environ[ATTEMPT_ENV] = str(self._state_holder.state.round)
         return RendezvousInfo(info.store, info.rank, info.world_size, self.workers_store)
 
 
@@ -196,7 +214,8 @@ class _StaticStoreHandler(StaticTCPRendezvous):
     def next_rendezvous(self) -> RendezvousInfo:
         # As StaticTCPRendezvous.next_rendezvous, with the store made here instead.
         if self._own_store is None:
-            self._own_store, self._store_address = self._open_store()
+            with waiting_for_nodes(None, self.endpoint, self.world_size):
+                self._own_store, self._store_address = self._open_store()
         return RendezvousInfo(
             dist.PrefixStore(self.run_id, self._own_store),
             self.rank,
@@ -250,6 +269,7 @@ def _create_c10d_handler(params: RendezvousParameters) -> RendezvousHandler:
     )
     handler.rendezvous_store = store
     handler.workers_store = RendezvousStoreInfo(address, port)
+    handler.endpoint, handler.nnodes = params.endpoint, params.max_nodes
     return handler
 
 

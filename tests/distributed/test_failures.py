@@ -48,8 +48,15 @@ def test_a_worker_that_dies_or_hangs_fails_the_run_in_bounded_time(
 ) -> None:
     (tmp_path / "faulty_model.py").write_text(FAULTY_MODEL.replace("{fault}", fault))
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit sys.path
+    # No restarts: the failure itself must be quick (tests/distributed/test_recovery.py
+    # covers a failure that outlasts --max-restarts).
     config = quick_config(
-        corpus, tmp_path / "run", model="faulty_model:make", max_steps=50, timeout_s=4
+        corpus,
+        tmp_path / "run",
+        model="faulty_model:make",
+        max_steps=50,
+        timeout_s=4,
+        max_restarts=0,
     )
     started = time.monotonic()
     with pytest.raises(ShardwiseError, match=message):

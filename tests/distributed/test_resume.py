@@ -22,12 +22,13 @@ def copy_checkpoint(source_run: Path, step: int, target_run: Path) -> Path:
 
 def test_resumed_run_ends_exactly_like_the_uninterrupted_one(corpus: Path, tmp_path: Path) -> None:
     full = quick_config(corpus, tmp_path / "full", max_steps=6, checkpoint_every=3)
-    train(full, nproc=2)
+    uninterrupted = train(full, nproc=2)
     checkpoint = copy_checkpoint(tmp_path / "full", 3, tmp_path / "resumed")
     resumed = quick_config(corpus, tmp_path / "resumed", max_steps=6, resume=checkpoint)
     summary = train(resumed, nproc=2)
 
     assert summary["steps"] == 6
+    assert summary["tokens"] == uninterrupted["tokens"]  # the whole run's, not the last part's
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed"), 0)
     assert metrics(tmp_path / "resumed")[-1]["loss"] == metrics(tmp_path / "full")[-1]["loss"]
     # Resuming on one rank with the same global batch reads the same samples in the same order.

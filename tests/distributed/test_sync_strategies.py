@@ -16,64 +16,15 @@ import torch
 
 from helpers import quick_config, train
 from parallel_cases import (
-    LR,
     Trained,
     assert_same_state,
-    replica_share,
     step_batches,
-    tiny_model,
     train_single,
 )
-from ranks import COLLECTIVE_TIMEOUT_S, run_ranks
-from shardwise.config import TrainConfig
-from shardwise.distributed import DistEnv
-from shardwise.session import Session
+from ranks import run_ranks
+from sync_loops import sync_loop, sync_loops
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
-
-
-def sync_loop(
-    env: DistEnv,
-    settings: dict[str, Any],
-    steps: range,
-    optimizer_name: str = "adamw",
-    save_to: Path | None = None,
-    load_from: Path | None = None,
-    finish: bool = False,
-) -> Trained:
-    """Train `steps` (indices into the cycled batches); optionally resume first, save last."""
-    config = TrainConfig(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S, **settings)
-    session = Session(env, config)
-    model = session.prepare(tiny_model("gru"))
-    if optimizer_name == "sgd":  # plain SGD: no momentum, so averaging commutes with the update
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    if load_from is not None:
-        assert session.load(load_from, model, optimizer).step == steps.start
-    batches = step_batches()
-    trained = Trained(state={})
-    for step in steps:
-        batch = batches[step % len(batches)]
-        mine = replica_share(batch, session.layout.dp, session.layout.dp_rank)
-        loss = session.forward_backward(
-            model, mine.tokens, mine.targets, step_tokens=batch.step_tokens
-        )
-        session.clip_gradients(model, optimizer, 0.0)
-        session.step(optimizer, model)
-        optimizer.zero_grad()
-        trained.losses.append(float(loss))
-    if finish:
-        session.finish(model)
-    trained.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if save_to is not None:
-        session.save(save_to, model, optimizer, step=steps.stop)
-    return trained
-
-
-def sync_loops(env: DistEnv, jobs: tuple[tuple, ...]) -> list[Trained]:
-    """Several `sync_loop`s one after another on the same ranks (one process start for all)."""
-    return [sync_loop(env, *job) for job in jobs]
 
 
 def run_syncs(*jobs: tuple, world: int = 2) -> list[list[Trained]]:

@@ -35,13 +35,13 @@ USER_MODULE = textwrap.dedent("""
 """)
 
 
-def train_cli(tmp_path: Path, corpus: Path, model: str) -> subprocess.CompletedProcess:
+def train_cli(tmp_path: Path, corpus: Path, model: str, *extra: str) -> subprocess.CompletedProcess:
     """`shardwise train` on 2 CPU workers, from tmp_path so that `--model` finds usermod.py."""
     (tmp_path / "usermod.py").write_text(USER_MODULE)
     flags = "--nproc 2 --device cpu --max-steps 2 --max-len 32 --batching fixed --batch-size 4"
     command = [sys.executable, "-m", "shardwise", "train", "--model", model, "--data", str(corpus)]
     command += [*flags.split(), "--run-dir", str(tmp_path / "run"), "--no-tensorboard"]
-    command += ["--sample-bytes", "0", "--timeout-s", "20"]
+    command += ["--sample-bytes", "0", "--timeout-s", "20", *extra]
     return subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, timeout=100, check=False
     )
@@ -70,7 +70,8 @@ def test_a_factory_that_raises_in_a_worker_is_the_one_line_error(
 def test_a_forward_that_raises_is_the_error_with_its_traceback_once(
     corpus: Path, tmp_path: Path
 ) -> None:
-    result = train_cli(tmp_path, corpus, "usermod:misfit_forward")
+    # A bug is retried like any failure (--max-restarts); here it must fail at once.
+    result = train_cli(tmp_path, corpus, "usermod:misfit_forward", "--max-restarts", "0")
     assert error_line(result) == (
         "shardwise: error: worker rank 1 failed: TypeError: forward() does not fit these tokens"
     )

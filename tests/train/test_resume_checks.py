@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from helpers import final_weights, quick_config, reseal, train, write_corpus
+from shardwise.config import TrainConfig
 from shardwise.errors import ShardwiseError
+from shardwise.train.resume import _setting_changes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -117,3 +119,26 @@ def test_a_corrupted_newest_checkpoint_falls_back_and_still_ends_exactly(
     resumed = final_weights(run)
     for name, tensor in uninterrupted.items():
         assert resumed[name].equal(tensor), name
+
+
+@pytest.mark.parametrize(
+    ("saved", "changed", "refused"),
+    [
+        ({"sync": "diloco"}, {"outer_lr": 0.5}, True),
+        ({"sync": "local-sgd"}, {"outer_lr": 0.5}, False),  # local SGD has no outer optimizer
+        ({"grad_compression": "powersgd"}, {"powersgd_rank": 2}, True),
+        ({}, {"powersgd_rank": 2}, False),
+        ({"sync": "local-sgd"}, {"sync_groups": "node"}, True),
+    ],
+)
+def test_a_strategys_settings_bind_only_runs_that_used_it(
+    saved: dict, changed: dict, refused: bool, tmp_path: Path
+) -> None:
+    before, after = TrainConfig(**saved), TrainConfig(**saved, **changed)
+    if refused:
+        with pytest.raises(ShardwiseError, match=f"{next(iter(changed))} was"):
+            _setting_changes(tmp_path, before, after)
+    else:
+        assert _setting_changes(tmp_path, before, after) == [
+            f"{name}: {getattr(before, name)} -> {value}" for name, value in changed.items()
+        ]

@@ -17,8 +17,13 @@ every file's SHA-256, written last. What is trusted and how each check works:
   checked before anything is resolved; tensor items only, so no shard is ever unpickled.
 - `state.py`: the JSON state against a strict schema.
 - `find.py`: a run directory resumes from its newest checkpoint that verifies.
+- `background.py`: the same save written by a thread while training goes on (DCP async_save).
+- `disk.py`: a full disk or read-only directory is one agreed line on every rank.
+- `retention.py`: `--keep-checkpoints K` deletes older sealed ones, never the newest.
 """
 
+from shardwise.checkpoint.background import CheckpointWriter
+from shardwise.checkpoint.disk import CheckpointWriteError
 from shardwise.checkpoint.errors import CheckpointRejected
 from shardwise.checkpoint.find import (
     agree_on_checkpoint,
@@ -31,7 +36,8 @@ from shardwise.checkpoint.find import (
 from shardwise.checkpoint.load import load_checkpoint, load_model_weights, verify_checkpoint
 from shardwise.checkpoint.manifest import MANIFEST_FILE, verify_manifest
 from shardwise.checkpoint.metadata import METADATA_FILE, read_metadata
-from shardwise.checkpoint.save import SyncState, checkpoint_name, save_checkpoint
+from shardwise.checkpoint.retention import Retention
+from shardwise.checkpoint.save import SyncState, checkpoint_name, save_checkpoint, take_snapshot
 from shardwise.checkpoint.state import STATE_FILE, TrainerState, read_state
 
 __all__ = [
@@ -39,6 +45,9 @@ __all__ = [
     "METADATA_FILE",
     "STATE_FILE",
     "CheckpointRejected",
+    "CheckpointWriteError",
+    "CheckpointWriter",
+    "Retention",
     "SyncState",
     "TrainerState",
     "agree_on_checkpoint",
@@ -53,6 +62,7 @@ __all__ = [
     "read_metadata",
     "read_state",
     "save_checkpoint",
+    "take_snapshot",
     "verify_checkpoint",
     "verify_manifest",
 ]

@@ -10,47 +10,30 @@ the user named it, so nothing else is silently taken instead.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from shardwise.checkpoint.errors import CheckpointRejected
-from shardwise.checkpoint.files import OLD_SUFFIX
+from shardwise.checkpoint.listing import NAME, candidates, latest_checkpoint
 from shardwise.checkpoint.load import verify_checkpoint
-from shardwise.checkpoint.manifest import MANIFEST_FILE, is_sealed
+from shardwise.checkpoint.manifest import MANIFEST_FILE
 from shardwise.checkpoint.state import STATE_FILE, TrainerState
 from shardwise.distributed import DistEnv, broadcast_object
 from shardwise.errors import ShardwiseError
 
-_NAME = re.compile(rf"^step_(\d{{8}})({re.escape(OLD_SUFFIX)})?$")
-
-
-def candidates(directory: Path) -> list[Path]:
-    """Checkpoint directories in `directory`, newest step first.
-
-    A `step_X.old` copy (left by a replace that was cut short on a filesystem without atomic
-    exchange) counts only where `step_X` itself is gone.
-    """
-    if not directory.is_dir():
-        return []
-    by_step: dict[int, Path] = {}
-    for child in directory.iterdir():
-        match = _NAME.match(child.name)
-        if match and child.is_dir():
-            step = int(match.group(1))
-            if not match.group(2) or step not in by_step:
-                by_step[step] = child
-    return [by_step[step] for step in sorted(by_step, reverse=True)]
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The sealed checkpoint with the highest step in `directory`, if any (not verified)."""
-    return next((path for path in candidates(directory) if is_sealed(path)), None)
+__all__ = [
+    "agree_on_checkpoint",
+    "candidates",
+    "choose_checkpoint",
+    "find_checkpoint",
+    "is_checkpoint_dir",
+    "latest_checkpoint",
+]
 
 
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether `path` looks like one checkpoint rather than a run directory."""
     return (
-        bool(_NAME.match(path.name))
+        bool(NAME.match(path.name))
         or (path / MANIFEST_FILE).is_file()
         or (path / STATE_FILE).is_file()
     )

@@ -73,6 +73,7 @@ def load_checkpoint(
         _require_replica(path, metadata.state_dict_metadata, sync.replica)
         wanted = {"replica": {replica_key(sync.replica): tensors}}
     if sync.tensors:
+        _require_sync(path, metadata.state_dict_metadata, sync.tensors)
         wanted["sync"] = sync.tensors
     try:
         _dcp_load(wanted, path)
@@ -112,6 +113,16 @@ def _require_replica(path: Path, keys: Iterable[str], dp_rank: int) -> None:
             f"--resume {path}: it keeps no own weights for data-parallel replica {dp_rank}; "
             "--sync local-sgd and diloco resume exactly only with the --sync and data-parallel "
             "degree that saved them: resume with those"
+        )
+
+
+def _require_sync(path: Path, keys: Iterable[str], tensors: dict[str, torch.Tensor]) -> None:
+    # Keys that name a replica (PowerSGD's error feedback) go missing under another degree.
+    missing = sorted(set(f"sync.{key}" for key in tensors) - set(keys))
+    if missing:
+        raise ShardwiseError(
+            f"--resume {path}: it holds no {missing[0]} for this run's synchronisation; resume "
+            "with the --sync and --grad-compression settings and data-parallel degree that saved it"
         )
 
 

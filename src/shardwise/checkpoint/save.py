@@ -6,7 +6,8 @@ Every rank writes into `step_XXXXXXXX.partial/`: DCP shards with tensors only (t
 hyperparameters go to the JSON state), and its RNG state as safetensors. Each rank hashes what
 it wrote; rank 0 writes the trainer state and, last, the manifest of every file's digest, then
 swaps the directory in under its final name. A step saved again replaces the old checkpoint in
-one rename, so a kill at any instant leaves the old or the new one whole.
+one rename, so a kill at any instant leaves the old or the new one whole. A save in the
+background (`background.py`) takes the same snapshot and seals it the same way, later.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from shardwise.checkpoint.disk import SAVE_ERRORS, CheckpointWriteError, run_agreed, settle
 from shardwise.checkpoint.files import replace_directory, write_durably
 from shardwise.checkpoint.manifest import FileDigest, digest_files, write_manifest
+from shardwise.checkpoint.retention import Retention, prune
 from shardwise.checkpoint.state import STATE_FILE, TrainerState
-from shardwise.distributed import DistEnv, barrier
+from shardwise.distributed import DistEnv
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -46,6 +49,25 @@ class SyncState:
     replica: int | None = None
 
 
+@dataclass
+class Snapshot:
+    """One save, as it was when asked for: where it goes and what it holds.
+
+    The trainer goes on changing the live state while a background save writes, so the trainer
+    state is JSON and the RNG states are copies from the moment of the save.
+    """
+
+    final: Path
+    tensors: dict
+    state_json: str
+    rng: dict[str, torch.Tensor]
+    retention: Retention = field(default_factory=Retention)
+
+    @property
+    def partial(self) -> Path:
+        return self.final.with_name(self.final.name + PARTIAL_SUFFIX)
+
+
 def checkpoint_name(step: int) -> str:
     """`step_00000100` for step 100."""
     return f"step_{step:08d}"
@@ -58,34 +80,101 @@ def save_checkpoint(
     state: TrainerState,
     env: DistEnv,
     sync: SyncState | None = None,
+    retention: Retention | None = None,
 ) -> Path:
-    """Write a checkpoint for `state.step` under `directory`; returns its final path."""
-    final = directory / checkpoint_name(state.step)
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    if env.is_main:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-save
-        partial.mkdir(parents=True)
-    barrier(env)
+    """Write a checkpoint for `state.step` under `directory`; returns its final path.
+
+    A full disk or a read-only directory raises a one-line ShardwiseError on every rank, and the
+    earlier checkpoints stay as they were.
+    """
+    snapshot = take_snapshot(directory, model, optimizer, state, sync, retention)
+    return write_checkpoint(snapshot, env)
+
+
+def write_checkpoint(snapshot: Snapshot, env: DistEnv) -> Path:
+    """Write and seal `snapshot` now, on every rank; returns its final path."""
+    start_partial(snapshot, env)
+    failed = None
+    with warnings.catch_warnings():
+        # A single process has no group; DCP warns that it will save alone, as intended.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.save(snapshot.tensors, checkpoint_id=snapshot.partial)
+        except SAVE_ERRORS as exc:  # agreed on and reported by seal()
+            failed = exc
+    return seal(snapshot, env, failed=failed)
+
+
+def take_snapshot(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    sync: SyncState | None = None,
+    retention: Retention | None = None,
+) -> Snapshot:
+    """What a save of `state.step` writes, taken now (the tensors are still the live ones)."""
     tensors, state.optimizer_groups = split_optimizer_state(model, optimizer)
     sync = sync or SyncState()
     if sync.replica is not None:  # the same tensors twice: DCP keeps one replica's "model"
         tensors["replica"] = {replica_key(sync.replica): dict(tensors)}
     if sync.tensors:
         tensors["sync"] = dict(sync.tensors)
-    with warnings.catch_warnings():
-        # A single process has no group; DCP warns that it will save alone, as intended.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, checkpoint_id=partial)
-    written = [*_shards_of(partial, env.rank), rng_file(env.rank)]
-    _save_rng(partial / rng_file(env.rank))
-    digests = _gather(digest_files(partial, written), env)
-    if env.is_main:
-        write_durably(partial / STATE_FILE, state.to_json())
-        digests |= digest_files(partial, [STATE_FILE, ".metadata"])
-        write_manifest(partial, digests)
-        replace_directory(partial, final)
-    barrier(env)
-    return final
+    final = Path(directory) / checkpoint_name(state.step)
+    return Snapshot(final, tensors, state.to_json(), _rng_states(), retention or Retention())
+
+
+def start_partial(snapshot: Snapshot, env: DistEnv) -> None:
+    """Rank 0 makes an empty `.partial` directory; every rank learns whether it could."""
+
+    def make() -> None:
+        shutil.rmtree(snapshot.partial, ignore_errors=True)  # left by a run killed mid-save
+        snapshot.partial.mkdir(parents=True)
+
+    run_agreed(make if env.is_main else None, snapshot.final, env)
+
+
+def seal(
+    snapshot: Snapshot,
+    env: DistEnv,
+    group: dist.ProcessGroup | None = None,
+    failed: BaseException | None = None,
+) -> Path:
+    """After every rank wrote its shards: RNG files, digests, trainer state, manifest, rename.
+
+    `failed` is this rank's error while writing its shards. Every rank learns of any rank's
+    failure and raises the same one-line error; the `.partial` directory is then removed, so
+    the space a full disk needs comes back and nothing half-written stays.
+    """
+    partial, rank = snapshot.partial, env.rank
+    try:
+        digests: dict[str, FileDigest] = {}
+        if failed is None:
+            try:
+                _save_rng(partial / rng_file(rank), snapshot.rng)
+                digests = digest_files(partial, [*_shards_of(partial, rank), rng_file(rank)])
+            except SAVE_ERRORS as exc:
+                failed = exc
+        dumped = {name: digest.model_dump() for name, digest in digests.items()}
+        shared = settle(failed, snapshot.final, env, group, payload=dumped)
+        finish = (lambda: _finish(snapshot, shared)) if env.is_main else None
+        run_agreed(finish, snapshot.final, env, group)
+    except CheckpointWriteError:
+        if env.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return snapshot.final
+
+
+def _finish(snapshot: Snapshot, shared: list[dict]) -> None:
+    """Rank 0, once every rank's files are on disk: seal, swap in, prune."""
+    partial = snapshot.partial
+    digests = {name: FileDigest(**value) for part in shared for name, value in part.items()}
+    write_durably(partial / STATE_FILE, snapshot.state_json)
+    digests |= digest_files(partial, [STATE_FILE, ".metadata"])
+    write_manifest(partial, digests)  # last: the seal
+    replace_directory(partial, snapshot.final)
+    prune(snapshot.final, snapshot.retention)
 
 
 def split_optimizer_state(
@@ -121,25 +210,13 @@ def _shards_of(partial: Path, rank: int) -> list[str]:
     return sorted(path.name for path in partial.glob(f"__{rank}_*.distcp"))
 
 
-def _save_rng(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    states = {"cpu": torch.get_rng_state()}
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}  # a new tensor: later draws do not change it
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _save_rng(path: Path, states: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(states, str(path))
-
-
-def _gather(digests: dict[str, FileDigest], env: DistEnv) -> dict[str, FileDigest]:
-    """Every rank's digests, merged, on rank 0 (a few short strings per rank)."""
-    if not env.distributed:
-        return digests
-    gathered: list[dict | None] = [None] * env.world_size if env.is_main else []
-    dist.gather_object(
-        {name: digest.model_dump() for name, digest in digests.items()},
-        gathered if env.is_main else None,
-        dst=0,
-    )
-    merged: dict[str, FileDigest] = {}
-    for part in gathered:
-        merged.update({name: FileDigest(**value) for name, value in (part or {}).items()})
-    return merged

@@ -16,7 +16,12 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shardwise.config.rules import check_model_parallel_rules, check_sync_rules
+from shardwise.config.rules import (
+    check_elastic_rules,
+    check_model_parallel_rules,
+    check_sync_rules,
+    split_node_range,
+)
 from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.options import SyncOptions
@@ -25,7 +30,8 @@ from shardwise.parallel.sync.options import SyncOptions
 class TrainConfig(BaseModel):
     """Everything one training run needs; the resolved copy is saved as RUN_DIR/config.toml."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: no float setting means anything as NaN or inf (--lr inf, --timeout-s nan).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # What to train on.
     data: Path | None = Field(
@@ -71,7 +77,16 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks CUDA when a GPU is present."
     )
-    nnodes: int = Field(1, ge=1, description="Machines taking part (multi-node runs).")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="Machines taking part (multi-node runs); MIN:MAX is an elastic range: "
+        "after losing machines the rest restart from the newest checkpoint on as few as MIN, "
+        "with the same global batch (each rank accumulates more).",
+    )
+    min_nodes: int | None = Field(
+        None, ge=1, description="Fewest machines the run goes on with; --nnodes MIN:MAX sets it."
+    )
     node_rank: int | None = Field(
         None, ge=0, description="This machine's rank; implies static rendezvous at the endpoint."
     )
@@ -90,11 +105,12 @@ class TrainConfig(BaseModel):
         description="Module names where pipeline stages begin, comma-separated "
         "(e.g. blocks.2). Default: balanced automatically by profiling.",
     )
-    sync: Literal["allreduce", "local-sgd", "diloco"] = Field(
+    sync: Literal["allreduce", "local-sgd", "diloco", "async"] = Field(
         "allreduce",
         description="How data-parallel replicas agree: allreduce averages gradients every step; "
         "local-sgd averages parameters every --sync-every steps; diloco feeds that average to "
-        "an outer Nesterov SGD.",
+        "an outer Nesterov SGD; async pushes gradients to --ps parameter servers without "
+        "waiting for the other workers.",
     )
     sync_every: int = Field(
         8, ge=1, description="Optimizer steps between parameter exchanges (local-sgd, diloco)."
@@ -104,6 +120,11 @@ class TrainConfig(BaseModel):
         ge=0,
         description="Steps of every-step gradient all-reduce before local steps begin "
         "(local-sgd, diloco: post-local SGD).",
+    )
+    sync_groups: Literal["all", "node"] = Field(
+        "all",
+        description="node: local-sgd and diloco average gradients every step among the "
+        "replicas on one machine and meet across machines every --sync-every steps.",
     )
     outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate.")
     outer_momentum: float = Field(
@@ -123,11 +144,32 @@ class TrainConfig(BaseModel):
         ge=2,
         description="Uncompressed steps before PowerSGD starts (PyTorch needs at least 2).",
     )
+    ps: int = Field(
+        0,
+        ge=0,
+        description="Parameter servers for --sync async: extra processes beside the --nproc "
+        "workers, each holding a share of the parameters and their optimizer.",
+    )
+    max_staleness: int = Field(
+        32,
+        ge=0,
+        description="--sync async: how many updates a worker may run ahead of the slowest "
+        "before it waits (0: synchronous rounds).",
+    )
     bucket_mb: float = Field(
         25.0, gt=0, description="Megabytes of gradients per DDP all-reduce bucket."
     )
     timeout_s: float = Field(
-        300.0, gt=0, description="Seconds before a missing or hung peer becomes an error."
+        300.0,
+        ge=1,  # below a second not even the rendezvous completes
+        le=86_400,  # timedelta and the communication libraries overflow long before inf
+        description="Seconds before a missing or hung peer becomes an error (1 to 86400).",
+    )
+    heartbeat_timeout_s: float = Field(
+        15.0,
+        ge=0,
+        description="Seconds a rank may miss its heartbeat before it counts as hung and the "
+        "group is restarted or stopped, however long a step takes (0: off).",
     )
     # Optimisation.
     max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
@@ -139,15 +181,46 @@ class TrainConfig(BaseModel):
     clip_norm: float = Field(
         1.0, ge=0, description="Clip the global gradient norm to this value (0: no clipping)."
     )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A step whose loss or gradient norm is NaN or inf, before the optimizer "
+        "applies it: stop ends the run with an error naming the step and ranks; skip drops its "
+        "gradients (the step count, LR schedule and data still advance) and counts it in "
+        "metrics.jsonl and summary.json. Under fp16 an inf gradient with a finite loss is the "
+        "loss scaler's to skip.",
+    )
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a share of --lr.")
-    seed: int = Field(0, description="Seeds weights, data order and sampling.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,  # what every seeded generator accepts (numpy's legacy seed is 32-bit)
+        description="Seeds weights, data order and sampling (0 to 4294967295).",
+    )
     # Run directory, checkpoints, reporting.
     run_dir: Path | None = Field(None, description="Run directory. Default: runs/<timestamp>.")
     checkpoint_every: int = Field(
-        0, ge=0, description="Save a checkpoint every N steps (0: only at the end)."
+        0,
+        ge=0,
+        description="Save a checkpoint every N steps (0: only at the end). A group restarted "
+        "after a failure (--max-restarts) continues from the newest one, so this bounds the "
+        "steps a failure costs; without one it trains again from the start.",
+    )
+    checkpoint_async: bool = Field(
+        True,
+        description="Write checkpoints in the background: a save copies the state to CPU "
+        "memory and training goes on while a thread writes and seals it (the run's last save, "
+        "and one on SIGTERM, is waited for). Until sealed it is a .partial dir nothing resumes "
+        "from. --no-checkpoint-async: every save writes before the next step.",
+    )
+    keep_checkpoints: int = Field(
+        0,
+        ge=0,
+        description="Keep the K newest checkpoints, deleting older ones once a newer one is "
+        "sealed (0: keep all). Never deleted: the newest, the one --resume named, and any of a "
+        "higher step left by an earlier run in the same dir.",
     )
     resume: Path | None = Field(
         None, description="Resume from a checkpoint directory, or the latest one in a run dir."
@@ -159,6 +232,22 @@ class TrainConfig(BaseModel):
         "report.md, config.toml, model.safetensors and its loss, throughput and rank_step_time "
         ".png plots); your other files stay. Without it such a dir is refused, unless --resume "
         "continues the run in it.",
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times the elastic agent restarts the worker group after a worker fails; "
+        "the restarted workers resume from the run's newest verified checkpoint by themselves, "
+        "and summary.json records each restart. A user error is never retried. One process on "
+        "one machine trains without the agent and is not restarted.",
+    )
+    preempt_grace_s: float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="On SIGTERM or Ctrl-C every rank finishes its step and saves a checkpoint; "
+        "workers still running this many seconds later are killed. Keep it below your "
+        "scheduler's grace period (SLURM KillWait, Kubernetes terminationGracePeriodSeconds).",
     )
     log_every: int = Field(10, ge=1, description="Steps between metrics rows.")
     num_workers: int = Field(0, ge=0, description="Data-loading worker processes per rank.")
@@ -173,6 +262,13 @@ class TrainConfig(BaseModel):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_node_range(cls, values: object) -> object:
+        if isinstance(values, dict) and isinstance(values.get("nnodes"), str):
+            return {**values, **split_node_range(values["nnodes"], values.get("min_nodes"))}
+        return values
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
@@ -196,6 +292,7 @@ class TrainConfig(BaseModel):
             )
         check_model_parallel_rules(self)
         check_sync_rules(self)
+        check_elastic_rules(self)
         return self
 
     def layout(self, world_size: int) -> Layout:
@@ -218,6 +315,11 @@ class TrainConfig(BaseModel):
             self.model == "transformer" and self.batching == "tokens" and self.model_parallel == 1
         )
         return default if self.packing is None else self.packing
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the run may go on with fewer than --nnodes machines (--nnodes MIN:MAX)."""
+        return self.min_nodes is not None and self.min_nodes < self.nnodes
 
     @property
     def model_parallel(self) -> int:

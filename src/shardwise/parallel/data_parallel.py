@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.distributed import DistEnv
 from shardwise.parallel.gradients import local_grad
+
+if TYPE_CHECKING:  # sync/ imports this module: at run time the traffic is only duck-typed
+    from shardwise.parallel.sync.traffic import SyncTraffic
 
 # Big enough that a few all-reduces carry a step's gradients, small enough not to double memory.
 _BUCKET_BYTES = 32 * 2**20
@@ -62,14 +66,16 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def average_over_group(
-    params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None
+    params: Iterable[torch.nn.Parameter],
+    group: dist.ProcessGroup | None,
+    traffic: SyncTraffic | None = None,
 ) -> None:
     """Replace each gradient by its mean over `group` (a no-op without a group or with one rank).
 
-    average_over_group(stage.parameters(), layout.group("dp"))
+    average_over_group(stage.parameters(), layout.group("dp"), strategy.traffic)
 
     Gradients are flattened into buckets of one dtype so that a step costs a few all-reduces,
-    not one per parameter.
+    not one per parameter; each bucket's bytes are added to `traffic` when one is given.
     """
     if group is None or dist.get_world_size(group) == 1:
         return
@@ -77,6 +83,8 @@ def average_over_group(
     grads = [local_grad(p.grad) for p in params if p.grad is not None]
     for bucket in _buckets(grads):
         flat = torch.cat([g.reshape(-1) for g in bucket])
+        if traffic is not None:
+            traffic.sent(flat)
         dist.all_reduce(flat, group=group)  # a sum: gloo has no average
         flat.div_(size)
         offset = 0

@@ -129,15 +129,23 @@ class Layout:
         ranks = torch.arange(env.world_size).view(self.pp, self.dp, self.tp)
         timeout = timedelta(seconds=timeout_s)
         groups = {
-            dim: _my_group(_ranks_along(ranks, axis), env.rank, timeout)
+            dim: my_group(_ranks_along(ranks, axis), env.rank, timeout)
             for axis, dim in enumerate(DIMS)
         }
         model_ranks = [ranks[:, d, :].flatten().tolist() for d in range(self.dp)]
-        groups[MODEL] = _my_group(model_ranks, env.rank, timeout)
+        groups[MODEL] = my_group(model_ranks, env.rank, timeout)
         device_mesh = DeviceMesh.from_group(
             [groups[dim] for dim in DIMS], env.device.type, mesh=ranks, mesh_dim_names=DIMS
         )
         return replace(self, rank=env.rank, device_mesh=device_mesh, groups=groups)
+
+    def all_ranks_along(self, dim: str) -> list[list[int]]:
+        """Every group of ranks along `dim` ("pp", "dp" or "tp"), as `build` lays them out.
+
+        Layout(dp=2, pp=2).all_ranks_along("dp")   # [[0, 1], [2, 3]]
+        """
+        ranks = torch.arange(self.world_size).view(self.pp, self.dp, self.tp)
+        return _ranks_along(ranks, DIMS.index(dim))
 
     def group(self, dim: str) -> dist.ProcessGroup | None:
         """This rank's group along `dim` ("pp", "dp", "tp" or "model"); None for one process."""
@@ -169,7 +177,8 @@ def _ranks_along(ranks: torch.Tensor, axis: int) -> list[list[int]]:
     return ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
 
 
-def _my_group(all_ranks: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup:
+def my_group(all_ranks: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup:
+    """Create every group in `all_ranks` (collective: all ranks, same order); `rank`'s own."""
     # new_group is collective over the whole world: every rank creates every group, in order.
     mine = None
     for ranks in all_ranks:

@@ -18,7 +18,13 @@ from typing import Any
 
 from shardwise.checkpoint.files import replace_file
 from shardwise.report.metrics import read_metrics
-from shardwise.report.summary import KNOWN_KEYS, format_bytes, summary_rows
+from shardwise.report.summary import (
+    KNOWN_KEYS,
+    format_bytes,
+    format_traffic,
+    summary_rows,
+    sync_shares,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +90,23 @@ def _rank_section(summary: Mapping[str, Any], metrics: Sequence[Mapping[str, Any
     peak = summary.get("peak_rss_bytes")
     peak = peak if isinstance(peak, list) else []
     step_times = _mean_per_rank(metrics, "rank_step_time_s")
-    ranks = max(len(peak), len(step_times))
-    if ranks == 0:
+    sent = summary.get("sync_bytes_per_step") or []
+    columns = [
+        (title, column)
+        for title, column in (
+            ("peak memory", [format_bytes(n) for n in peak]),
+            ("mean step time", [f"{seconds:.4f} s" for seconds in step_times]),
+            ("sync bytes/step", [format_traffic(n) for n in sent]),
+            ("sync share of time", [f"{share:.1%}" for share in sync_shares(summary)]),
+        )
+        if column
+    ]
+    if not columns:
         return ""
-    header = ["rank"]
-    columns: list[list[str]] = []
-    if peak:
-        header.append("peak memory")
-        columns.append([format_bytes(n) for n in peak])
-    if step_times:
-        header.append("mean step time")
-        columns.append([f"{seconds:.4f} s" for seconds in step_times])
+    header = ["rank", *(title for title, _ in columns)]
     rows = [
-        (str(rank), *(column[rank] if rank < len(column) else "" for column in columns))
-        for rank in range(ranks)
+        (str(rank), *(column[rank] if rank < len(column) else "" for _, column in columns))
+        for rank in range(max(len(column) for _, column in columns))
     ]
     return "## Per rank\n\n" + _table(header, rows)
 

@@ -37,6 +37,7 @@ class RunResult:
     model: str  # a built-in's name or 'package.module:factory'
     vocab_size: int  # what the model was built with: 256 bytes, or more for token ids
     steps: int
+    nonfinite_steps_skipped: int  # steps with a NaN/inf loss or gradient skipped (--on-nonfinite)
     tokens: int
     tokens_per_s: float
     wall_time_s: float
@@ -47,6 +48,11 @@ class RunResult:
     imbalance: float
     rank_wait_s: tuple[float, ...]  # per rank
     wait_fraction: float | None
+    sync_bytes_per_step: tuple[float, ...]  # per rank: payload handed to collectives, run mean
+    sync_exchanges: tuple[int, ...]  # per rank: collectives (DDP buckets) that carried it
+    sync_time_s: tuple[float, ...]  # per rank: backward's end wait + exchanges after the step
+    compute_time_s: tuple[float, ...]  # per rank: the rest of the steps' time
+    sync_staleness_histogram: dict[str, int] | None  # async: {staleness: steps}, all ranks
     batching: str
     data_notes: str
     resumed_from: Path | None
@@ -54,6 +60,7 @@ class RunResult:
     run_dir: Path
     parameters: int
     sample_text: str
+    restarts: tuple[dict[str, Any], ...]  # each: time, rank, reason, resumed_from_step, steps_lost
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RunResult:
@@ -70,7 +77,8 @@ class RunResult:
                 "the summary's keys and RunResult's fields must change together"
             )
         values = dict(summary)
-        for name in ("peak_rss_bytes", "rank_wait_s", "resume_notes"):
+        per_rank = ("sync_bytes_per_step", "sync_exchanges", "sync_time_s", "compute_time_s")
+        for name in ("peak_rss_bytes", "rank_wait_s", *per_rank, "resume_notes", "restarts"):
             values[name] = tuple(values[name])
         if values["stages"] is not None:
             values["stages"] = tuple(tuple(stage) for stage in values["stages"])

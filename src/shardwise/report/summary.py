@@ -30,7 +30,7 @@ KNOWN_KEYS = frozenset(
     {
         "run_dir", "world_size", "device", "steps", "tokens", "tokens_per_s", "wall_time_s",
         "final_train_loss", "eval_loss", "peak_rss_bytes", "padding_fraction", "imbalance",
-        "wait_fraction", "data_notes", "sample_text",
+        "wait_fraction", "data_notes", "sample_text", "sync",
     }
 )  # fmt: skip
 
@@ -123,6 +123,8 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     add("padding", _percent(get("padding_fraction")))
     add("imbalance", _number(get("imbalance")))
     add("wait", _percent(get("wait_fraction")))
+    add("sync", _sync(summary))
+    add("staleness", _histogram(get("sync_staleness_histogram")))
     add("data", _notes(get("data_notes")))
     return rows
 
@@ -160,6 +162,26 @@ def format_bytes(n: float) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def format_traffic(n: float) -> str:
+    """A payload size: bytes below 1 KiB, KiB below 1 MiB, then as `format_bytes`.
+
+    format_traffic(800)        # "800 B"
+    format_traffic(49_152)     # "48.0 KiB"
+    """
+    if n < 2**10:
+        return f"{n:.0f} B"
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else format_bytes(n)
+
+
+def sync_shares(summary: Mapping[str, Any]) -> list[float]:
+    """Per rank, the share of its step time spent in synchronisation ([] if not recorded).
+
+    sync_shares({"sync_time_s": [1.0, 3.0], "compute_time_s": [3.0, 1.0]})   # [0.25, 0.75]
+    """
+    sync, compute = summary.get("sync_time_s") or [], summary.get("compute_time_s") or []
+    return [s / (s + c) if s + c > 0 else 0.0 for s, c in zip(sync, compute, strict=True)]
 
 
 def format_duration(seconds: float) -> str:
@@ -218,6 +240,25 @@ def _notes(value: Any) -> str | None:
     if not value:
         return None
     return value if isinstance(value, str) else "; ".join(map(str, value))
+
+
+def _sync(summary: Mapping[str, Any]) -> str | None:
+    # The strategy, then the mean rank's payload per step and the share of all ranks' time.
+    sent, sync = summary.get("sync_bytes_per_step"), summary.get("sync_time_s")
+    compute = summary.get("compute_time_s") or []
+    total = sum(sync or []) + sum(compute)
+    return _joined(
+        _text(summary.get("sync")),
+        f"{format_traffic(sum(sent) / len(sent))}/step a rank" if sent else None,
+        f"{sum(sync or []) / total:.1%} of step time" if total > 0 else None,
+        sep=", ",
+    )
+
+
+def _histogram(value: Any) -> str | None:
+    if not value:
+        return None
+    return ", ".join(f"{key}: {count:,}" for key, count in value.items())
 
 
 def _paren(value: str | None, unit: str) -> str | None:

@@ -8,6 +8,10 @@
 Everything here is pure: the trainer runs the two collectives (`Window.counts` summed over
 ranks, `Window.timings` gathered from every rank) and hands the results in, so rows and totals
 can be tested without processes.
+
+Synchronisation per rank: its bytes are what the strategy's `SyncTraffic` counted in the window;
+its seconds are the StepClock's wait plus the exchanges after the optimizer step that the
+traffic timed (which the StepClock had counted as compute, so they move from one to the other).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from shardwise.data.batch import Batch
+from shardwise.parallel.sync import SyncTraffic
 
 
 def step_spread(per_rank_step_s: Sequence[Sequence[float]]) -> tuple[float, float]:
@@ -61,6 +66,7 @@ class Window:
     # Kept as a tensor: reading it back each step would stall a GPU's queue.
     grad_norm: torch.Tensor | float = 0.0  # of the window's last step
     started: float = field(default_factory=time.perf_counter)
+    merged_steps: int | None = None  # see merge_steps
 
     def record_micro_step(self, loss: torch.Tensor, counted: Batch | None) -> None:
         """Add a micro-step's summed loss and the tokens of `counted` (None: a peer counts them)."""
@@ -79,14 +85,32 @@ class Window:
         if rank_costs:
             self.predicted_imbalance.append(imbalance([[cost] for cost in rank_costs]))
 
+    def merge_steps(self, run_steps: int) -> None:
+        """Time the window as one step of `run_steps`: ranks that took different numbers of
+        steps in it (asynchronous workers) then gather rows of one length and compare totals,
+        and per-step figures are per step of the run."""
+        self.compute_s, self.wait_s = [sum(self.compute_s)], [sum(self.wait_s)]
+        self.merged_steps = run_steps
+
     def counts(self) -> torch.Tensor:
         """[loss sum, tokens, slots] of this rank, to be summed over ranks."""
         loss_sum = sum(float(loss) for loss in self.losses)
         return torch.tensor([loss_sum, self.tokens, self.slots], dtype=torch.float64)
 
-    def timings(self, memory_bytes: float) -> list[float]:
-        """This rank's peak memory and per-step times, to be gathered from every rank."""
-        return [memory_bytes, *self.compute_s, *self.wait_s]
+    def timings(self, memory_bytes: float, traffic: SyncTraffic | None = None) -> list[float]:
+        """This rank's peak memory, sync traffic since the last take and per-step times.
+
+        gathered = all_gather_floats(window.timings(memory, strategy.traffic), env)
+        """
+        sent = traffic.take() if traffic is not None else SyncTraffic()
+        return [
+            memory_bytes,
+            sent.bytes,
+            sent.exchanges,
+            sent.seconds,
+            *self.compute_s,
+            *self.wait_s,
+        ]
 
     def close(
         self, counts: Sequence[float], gathered: Sequence[Sequence[float]], now: float
@@ -100,12 +124,20 @@ class Window:
             tokens=tokens,
             slots=slots,
             elapsed_s=now - self.started,
-            rank_compute_s=[list(row[1 : 1 + steps]) for row in gathered],
-            rank_wait_s=[list(row[1 + steps :]) for row in gathered],
+            rank_compute_s=[list(row[_TIMES : _TIMES + steps]) for row in gathered],
+            rank_wait_s=[list(row[_TIMES + steps :]) for row in gathered],
             rank_memory_bytes=[int(row[0]) for row in gathered],
             predicted_imbalance=sum(predicted) / len(predicted) if predicted else None,
             grad_norm=float(self.grad_norm),
+            rank_sync_bytes=[int(row[1]) for row in gathered],
+            rank_sync_exchanges=[int(row[2]) for row in gathered],
+            rank_exchange_s=[row[3] for row in gathered],
+            merged_steps=self.merged_steps,
         )
+
+
+# Where a gathered `Window.timings` row's per-step times begin: after memory and the traffic.
+_TIMES = 4
 
 
 @dataclass(frozen=True)
@@ -121,15 +153,36 @@ class WindowFigures:
     rank_memory_bytes: list[int]
     predicted_imbalance: float | None = None
     grad_norm: float = 0.0
+    rank_sync_bytes: list[int] = field(default_factory=list)  # per rank, the window's payload
+    rank_sync_exchanges: list[int] = field(default_factory=list)  # per rank
+    rank_exchange_s: list[float] = field(default_factory=list)  # per rank, after the step
+    merged_steps: int | None = None  # the run's steps in a window timed as one (async)
 
     @property
     def loss(self) -> float:
         """Token-mean training loss over the window."""
         return self.loss_sum / max(self.tokens, 1)
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps in the window."""
+        if self.merged_steps is not None:
+            return self.merged_steps
+        return len(self.rank_compute_s[0]) if self.rank_compute_s else 0
+
+    def rank_sync_s(self) -> list[float]:
+        """Per rank: seconds waiting at the end of backward plus in exchanges after the step."""
+        return [sum(w) + e for w, e in zip(self.rank_wait_s, self.rank_exchange_s, strict=True)]
+
+    def rank_compute_total_s(self) -> list[float]:
+        """Per rank: the window's step seconds that were not synchronisation."""
+        compute = self.rank_compute_s
+        return [sum(c) - e for c, e in zip(compute, self.rank_exchange_s, strict=True)]
+
     def row(self, step: int, lr: float) -> dict[str, Any]:
         """The metrics.jsonl row for this window, ending at optimizer step `step`."""
-        steps = len(self.rank_compute_s[0]) if self.rank_compute_s else 0
+        steps = self.steps
+        sync, compute = self.rank_sync_s(), self.rank_compute_total_s()
         return {
             "step": step,
             "loss": self.loss,
@@ -145,6 +198,9 @@ class WindowFigures:
             ],
             "rank_wait_s": [sum(w) for w in self.rank_wait_s],
             "rank_rss_bytes": self.rank_memory_bytes,
+            "sync_bytes_per_step": [sent / max(steps, 1) for sent in self.rank_sync_bytes],
+            "rank_sync_s": sync,
+            "rank_sync_share": [_share(s, c) for s, c in zip(sync, compute, strict=True)],
         }
 
 
@@ -159,6 +215,11 @@ class RunTotals:
     mean_s: float = 0.0  # summed over steps: the mean rank's compute
     rank_compute_s: list[float] = field(default_factory=list)  # per rank
     rank_wait_s: list[float] = field(default_factory=list)  # per rank
+    steps: int = 0
+    rank_sync_bytes: list[float] = field(default_factory=list)  # per rank
+    rank_sync_exchanges: list[float] = field(default_factory=list)  # per rank
+    rank_sync_s: list[float] = field(default_factory=list)  # per rank: wait + exchanges
+    rank_sync_compute_s: list[float] = field(default_factory=list)  # per rank: the rest
 
     def add(self, figures: WindowFigures) -> None:
         """Count one closed window."""
@@ -167,6 +228,11 @@ class RunTotals:
         self.train_s += figures.elapsed_s
         self.rank_compute_s = _add(self.rank_compute_s, map(sum, figures.rank_compute_s))
         self.rank_wait_s = _add(self.rank_wait_s, map(sum, figures.rank_wait_s))
+        self.steps += figures.steps
+        self.rank_sync_bytes = _add(self.rank_sync_bytes, figures.rank_sync_bytes)
+        self.rank_sync_exchanges = _add(self.rank_sync_exchanges, figures.rank_sync_exchanges)
+        self.rank_sync_s = _add(self.rank_sync_s, figures.rank_sync_s())
+        self.rank_sync_compute_s = _add(self.rank_sync_compute_s, figures.rank_compute_total_s())
         slowest, mean = step_spread(figures.rank_compute_s)
         self.slowest_s += slowest
         self.mean_s += mean
@@ -196,7 +262,15 @@ class RunTotals:
             "imbalance": imbalance_of(self.slowest_s, self.mean_s),
             "rank_wait_s": wait,
             "wait_fraction": sum(wait) / (sum(compute) + sum(wait)) if compute else None,
+            "sync_bytes_per_step": [sent / max(self.steps, 1) for sent in self.rank_sync_bytes],
+            "sync_exchanges": [int(n) for n in self.rank_sync_exchanges],
+            "sync_time_s": self.rank_sync_s,
+            "compute_time_s": self.rank_sync_compute_s,
         }
+
+
+def _share(part: float, rest: float) -> float | None:
+    return part / (part + rest) if part + rest > 0 else None
 
 
 def padding_fraction(tokens: float, slots: float) -> float:

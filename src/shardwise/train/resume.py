@@ -50,9 +50,32 @@ REFUSED = {
     "sync_warmup_steps": "replicas would start their local steps at another step",
     "outer_lr": "the outer optimizer's settings are part of the run",
     "outer_momentum": "the outer optimizer's settings are part of the run",
+    "grad_compression": "the gradients the replicas average would change, and PowerSGD's state",
+    "powersgd_rank": "the checkpoint's PowerSGD factors have the saved rank",
+    "powersgd_warmup_steps": "PowerSGD would start compressing at another step",
+    "sync_groups": "replicas would meet in other groups than the saved state's",
 }
-# Not settings of the run itself; the data is compared by its tokens' fingerprint instead.
-IGNORED = {"run_dir", "resume", "overwrite", "data"}
+# Settings of one strategy only: refused when the saved run used it, else a mere change.
+IN_EFFECT = {
+    "sync_every": lambda config: config.sync in ("local-sgd", "diloco"),
+    "sync_warmup_steps": lambda config: config.sync in ("local-sgd", "diloco"),
+    "sync_groups": lambda config: config.sync in ("local-sgd", "diloco"),
+    "outer_lr": lambda config: config.sync == "diloco",
+    "outer_momentum": lambda config: config.sync == "diloco",
+    "powersgd_rank": lambda config: config.grad_compression == "powersgd",
+    "powersgd_warmup_steps": lambda config: config.grad_compression == "powersgd",
+}
+# Not settings of the run itself (where it lives, how it survives failures and signals); the
+# data is compared by its tokens' fingerprint instead.
+IGNORED = {
+    "run_dir",
+    "resume",
+    "overwrite",
+    "data",
+    "max_restarts",
+    "preempt_grace_s",
+    "heartbeat_timeout_s",
+}
 
 
 @dataclass(frozen=True)
@@ -185,6 +208,16 @@ def _check_same_shape(path: Path, what: str, saved: object, live: object) -> Non
         raise CheckpointRejected(path, f"its {what} is {saved!r}, not a {type(live).__name__}")
 
 
+def _check_error_feedback(path: Path, state: TrainerState, dp: int) -> None:
+    # PowerSGD runs on whole-model replicas only, so the saved world size is their number.
+    if saved_config(path, state).grad_compression == "powersgd" and state.world_size != dp:
+        raise ShardwiseError(
+            f"--resume {path}: it holds PowerSGD's error feedback of {state.world_size} "
+            f"data-parallel replicas, this run has {dp} (each replica's own would be lost or "
+            f"missing); resume with {state.world_size} replicas, or start a new run"
+        )
+
+
 def _check_position(path: Path, state: TrainerState, corpus: PreparedCorpus) -> None:
     if state.position.offset > len(corpus.train):
         raise CheckpointRejected(
@@ -213,7 +246,7 @@ def _setting_changes(path: Path, saved: TrainConfig, config: TrainConfig) -> lis
         before, after = getattr(saved, name), getattr(config, name)
         if name in IGNORED or before == after:
             continue
-        if name in REFUSED:
+        if name in REFUSED and IN_EFFECT.get(name, lambda _: True)(saved):
             raise ShardwiseError(
                 f"--resume {path}: {name} was {before!r}, now {after!r}: {REFUSED[name]}; "
                 f"resume with {_flag(name)} {before}, or start a new run"
@@ -257,6 +290,7 @@ def resume_training(
     state = read_state(path)  # rank 0 verified every file moments ago
     live = LiveState([dict(group) for group in optimizer.param_groups], scheduler.state_dict())
     changes = check_resume(path, state, config, corpus, fingerprints, live)
+    _check_error_feedback(path, state, session.layout.dp)
     state = session.load(path, model, optimizer, verified=True)
     scheduler.load_state_dict(state.scheduler)
     factor = lr_factor(state.step, config.warmup_steps, config.max_steps, config.min_lr_ratio)

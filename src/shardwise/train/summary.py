@@ -6,9 +6,10 @@ summary = run_summary(trainer, started)   # after the last step; every rank call
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
-from shardwise.distributed import all_gather_floats, peak_memory_bytes
+from shardwise.distributed import DistEnv, all_gather_floats, peak_memory_bytes
 from shardwise.train.evaluation import held_out_loss
 
 if TYPE_CHECKING:
@@ -20,7 +21,12 @@ def run_summary(trainer: Trainer, started: float) -> dict:
     eval_loss = held_out_loss(
         trainer.model, trainer.corpus.eval, trainer.config.batch_size, trainer.env
     )
-    memory = all_gather_floats([peak_memory_bytes(trainer.env.device)], trainer.env)
+    staleness = trainer.model.strategy.traffic.staleness
+    # The highest staleness rides with the memory gather: the histogram costs a collective
+    # only in runs that recorded one.
+    memory = all_gather_floats(
+        [peak_memory_bytes(trainer.env.device), max(staleness, default=-1)], trainer.env
+    )
     return {
         "world_size": trainer.env.world_size,
         "layout": trainer.model.layout.to_dict(),
@@ -31,11 +37,17 @@ def run_summary(trainer: Trainer, started: float) -> dict:
         "model": trainer.config.model,
         "vocab_size": trainer.corpus.vocab_size,
         "steps": trainer.state.step,
+        "nonfinite_steps_skipped": trainer.health.skipped,
         **trainer.totals.summary_fields(
             wall_time_s=time.perf_counter() - started,
             final_train_loss=trainer.last_loss,
             eval_loss=eval_loss,
             peak_rss_bytes=[int(row[0]) for row in memory],
+        ),
+        # The whole run's (kept in checkpoints), where the rates above are this start's own.
+        "tokens": trainer.state.tokens,
+        "sync_staleness_histogram": staleness_histogram(
+            staleness, int(max(row[1] for row in memory)), trainer.env
         ),
         "batching": trainer.config.batching,
         "data_notes": trainer.corpus.notes,
@@ -43,3 +55,20 @@ def run_summary(trainer: Trainer, started: float) -> dict:
         "resume_notes": trainer.resume_notes,
         "run_dir": str(trainer.run_dir),
     }
+
+
+def staleness_histogram(
+    staleness: Counter[int], highest: int, env: DistEnv
+) -> dict[str, int] | None:
+    """{staleness: steps} summed over ranks, JSON-keyed; None when no rank recorded any.
+
+    staleness_histogram(Counter({0: 5, 2: 1}), highest=2, env)   # {"0": 5, "2": 1} alone
+
+    `highest` is the largest staleness any rank recorded (-1: none), so every rank gathers
+    vectors of the same length; every rank must call it.
+    """
+    if highest < 0:
+        return None
+    gathered = all_gather_floats([staleness[k] for k in range(highest + 1)], env)
+    totals = [int(sum(column)) for column in zip(*gathered, strict=True)]
+    return {str(k): n for k, n in enumerate(totals) if n}

@@ -33,6 +33,8 @@ from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.session import Session
 from shardwise.train.accounting import RunTotals, Window
 from shardwise.train.build import step_groups, stream_identity
+from shardwise.train.health import TrainingHealth, check_finite_weights, skip_step
+from shardwise.train.preemption import Preempted, PreemptionCheck
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
 from shardwise.train.schedule import warmup_cosine
 from shardwise.train.summary import run_summary
@@ -58,6 +60,7 @@ class Trainer:
         model: nn.Module,
         run_dir: Path,
         stages: Plan | None = None,
+        preemption: PreemptionCheck | None = None,
     ) -> None:
         self.config = config
         self.session = session
@@ -80,6 +83,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.resume_notes: list[str] = []
         self.clock = StepClock(self.model.parameters())
+        self.preemption = preemption or PreemptionCheck.for_config(config, self.env)
+        meets = session.meets_between_steps(self.model)  # async workers judge their own steps
+        self.health = TrainingHealth(config, self.env, corpus.vocab_size, agree=meets)
 
     def fit(self) -> FitResult:
         """Train to `max_steps`, checkpoint, evaluate, and summarise the run."""
@@ -105,10 +111,13 @@ class Trainer:
                     if main:
                         metrics.log(row)
                 progress.update(self.state.step, self.last_loss, self.totals.tokens_per_s)
-                if self._due(self.config.checkpoint_every):
+                stop = self.preemption.agreed(self.state.step, self.config.max_steps)
+                if stop or self._due(self.config.checkpoint_every):
                     saving = time.perf_counter()
-                    self._save()
+                    self._save(background=self.config.checkpoint_async and not stop)
                     window.started += time.perf_counter() - saving  # not training time
+                if stop:  # SIGTERM or Ctrl-C: every rank stops after this step, saved
+                    raise Preempted(self.state.step, self.last_checkpoint, self.preemption.received)
         if self.last_checkpoint is None:  # resumed at the end already: nothing trained
             self._save()
         assert self.last_checkpoint is not None  # for the type checker: just saved
@@ -118,6 +127,7 @@ class Trainer:
         self.clock.start()
         last = len(micro_batches) - 1
         session, model, device = self.session, self.model, self.env.device
+        losses = []
         for index, batch in enumerate(micro_batches):
             batch = batch.to(device)
             loss = session.forward_backward(
@@ -129,45 +139,57 @@ class Trainer:
                 reduce=False,  # summed over ranks once per metrics window instead
                 **batch.model_kwargs(device),
             )
-            window.record_micro_step(loss, batch if model.owns_loss else None)
+            losses.append(loss)
         self.clock.backward_done()
-        window.grad_norm = session.clip_gradients(model, self.optimizer, self.config.clip_norm)
-        session.step(self.optimizer, model)
+        norm = session.clip_gradients(model, self.optimizer, self.config.clip_norm)
+        if self.health.check_step(self.state.step + 1, losses, norm):  # or skip, or stop
+            for loss, batch in zip(losses, micro_batches, strict=True):  # a skipped step's stay out
+                window.record_micro_step(loss, batch if model.owns_loss else None)
+            window.grad_norm = norm
+            session.step(self.optimizer, model)
+        else:
+            skip_step(session, self.optimizer, model)
         if self.state.step + 1 == self.config.max_steps:  # before the last checkpoint is saved
             session.finish(model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.state.step += 1
+        self.state.step = session.steps_done(model, self.state.step + 1, self.config.max_steps)
         self.state.position = SamplerPosition(*micro_batches[-1].position)
         window.record_step(*self.clock.stop(), micro_batches[-1].rank_costs)
 
     def _close_window(self, window: Window) -> dict:
         """One metrics row: global loss and throughput, per-rank step time and memory."""
+        if not self.session.meets_between_steps(self.model):  # workers' step counts differ
+            window.merge_steps(self.state.step)  # one window: the whole (never resumed) run
         counts = all_reduce_sum(window.counts(), self.env).tolist()
         now = time.perf_counter()  # the window ends once the counts agree, before the gather
-        gathered = all_gather_floats(window.timings(peak_memory_bytes(self.env.device)), self.env)
+        timings = window.timings(peak_memory_bytes(self.env.device), self.model.strategy.traffic)
+        gathered = all_gather_floats(timings, self.env)
         figures = window.close(counts, gathered, now=now)
         self.totals.add(figures)
         self.state.tokens += int(figures.tokens)
-        self.last_loss = figures.loss
-        return figures.row(self.state.step, self.scheduler.get_last_lr()[0])
+        row = figures.row(self.state.step, self.scheduler.get_last_lr()[0])
+        row |= self.health.close_window(figures.loss, self.state.step)  # spikes, skipped steps
+        self.last_loss = row["loss"]
+        return row
 
     def _due(self, every: int) -> bool:
-        step = self.state.step
-        return (every > 0 and step % every == 0) or step == self.config.max_steps
+        step, meets = self.state.step, self.session.meets_between_steps(self.model)
+        return (meets and every > 0 and step % every == 0) or step == self.config.max_steps
 
     def _resume_if_asked(self) -> None:
         if self.config.resume is not None:
             parts = self.model, self.optimizer, self.scheduler, self.corpus, self.model_fingerprint
             self.state, self.resumed_from, self.resume_notes = resume_training(self.session, *parts)
 
-    def _save(self) -> None:
+    def _save(self, background: bool = False) -> None:
+        check_finite_weights(self.model.parameters(), self.env, self.state.step)  # last defence
         self.state.scheduler = self.scheduler.state_dict()
         self.state.stream = stream_identity(self.config)
         self.state.config = self.config.model_dump(mode="json")
         self.state.model_fingerprint = self.model_fingerprint
         if self.env.is_main and not self.state.data_fingerprint:  # only rank 0 writes it
             self.state.data_fingerprint = data_fingerprint(self.corpus)
-        self.last_checkpoint = self.session.save(
-            self.run_dir / "checkpoints", self.model, self.optimizer, state=self.state
-        )
+        parts = self.run_dir / "checkpoints", self.model, self.optimizer
+        background &= self.state.step < self.config.max_steps  # the last save is waited for
+        self.last_checkpoint = self.session.save(*parts, state=self.state, background=background)

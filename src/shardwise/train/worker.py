@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -34,12 +35,30 @@ from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_di
 from shardwise.session import Session
 from shardwise.train.build import load_corpus, seeded_model, stage_plan
 from shardwise.train.export import export_model, whole_model
+from shardwise.train.heartbeat import heartbeat
+from shardwise.train.preemption import (
+    GIVE_UP_SIGNAL,
+    PID_FILE_GLOB,
+    PREEMPTED_FILE,
+    Preempted,
+    PreemptionCheck,
+    preemptible,
+    watch_signals,
+)
+from shardwise.train.restarts import (
+    config_for_attempt,
+    record_restart,
+    restart_count,
+    write_record,
+)
+from shardwise.train.serve import serve_parameters
 from shardwise.train.trainer import Trainer
 
 ERROR_FILE = "error-rank{rank}.txt"
 ERROR_FILE_GLOB = "error-rank*.txt"
 SYS_PATH_FILE = "sys_path.json"
 LAUNCHER_SUMMARY_FILE = "summary-rank{rank}.json"
+RAISED_FILE = "raised-rank{rank}.json"
 _EXIT_FAILED = 2
 _ROOT_CAUSE_GRACE_S = 1.0
 
@@ -47,14 +66,25 @@ _ROOT_CAUSE_GRACE_S = 1.0
 def run_worker(config_json: str, error_dir: str | None = None) -> dict:
     """A worker process's entry point: join the group, train, leave the group.
 
-    A user error is reported through `error_dir` (for the launcher to print) or raised when there
-    is no launcher. A lost peer ends the process at once: tearing down a process group whose
-    peer is dead or hung can block forever in the communication library's destructors.
+    A user error is reported through `error_dir` (the launcher's folder, for it to print) or
+    raised when there is no launcher. A lost peer ends the process at once: tearing down a
+    process group whose peer is dead or hung can block forever in the communication library's
+    destructors. SIGTERM and Ctrl-C stop it after a step with a checkpoint (`Preempted`).
     """
     config = TrainConfig.model_validate_json(config_json)
+    folder = Path(error_dir) if error_dir is not None else None
     try:
-        env = init_distributed(config.device, config.timeout_s)
-        summary = train(config, env)
+        with watch_signals(folder, enabled=preemptible(config)):
+            env = init_distributed(config.device, config.timeout_s, servers=config.ps)
+            # After joining: a rank 0 that hosts the store itself has it up by now.
+            with heartbeat(config.heartbeat_timeout_s, on_silence=partial(_hung, folder)):
+                serves = _serves(env)
+                summary = serve_parameters(config, env) if serves else train(config, env, folder)
+                if env.exchange is not None:  # workers and servers leave their group together
+                    env.exchange.group.barrier().wait()
+    except Preempted:
+        shutdown_distributed()  # every rank stopped after the same step
+        raise
     except RuntimeError as exc:
         if not _is_peer_failure(exc):
             raise
@@ -77,13 +107,27 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
     return summary
 
 
+def _hung(folder: Path | None, line: str) -> None:
+    """A watched rank went silent: this attempt's failure (a restart may follow); leave now."""
+    if folder is not None:
+        write_record(folder, ERROR_FILE, {"message": line, "peer_lost": False})
+    else:
+        print(f"shardwise: error: {line}", file=sys.stderr, flush=True)
+    os._exit(_EXIT_FAILED)  # from the heartbeat thread: the main one may be stuck in a collective
+
+
+def _serves(env: DistEnv) -> bool:
+    return env.exchange is not None and env.exchange.is_server
+
+
 def _report(exc: ShardwiseError, error_dir: str | None) -> None:
     if error_dir is None:
         print(f"shardwise: error: {exc}", file=sys.stderr)
     else:
-        report = {"message": str(exc), "peer_lost": isinstance(exc, PeerLostError)}
-        rank = os.environ.get("RANK", "0")
-        Path(error_dir, ERROR_FILE.format(rank=rank)).write_text(json.dumps(report))
+        peer_lost = isinstance(exc, PeerLostError)
+        write_record(Path(error_dir), ERROR_FILE, {"message": str(exc), "peer_lost": peer_lost})
+        if not peer_lost:
+            os.kill(os.getppid(), GIVE_UP_SIGNAL)  # the launcher: our parent (see agent.py)
     sys.stdout.flush()
     sys.stderr.flush()
 
@@ -92,27 +136,36 @@ class PeerLostError(ShardwiseError):
     """This rank is fine, but a collective failed because a peer died or stopped answering."""
 
 
-def train(config: TrainConfig, env: DistEnv) -> dict:
-    """Train as described by `config` on this rank; rank 0 writes the report and prints it."""
+def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict:
+    """Train as described by `config` on this rank; rank 0 writes the report and prints it.
+
+    `folder` is the launcher's: where a restarted group learns what ended the last attempt.
+    """
+    run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
+    # The run's own settings for config.toml; a restarted attempt resumes (restarts.py).
+    settings, config = config, config_for_attempt(config, run_dir)
     corpus = load_corpus(config)
     stages = stage_plan(config, corpus, env)  # before the model: profiling draws random numbers
     model = seeded_model(config, corpus.vocab_size)
     session = Session(env, config)
-    run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
     # Usually the launching process holds the run dir; only when the rendezvous picked which
     # node is node 0 does rank 0 learn here that the run is its to hold.
     owns_it = env.is_main and rank_zero_holds_lock(config)
-    with hold_run_dir(config, run_dir) if owns_it else contextlib.nullcontext():
+    restarted = restart_count() > 0
+    with hold_run_dir(config, run_dir, restarted) if owns_it else contextlib.nullcontext():
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+            (run_dir / "config.toml").write_text(settings.to_toml(), encoding="utf-8")
         barrier(env)
-        trainer = Trainer(config, session, corpus, model, run_dir, stages)
+        restarts = record_restart(folder, env, config, run_dir) if folder else []
+        check = PreemptionCheck.for_config(config, env, folder)
+        trainer = Trainer(config, session, corpus, model, run_dir, stages, preemption=check)
         result = trainer.fit()
         summary = result.summary
         if env.is_main:
             whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
             summary |= export_model(config, whole, run_dir)
+            summary["restarts"] = restarts
             write_summary(run_dir, summary)
             write_report(run_dir, summary, plot_metrics(run_dir))
             print(format_summary(summary), flush=True)
@@ -152,7 +205,17 @@ def main() -> None:
     """
     config_json, folder = sys.argv[1:]
     sys.path[:] = json.loads(Path(folder, SYS_PATH_FILE).read_text(encoding="utf-8"))
-    summary = run_worker(config_json, folder)
+    # For the launcher's abort at a second Ctrl-C: each worker leads its own process group.
+    pid_file = Path(folder, PID_FILE_GLOB.replace("*", str(os.getpid())))
+    pid_file.touch()
+    try:
+        summary = run_worker(config_json, folder)
+    except Preempted as stop:
+        saved = {"step": stop.step, "checkpoint": str(stop.checkpoint), "signal": stop.signal_name}
+        write_record(Path(folder), PREEMPTED_FILE, saved)
+        return  # a clean exit: preemption is no failure, and must not cost a restart
+    finally:
+        pid_file.unlink(missing_ok=True)
     rank = os.environ.get("RANK", "0")
     text = json.dumps(summary, default=json_value)
     Path(folder, LAUNCHER_SUMMARY_FILE.format(rank=rank)).write_text(text, encoding="utf-8")
@@ -161,8 +224,12 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except Exception:
+    except KeyboardInterrupt:  # a second Ctrl-C sent to this worker itself: abort, quietly
+        sys.exit(130)
+    except Exception as exc:
         if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
             raise
         # Recorded in the error file, which the launcher prints once: not here a second time.
+        # The note tells a restarted group which rank raised what.
+        write_record(Path(sys.argv[2]), RAISED_FILE, {"message": first_line(exc, with_type=True)})
         sys.exit(1)

@@ -11,8 +11,10 @@ never owns the training loop. The loop (`ParallelModel`, `Session`, the trainer)
 four hooks at the same places for every strategy, so gradient aggregation (every step, or
 compressed through DDP comm hooks), model averaging (after the optimizer step, every H steps),
 an outer optimizer (a pseudo-gradient step in `after_step`) and sharded parameters (a
-different `wrap`) each fit in one module: `allreduce` (optionally compressed), `local-sgd`
-and `diloco`. Their settings come in one `SyncOptions`.
+different `wrap`) each fit in one module: `allreduce` (optionally compressed), `local-sgd`,
+`diloco` and `async` (parameter servers: the step itself moves to the servers, see
+`Session.step`). Their settings come in one `SyncOptions`. Each keeps a `SyncTraffic`, the bytes
+it handed to collectives and the time they held the rank up, measured (see traffic.py).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.allreduce import AllReduceEveryStep
+from shardwise.parallel.sync.async_ps import AsyncUpdates
 from shardwise.parallel.sync.diloco import DiLoCo
 from shardwise.parallel.sync.local_sgd import PeriodicAveraging
 from shardwise.parallel.sync.options import SyncOptions
+from shardwise.parallel.sync.traffic import SyncTraffic
 
 
 class SyncStrategy(Protocol):
@@ -39,6 +43,8 @@ class SyncStrategy(Protocol):
     # Whether replicas' parameters or optimizer states may differ between steps: then a
     # checkpoint keeps every replica's own copy, so that a resume is exact.
     replicas_differ: bool
+    # What this rank sent and how long exchanges after the step blocked it (see traffic.py).
+    traffic: SyncTraffic
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
         """The module forward and backward run through (this rank's stage or shard inside)."""
@@ -68,7 +74,8 @@ class SyncStrategy(Protocol):
 
 
 SYNC_STRATEGIES: dict[str, type[SyncStrategy]] = {
-    strategy.name: strategy for strategy in (AllReduceEveryStep, PeriodicAveraging, DiLoCo)
+    strategy.name: strategy
+    for strategy in (AllReduceEveryStep, PeriodicAveraging, DiLoCo, AsyncUpdates)
 }
 
 
@@ -86,9 +93,11 @@ def sync_strategy(name: str, options: SyncOptions | None = None) -> SyncStrategy
 __all__ = [
     "SYNC_STRATEGIES",
     "AllReduceEveryStep",
+    "AsyncUpdates",
     "DiLoCo",
     "PeriodicAveraging",
     "SyncOptions",
     "SyncStrategy",
+    "SyncTraffic",
     "sync_strategy",
 ]

@@ -7,6 +7,9 @@ The right default on one fast machine: after every backward all replicas hold th
 gradient, so they stay bit-identical. Whole-model replicas use DDP (overlap with backward,
 buckets of `bucket_mb`, compression through PyTorch's comm hooks: see compression.py);
 pipeline stages and tensor-parallel shards average after their schedule (see data_parallel).
+Either way `traffic` counts the bytes each all-reduce carries; the time they block this rank is
+the loop's StepClock wait, since they end the backward (see traffic.py). PowerSGD's state
+is the strategy's checkpoint state, each replica's own (see powersgd_state.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from shardwise.parallel.data_parallel import average_over_group, gradient_sync, 
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.compression import register_compression
 from shardwise.parallel.sync.options import SyncOptions
+from shardwise.parallel.sync.powersgd_state import PowerSGDMemory
+from shardwise.parallel.sync.traffic import SyncTraffic
 
 
 class AllReduceEveryStep:
@@ -32,13 +37,14 @@ class AllReduceEveryStep:
 
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()
-        self.powersgd = None  # PowerSGD's hook state, once registered
+        self.powersgd: PowerSGDMemory | None = None  # PowerSGD's hook state, once registered
+        self.traffic = SyncTraffic()
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
         if layout.replica_size == 1:  # the "dp" group is the whole world: DDP's default group
             module = wrap_data_parallel(module, env, self.options.bucket_mb)
             if isinstance(module, DistributedDataParallel):
-                self.powersgd = register_compression(module, self.options)
+                self.powersgd = register_compression(module, self.options, self.traffic)
             return module
         return module.to(env.device)
 
@@ -47,7 +53,7 @@ class AllReduceEveryStep:
 
     def after_backward(self, module: nn.Module, layout: Layout) -> None:
         if layout.replica_size > 1:  # DDP averaged during backward otherwise
-            average_over_group(module.parameters(), layout.group("dp"))
+            average_over_group(module.parameters(), layout.group("dp"), self.traffic)
 
     def after_step(self, module: nn.Module, layout: Layout) -> None:
         """Nothing: the replicas applied the same gradient, so they agree already."""
@@ -56,7 +62,10 @@ class AllReduceEveryStep:
         """Nothing: the replicas never differ."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
+        """PowerSGD's state, this replica's own (its error feedback); else nothing."""
+        return self.powersgd.state_dict() if self.powersgd is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Nothing to restore: this strategy keeps no state between steps."""
+        """PowerSGD continues where it was; the plain and fp16 hooks keep no state."""
+        if self.powersgd is not None:
+            self.powersgd.load_state_dict(state)

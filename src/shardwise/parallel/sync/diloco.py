@@ -56,6 +56,7 @@ class DiLoCo(PeriodicAveraging):
         if self.options.outer_bf16:
             flat = flat.to(torch.bfloat16)
         if self.group is not None:
+            self.traffic.sent(flat)
             dist.all_reduce(flat, group=self.group)  # a sum: gloo has no average
         flat = flat.float().div_(dist.get_world_size(self.group) if self.group else 1)
         offset = 0

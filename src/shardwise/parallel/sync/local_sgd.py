@@ -8,8 +8,12 @@ Post-local SGD: the first `sync_warmup_steps` steps average gradients every step
 does, after the backward), then the replicas train apart and meet every `sync_every` steps, when
 `average_parameters` (PyTorch's model_averaging) replaces each parameter by its mean over the
 data-parallel group. A pipeline stage averages with the same stage of the other replicas, since
-that is what its "dp" group holds. Replicas' parameters between meetings and their optimizer
-states always differ (`replicas_differ`), so a checkpoint keeps each replica's own copy.
+that is what its "dp" group holds. With `sync_groups="node"` the replicas on one machine
+average their gradients every step and the meetings run between machines only (hierarchy.py).
+Replicas' parameters between meetings and their optimizer states always differ
+(`replicas_differ`), so a checkpoint keeps each replica's own copy.
+`traffic` counts every all-reduce's bytes and times the meetings, which come after the
+optimizer step where the loop's StepClock does not look (see traffic.py).
 
 No DDP wrap: after warm-up there is nothing for DDP to overlap, and its reducer, buffer
 broadcasts and hook dispatch would run every step for nothing; the warm-up pays for that with
@@ -29,7 +33,9 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 from shardwise.distributed import DistEnv
 from shardwise.parallel.data_parallel import average_over_group
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.hierarchy import node_groups
 from shardwise.parallel.sync.options import SyncOptions
+from shardwise.parallel.sync.traffic import SyncTraffic, payload_bytes
 
 
 class PeriodicAveraging:
@@ -41,14 +47,19 @@ class PeriodicAveraging:
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()
         self.steps = 0  # optimizer steps taken, warm-up included
-        self.group: dist.ProcessGroup | None = None
+        self.replicas: dist.ProcessGroup | None = None  # every replica: warm-up, start
+        self.group: dist.ProcessGroup | None = None  # who meets every H steps
+        self.inner: dist.ProcessGroup | None = None  # --sync-groups node: averages every step
+        self.traffic = SyncTraffic()
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
         module = module.to(env.device)
-        self.group = layout.group("dp") if layout.dp > 1 else None
-        if self.group is not None:  # start alike, as DDP makes sure of at its wrap
+        self.replicas = self.group = layout.group("dp") if layout.dp > 1 else None
+        if self.replicas is not None and self.options.sync_groups == "node":
+            self.inner, self.group = node_groups(layout, env, self.options.timeout_s)
+        if self.replicas is not None:  # start alike, as DDP makes sure of at its wrap
             for param in owned_parameters(module):
-                dist.broadcast(param.data, group=self.group, group_src=0)
+                dist.broadcast(param.data, group=self.replicas, group_src=0)
         return module
 
     def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
@@ -56,7 +67,9 @@ class PeriodicAveraging:
 
     def after_backward(self, module: nn.Module, layout: Layout) -> None:
         if self.steps < self.options.sync_warmup_steps:
-            average_over_group(module.parameters(), self.group)
+            average_over_group(module.parameters(), self.replicas, self.traffic)
+        elif self.inner is not None:
+            average_over_group(module.parameters(), self.inner, self.traffic)
 
     def after_step(self, module: nn.Module, layout: Layout) -> None:
         self.steps += 1
@@ -64,14 +77,14 @@ class PeriodicAveraging:
         if local_steps <= 0:
             self.warming_up(module)
         elif local_steps % self.options.sync_every == 0:
-            with torch.no_grad():
+            with torch.no_grad(), self.traffic.blocked():
                 self.exchange(module)
 
     def finish(self, module: nn.Module, layout: Layout) -> None:
         """Exchange once more unless the last step just did: the run ends with one model."""
         local_steps = self.steps - self.options.sync_warmup_steps
         if local_steps > 0 and local_steps % self.options.sync_every != 0:
-            with torch.no_grad():
+            with torch.no_grad(), self.traffic.blocked():
                 self.exchange(module)
 
     def warming_up(self, module: nn.Module) -> None:
@@ -81,7 +94,9 @@ class PeriodicAveraging:
         """Every replica's parameters become their mean over the data-parallel group."""
         if self.group is None:
             return  # one replica: nothing to agree with
-        average_parameters(iter(owned_parameters(module)), self.group)
+        params = owned_parameters(module)
+        self.traffic.count(payload_bytes(params))  # average_parameters all-reduces them as one
+        average_parameters(iter(params), self.group)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"steps": torch.tensor(self.steps, dtype=torch.int64)}

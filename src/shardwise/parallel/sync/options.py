@@ -28,7 +28,11 @@ class SyncOptions:
     # local-sgd and diloco: how often replicas meet, after how many every-step all-reduces.
     sync_every: int = 8
     sync_warmup_steps: int = 0
+    # "node": every-step gradient averaging inside a machine, the exchanges between machines.
+    sync_groups: Literal["all", "node"] = "all"
     # diloco: the outer optimizer over the averaged pseudo-gradient.
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_bf16: bool = False
+    # Groups a strategy creates itself time out like the run's own.
+    timeout_s: float = 300.0

@@ -1,0 +1,138 @@
+"""Asynchronous updates: workers push gradients to parameter servers and pull fresh parameters.
+
+    strategy = AsyncUpdates()
+    module = strategy.wrap(model, layout, env)     # pulls the servers' parameters
+    strategy.update(module)                        # instead of optimizer.step(): push, then pull
+
+No worker waits for another: each sends its (clipped) gradient to the servers holding the
+parameters (`param_server.py`), which step on every as-many-pushes-as-workers, and takes back
+the parameters as they are then, so a slow rank slows only its own share of the work. The
+run's step budget is global (counted by the servers): a fast worker pushes more of it, which
+is where the speed over synchronous training under a straggler comes from. `global_step` is
+the run's progress as the servers count it; once the budget is spent every worker gets the same
+final parameters and `stopped` is set.
+
+What is deterministic: with one worker and `--max-staleness 0` the run equals single-process
+training. With several workers the order in which pushes reach a server depends on timing, so
+two runs differ; their convergence is what the tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from shardwise.distributed import DistEnv
+from shardwise.errors import ShardwiseError
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.exchange import (
+    BYE,
+    HELLO,
+    PUSH,
+    Channel,
+    Header,
+    assign_shards,
+    flatten,
+    unflatten_into,
+)
+from shardwise.parallel.sync.options import SyncOptions
+from shardwise.parallel.sync.traffic import SyncTraffic
+
+# The loop's own optimizer never steps here (the servers' do), yet its schedule is stepped.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+
+
+class AsyncUpdates:
+    """The worker's side of asynchronous training through parameter servers."""
+
+    name = "async"
+    replicas_differ = True  # workers hold parameters of different versions between pulls
+    updates_remotely = True
+
+    def __init__(self, options: SyncOptions | None = None) -> None:
+        self.options = options or SyncOptions()
+        self.channel: Channel | None = None
+        self.servers: list[int] = []
+        self.shards: list[list[torch.Tensor]] = []
+        self.versions: dict[int, int] = {}
+        self.steps = 0  # the first server's count of optimizer steps
+        self.stopped = False
+        self.traffic = SyncTraffic()  # its staleness: how many server steps old each push was
+
+    def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
+        if env.exchange is None:
+            raise ShardwiseError(
+                "--sync async needs parameter-server ranks: start it with `shardwise train "
+                "--sync async --ps N` (or shardwise.run), which launches them"
+            )
+        module = module.to(env.device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.channel = Channel(env.exchange.group, env.exchange.timeout_s)
+        self.servers = env.exchange.servers
+        shards = assign_shards([p.numel() for p in params], len(self.servers))
+        self.shards = [[params[i] for i in indices] for indices in shards]
+        for server in self.servers:
+            self.channel.send(server, Header(HELLO))
+        self._pull()
+        return module
+
+    def update(self, module: nn.Module) -> None:
+        """Push this step's gradients to every server, then pull the parameters they hold now."""
+        assert self.channel is not None, "wrap() first"
+        for server, shard in zip(self.servers, self.shards, strict=True):
+            gradient = flatten([_grad_or_zeros(p) for p in shard])
+            self.traffic.sent(gradient)
+            with self.traffic.blocked():
+                self.channel.send(server, Header(PUSH, self.versions[server]), gradient)
+        with self.traffic.blocked():  # the wait for the servers, the staleness bound included
+            self._pull()
+
+    def _pull(self) -> None:
+        assert self.channel is not None
+        told_to_stop: set[int] = set()
+        for server, shard in zip(self.servers, self.shards, strict=True):
+            reply, _ = self.channel.receive_header(server)
+            flat = torch.empty(sum(p.numel() for p in shard))
+            self.channel.receive_payload(server, flat)
+            with torch.no_grad():
+                unflatten_into(flat, shard)
+            self.versions[server] = reply.version
+            if reply.kind:
+                told_to_stop.add(server)
+            elif server == self.servers[0]:
+                self.traffic.staleness[reply.staleness] += 1
+        self.steps = self.versions[self.servers[0]]
+        if told_to_stop:
+            self.stopped = True
+            for server in set(self.servers) - told_to_stop:  # it still counts on this worker
+                self.channel.send(server, Header(BYE))
+
+    def global_step(self, max_steps: int) -> int:
+        """The run's optimizer steps done, as the servers count them."""
+        return max_steps if self.stopped else min(self.steps, max_steps - 1)
+
+    def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()  # gradients travel once per step, in update()
+
+    def after_backward(self, module: nn.Module, layout: Layout) -> None:
+        """Nothing: the gradient is pushed after clipping, by `update`."""
+
+    def after_step(self, module: nn.Module, layout: Layout) -> None:
+        """Nothing: `update` pulled the servers' parameters already."""
+
+    def finish(self, module: nn.Module, layout: Layout) -> None:
+        """Nothing: the servers answer every worker's last push with the same final parameters."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Nothing: an asynchronous run is not resumed (the servers' state is not saved)."""
+
+
+def _grad_or_zeros(param: nn.Parameter) -> torch.Tensor:
+    return param.grad if param.grad is not None else torch.zeros_like(param)

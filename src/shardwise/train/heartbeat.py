@@ -1,0 +1,123 @@
+"""Liveness apart from the collectives: every rank beats, and the next rank notices silence.
+
+    with heartbeat(silence_s=15, on_silence=report):   # a worker's whole run (torchrun's env)
+        train(...)
+
+Each rank's daemon thread bumps a counter in the job's rendezvous store every second and
+watches the counter of the rank after it (a ring, so every rank is watched once). A counter
+that has not moved for `silence_s` by the watcher's own clock (no clock agreement needed)
+means that rank is stopped (SIGSTOP), deadlocked with the interpreter lock held, or its
+machine is gone. The watcher kills it when it runs on the same machine (a stopped process
+cannot be asked to leave), calls `on_silence` with one line naming the rank and its host, and
+the caller ends the watcher's own process: the launcher restarts the group or reports that
+line. A step that legitimately takes minutes never trips it, since the threads beat on while
+the main thread computes or waits in a collective: only `--timeout-s` bounds those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from shardwise.distributed import attempt_number
+
+BEAT_S = 1.0
+DONE = b"done"
+
+
+class Heartbeat:
+    """This rank's beating and watching thread, over a key-value store."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        silence_s: float,
+        on_silence: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.watched = (rank + 1) % world_size
+        self.silence_s, self.on_silence, self.clock = silence_s, on_silence, clock
+        self.beats = 0
+        self.last_seen: tuple[bytes, float] | None = None
+        self.stopped = threading.Event()
+        store.set(f"host/{rank}", f"{socket.gethostname()} {os.getpid()}")
+
+    def beat(self) -> None:
+        self.beats += 1
+        self.store.set(f"beat/{self.rank}", str(self.beats))
+
+    def watch(self) -> str | None:
+        """The line to report when the watched rank has been silent too long, else None."""
+        key = f"beat/{self.watched}"
+        now = self.clock()
+        value = self.store.get(key) if self.store.check([key]) else b""
+        if value == DONE:  # it left its work behind (rank 0 may still be writing the report)
+            return None
+        if self.last_seen is None or value != self.last_seen[0]:
+            self.last_seen = (value, now)
+            return None
+        silent = now - self.last_seen[1]
+        if silent < self.silence_s:
+            return None
+        host, pid = self.store.get(f"host/{self.watched}").decode().rsplit(" ", 1)
+        if host == socket.gethostname() and int(pid) != os.getpid():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)  # stopped: it could not leave by itself
+        return (
+            f"rank {self.watched} on {host} stopped answering: no heartbeat for {silent:.0f}s "
+            "(stopped, deadlocked or its machine is gone)"
+        )
+
+    def run(self) -> None:
+        while not self.stopped.wait(BEAT_S):
+            try:
+                self.beat()
+                line = self.watch()
+            except (RuntimeError, dist.DistError):
+                return  # the store went away: the job is ending, the launcher knows why
+            if line is not None:
+                self.on_silence(line)
+                return
+
+
+@contextlib.contextmanager
+def heartbeat(silence_s: float, on_silence: Callable[[str], None]) -> Iterator[Heartbeat | None]:
+    """Beat and watch for the duration of the block (nothing alone or with `silence_s` 0).
+
+    Ranks are the launcher's (RANK, WORLD_SIZE), parameter servers included.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2 or silence_s <= 0 or "MASTER_ADDR" not in os.environ:
+        yield None
+        return
+    store = dist.PrefixStore(
+        f"shardwise/heartbeat/{attempt_number()}",
+        dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=30),
+        ),
+    )
+    rank = int(os.environ["RANK"])
+    beating = Heartbeat(store, rank, world_size, silence_s, on_silence)
+    beating.beat()
+    thread = threading.Thread(target=beating.run, name="shardwise-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield beating
+    finally:
+        beating.stopped.set()
+        with contextlib.suppress(RuntimeError, dist.DistError):
+            store.set(f"beat/{rank}", DONE.decode())  # finished, not silent

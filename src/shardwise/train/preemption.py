@@ -1,0 +1,304 @@
+"""Preemption: SIGTERM or Ctrl-C stops every rank after the same step, with a checkpoint saved.
+
+    with watch_signals(folder):                           # a worker's whole life (run_worker)
+        ...
+    if check.agreed(step, max_steps):                     # the trainer, at each step's end
+        save(); raise Preempted(step, checkpoint, check.received)
+
+SLURM and Kubernetes send SIGTERM (and SIGKILL after a grace period); a person presses Ctrl-C.
+The first signal makes this process finish its current step. At each step's end the ranks sum
+their flags in one tiny all-reduce, so a signal that reached the ranks at different steps still
+stops all of them after the same one, where the trainer saves a checkpoint and raises
+`Preempted`. A second Ctrl-C aborts at once (KeyboardInterrupt); a second SIGTERM changes
+nothing. Asynchronous runs (--sync async) keep the default handling: their workers step apart
+and their servers' state is not checkpointed.
+
+Under our launcher (the second half of this module) the elastic agent also sends SIGTERM when
+it stops a worker group after a failure (to restart it, or for good). That is no preemption:
+the launcher writes PREEMPT_FILE into its folder before it passes a signal on, and a SIGTERM
+without it ends the worker at once, as SIGTERM's default would.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import torch
+from torch.distributed.elastic.multiprocessing import SignalException
+
+from shardwise.checkpoint import latest_checkpoint
+from shardwise.config import TrainConfig
+from shardwise.distributed import DistEnv, all_reduce_sum
+from shardwise.train.restarts import (
+    ATTEMPT_DIR,
+    kill_for_testing,
+    latest_attempt,
+    note_progress,
+    write_record,
+)
+
+# The launcher's word that its signal is a preemption (see the module docstring).
+PREEMPT_FILE = "preempting"
+STOPPED_FILE = "stopped-rank{rank}.json"
+PREEMPTED_FILE = "preempted-rank{rank}.json"
+PID_FILE_GLOB = "worker-*.pid"
+# What a worker with a user error sends its launcher: retrying cannot cure that, so the launcher
+# stops the group at once rather than let the agent restart it.
+GIVE_UP_SIGNAL = signal.SIGUSR1
+# Exit statuses of `shardwise train` (the README's "Exit status" table).
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped with a checkpoint; --resume continues
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: aborted (a second Ctrl-C), nothing saved just now
+EXIT_STOPPED = 128 + signal.SIGTERM  # a worker the agent stopped: what SIGTERM's death reports
+# How long a worker's SIGTERM waits for the launcher's word: SLURM signals every process of a
+# job at once, so the launcher may still be writing it.
+_WORD_WAIT_S = 0.5
+
+
+class Preempted(Exception):  # a way for a run to end, not an error
+    """The run stopped on a signal after `step`; `checkpoint` holds it (None: nothing saved).
+
+    raise Preempted(37, Path("runs/a/checkpoints/step_00000037"), "SIGTERM")
+    """
+
+    def __init__(
+        self,
+        step: int | None,
+        checkpoint: Path | None,
+        signal_name: str,
+        resume_from: Path | None = None,
+    ) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signal_name = signal_name
+        self.resume_from = resume_from  # without a checkpoint now: a run dir with an earlier one
+        super().__init__(self.describe())
+
+    @property
+    def exit_status(self) -> int:
+        """75 with a checkpoint; else 128 + the signal's number, as a shell reports a kill."""
+        if self.checkpoint is not None:
+            return EXIT_PREEMPTED
+        number = getattr(signal.Signals, self.signal_name, signal.SIGTERM)
+        return 128 + int(number)
+
+    def describe(self) -> str:
+        if self.checkpoint is None:
+            resume = f"; continue from its newest checkpoint with --resume {self.resume_from}"
+            return f"stopped by {self.signal_name} before a checkpoint was saved" + (
+                resume if self.resume_from else ""
+            )
+        run_dir = self.checkpoint.parent.parent
+        return (
+            f"preempted at step {self.step} ({self.signal_name}); checkpoint saved to "
+            f"{self.checkpoint}; continue with --resume {run_dir}"
+        )
+
+
+def preemptible(config: TrainConfig) -> bool:
+    """Whether signals stop this run gracefully (not --sync async: see the module docstring)."""
+    return config.sync != "async"
+
+
+class _Watch:
+    """This process's signal state: set by the watcher thread, read at each step's end."""
+
+    requested: str | None = None  # the first signal's name, once one asked to stop
+    folder: Path | None = None  # the launcher's folder (None: no launcher of ours)
+    abort = False  # a second Ctrl-C came: the main thread raises KeyboardInterrupt once
+
+
+@contextlib.contextmanager
+def watch_signals(folder: Path | None, enabled: bool = True) -> Iterator[None]:
+    """Take SIGTERM and SIGINT for a graceful stop while the block runs (main thread only).
+
+    with watch_signals(None):   # one process: Ctrl-C now finishes the step and saves it
+        summary = train(config, env)
+
+    The decisions are a thread's, woken through `signal.set_wakeup_fd`: a Python handler runs
+    only once the main thread is back in the interpreter, so a worker blocked in a collective
+    whose peer died would otherwise outlive the agent's SIGTERM until the grace period ends.
+    """
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    _Watch.requested, _Watch.folder, _Watch.abort = None, folder, False
+    watcher = threading.Thread(target=_watch, args=(read_end,), name="shardwise-signals")
+    watcher.daemon = True
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(write_end)  # the watcher reads the pipe's end and returns
+        watcher.join()
+        _Watch.requested, _Watch.folder, _Watch.abort = None, None, False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """The main thread's part: only the abort a second Ctrl-C asked for (see _decide)."""
+    if _Watch.abort:
+        _Watch.abort = False
+        raise KeyboardInterrupt
+
+
+def _watch(read_end: int) -> None:
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(64):
+            for signum in chunk:
+                _decide(signum)
+
+
+def _decide(signum: int) -> None:
+    if signum not in (signal.SIGTERM, signal.SIGINT):
+        return
+    if _Watch.requested is not None:
+        if signum == signal.SIGINT:  # a second Ctrl-C: abort at once
+            if _Watch.folder is not None:
+                os._exit(EXIT_INTERRUPTED)  # a worker: the launcher says what happened
+            _Watch.abort = True
+            _thread.interrupt_main(signal.SIGINT)  # runs _on_signal in the main thread
+        return  # already stopping: a repeated SIGTERM changes nothing
+    folder = _Watch.folder
+    if signum == signal.SIGTERM and folder is not None and not _launcher_preempts(folder):
+        # The agent is stopping this group after a failure: a note for the next attempt (this
+        # rank was not the cause), then the end SIGTERM's default would have been.
+        write_record(folder, STOPPED_FILE, {"stopped": True})
+        os._exit(EXIT_STOPPED)
+    _Watch.requested = signal.Signals(signum).name
+
+
+def _launcher_preempts(folder: Path) -> bool:
+    deadline = time.monotonic() + _WORD_WAIT_S
+    while not (folder / PREEMPT_FILE).exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class PreemptionCheck:
+    """The trainer's end-of-step question: did a signal ask every rank to stop here?
+
+    check = PreemptionCheck.for_config(config, env, folder)   # folder: the launcher's, or None
+    """
+
+    def __init__(self, env: DistEnv, folder: Path | None = None, enabled: bool = True) -> None:
+        self.env = env
+        self.folder = folder
+        self.enabled = enabled
+
+    @classmethod
+    def for_config(
+        cls, config: TrainConfig, env: DistEnv, folder: Path | None = None
+    ) -> PreemptionCheck:
+        """Off for --sync async: its workers step apart, so no per-step collective can agree."""
+        return cls(env, folder, enabled=preemptible(config))
+
+    @property
+    def received(self) -> str:
+        """The signal this rank got; a peer's, when only a peer got one."""
+        return _Watch.requested or "a signal to another rank"
+
+    def agreed(self, step: int, max_steps: int) -> bool:
+        """Whether to stop after `step`; every rank must call it after every step.
+
+        False at the last step: the run then simply finishes.
+        """
+        if self.folder is not None:
+            kill_for_testing(step)
+            if self.env.is_main:
+                note_progress(self.folder, step)
+        if step >= max_steps or not self.enabled:
+            return False
+        flag = torch.tensor([1.0 if _Watch.requested else 0.0], dtype=torch.float64)
+        return bool(all_reduce_sum(flag, self.env).item() > 0)
+
+
+# The launcher's side.
+
+
+class GiveUp(Exception):
+    """A worker reported a user error (GIVE_UP_SIGNAL): retrying cannot cure that."""
+
+
+def launcher_signal_settings(grace_s: float) -> dict[str, object]:
+    """LaunchConfig settings: SIGTERM and SIGINT are ours; stopped workers get `grace_s`."""
+    # The agent would install its own SIGTERM and SIGINT handlers at every (re)start of the
+    # workers, over ours; it keeps handling SIGHUP and SIGQUIT.
+    return {"signals_to_handle": "SIGHUP,SIGQUIT", "shutdown_timeout": math.ceil(grace_s)}
+
+
+@contextlib.contextmanager
+def launcher_signals(folder: Path) -> Iterator[None]:
+    """While the agent runs: SIGTERM and the first Ctrl-C preempt the run, a second Ctrl-C
+    kills the workers at once (KeyboardInterrupt), and a worker's user error raises GiveUp.
+
+    with launcher_signals(folder):
+        elastic_launch(launch_config, sys.executable)(*command)   # SignalException: preempted
+
+    A preemption leaves PREEMPT_FILE for the workers and raises the agent's own SignalException,
+    on which the agent sends the workers SIGTERM and waits up to its shutdown timeout
+    (--preempt-grace-s) before it kills them.
+    """
+    received: list[int] = []
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            name = signal.Signals(signum).name
+            (folder / PREEMPT_FILE).write_text(name, encoding="ascii")
+            raise SignalException(f"shardwise got {name}", sigval=signal.SIGTERM)
+        if signum == signal.SIGINT:  # a second Ctrl-C: abort; SIGTERM again changes nothing
+            kill_workers(folder)
+            raise KeyboardInterrupt
+
+    def on_give_up(signum: int, frame: FrameType | None) -> None:
+        raise GiveUp
+
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, GIVE_UP_SIGNAL: on_give_up}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def kill_workers(folder: Path) -> None:
+    """SIGKILL every worker still running, with its data-loading processes (its group)."""
+    for path in folder.glob(PID_FILE_GLOB):
+        pid = int(path.stem.removeprefix("worker-"))
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:  # still a worker: each leads its own process group
+                os.killpg(pid, signal.SIGKILL)
+
+
+def stopped_run(folder: Path, signum: int, run_dir: Path | None) -> Preempted:
+    """What a signal did to the run: the checkpoint the workers agreed on, or none.
+
+    Every rank of a preempted group leaves a note with the step and checkpoint it saved.
+    """
+    word = folder / PREEMPT_FILE
+    name = word.read_text(encoding="ascii") if word.exists() else signal.Signals(signum).name
+    attempt = folder / ATTEMPT_DIR.format(attempt=latest_attempt(folder))
+    for note in sorted(attempt.glob(PREEMPTED_FILE.format(rank="*"))):
+        saved = json.loads(note.read_text(encoding="utf-8"))
+        return Preempted(saved["step"], Path(saved["checkpoint"]), name)
+    saved_before = run_dir is not None and latest_checkpoint(run_dir / "checkpoints")
+    return Preempted(None, None, name, run_dir if saved_before else None)

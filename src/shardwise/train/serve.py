@@ -1,0 +1,46 @@
+"""A parameter server's whole job in an asynchronous run: build its shard, serve, leave.
+
+    serve_parameters(config, env)   # on the world's last --ps ranks, instead of training
+
+The server builds the same seeded model as the workers and keeps only its share of the
+parameters (`assign_shards`, the same split the workers make), with the loop's optimizer and
+learning-rate schedule over them, so one worker at --max-staleness 0 trains exactly as one
+process would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardwise.config import TrainConfig
+from shardwise.distributed import DistEnv
+from shardwise.parallel.sync.exchange import Channel, assign_shards
+from shardwise.parallel.sync.param_server import ParameterServer
+from shardwise.train.build import load_corpus, seeded_model
+from shardwise.train.schedule import warmup_cosine
+
+
+def serve_parameters(config: TrainConfig, env: DistEnv) -> dict:
+    """Serve this rank's shard until every worker has been told to stop; no summary (empty)."""
+    exchange = env.exchange
+    assert exchange is not None and exchange.is_server, "a parameter server's rank only"
+    model = seeded_model(config, load_corpus(config).vocab_size)
+    params = [param for param in model.parameters() if param.requires_grad]
+    shards = assign_shards([param.numel() for param in params], len(exchange.servers))
+    positions = shards[exchange.servers.index(exchange.rank)]
+    shard = [params[i].detach().clone() for i in positions]
+    optimizer = torch.optim.AdamW(shard, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    server = ParameterServer(
+        shard,
+        optimizer,
+        scheduler,
+        exchange.workers,
+        config.max_steps,
+        config.max_staleness,
+        config.clip_norm,
+        positions,
+        len(params),
+    )
+    server.serve(Channel(exchange.group, exchange.timeout_s))
+    return {}
