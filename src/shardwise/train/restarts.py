@@ -73,7 +73,10 @@ def latest_attempt(folder: Path) -> int:
 def write_record(folder: Path, name: str, payload: dict) -> None:
     """This rank's note `name` ('kind-rank{rank}.json') for this attempt."""
     path = attempt_dir(folder) / name.format(rank=os.environ.get("RANK", "0"))
-    path.write_text(json.dumps(payload), encoding="utf-8")
+    # Whole or absent: the launcher may read the folder while another rank is still writing.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload), encoding="utf-8")
+    partial.replace(path)
 
 
 def note_progress(folder: Path, step: int) -> None:
