@@ -57,7 +57,7 @@ def test_settings_that_may_change_are_applied_and_listed(corpus: Path, run: Path
         ({"max_len": 32}, "max_len was 64, now 32"),
         ({"model": "lstm"}, "model was 'gru', now 'lstm': the checkpoint holds another model's"),
         ({"sync": "diloco"}, "sync was 'allreduce', now 'diloco': the checkpoint holds another"),
-        ({"sync_every": 4}, "sync_every was 8, now 4: replicas would meet at other steps"),
+        ({"sync": "local-sgd"}, "sync was 'allreduce', now 'local-sgd': the checkpoint holds"),
     ],
 )
 def test_settings_that_would_make_another_run_are_refused(

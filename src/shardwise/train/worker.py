@@ -35,6 +35,7 @@ from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_di
 from shardwise.session import Session
 from shardwise.train.build import load_corpus, seeded_model, stage_plan
 from shardwise.train.export import export_model, whole_model
+from shardwise.train.health import NonFiniteStepError
 from shardwise.train.heartbeat import heartbeat
 from shardwise.train.preemption import (
     GIVE_UP_SIGNAL,
@@ -160,7 +161,11 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
         restarts = record_restart(folder, env, config, run_dir) if folder else []
         check = PreemptionCheck.for_config(config, env, folder)
         trainer = Trainer(config, session, corpus, model, run_dir, stages, preemption=check)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except NonFiniteStepError:  # every rank stops at the same step: finish a save in flight
+            session.wait_for_checkpoint()
+            raise
         summary = result.summary
         if env.is_main:
             whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
