@@ -138,6 +138,9 @@ def _os_error(exc: BaseException | None, depth: int = 0) -> OSError | None:
         return None
     if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
         return exc
+    if "No space left on device" in str(exc) or "unexpected pos" in str(exc):
+        # Writers that drop the errno (torch.save's zip writer: a short write) still say it.
+        return OSError(errno.ENOSPC, "No space left on device")
     if isinstance(exc, CheckpointException):  # DCP wraps each failing rank's own error
         for wrapped, _ in exc.failures.values():
             found = _os_error(wrapped, depth + 1)
