@@ -46,7 +46,7 @@ from shardwise.loss import count_targets
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
-from shardwise.parallel.sync import AsyncUpdates, sync_strategy
+from shardwise.parallel.sync import sync_strategy
 from shardwise.partition import plan_stages, shared_plan
 from shardwise.precision import Precision
 
@@ -160,7 +160,7 @@ class Session:
         """
         if self.precision.scaler is not None:
             self.precision.scaler.unscale_(optimizer)
-        if isinstance(model.strategy, AsyncUpdates):  # the servers clip the step's mean gradient
+        if model.strategy.updates_remotely:  # the servers clip the step's mean gradient
             max_norm = 0.0
         return model.clip_grad_norm(max_norm)
 
@@ -170,7 +170,7 @@ class Session:
         Under --sync async the parameter servers' optimizer takes the step: the strategy pushes
         the gradients and pulls the parameters instead, and `optimizer` is left alone.
         """
-        if model is not None and isinstance(model.strategy, AsyncUpdates):
+        if model is not None and model.strategy.updates_remotely:
             model.strategy.update(model.module)
             return
         self.precision.step(optimizer)
@@ -180,14 +180,14 @@ class Session:
     def steps_done(self, model: ParallelModel, local_steps: int, max_steps: int) -> int:
         """The run's steps done after this rank's `local_steps`: the same, but under --sync
         async the parameter servers' count, all workers together (a fast worker does more)."""
-        if isinstance(model.strategy, AsyncUpdates):
+        if model.strategy.updates_remotely:
             return model.strategy.global_step(max_steps)
         return local_steps
 
     def meets_between_steps(self, model: ParallelModel) -> bool:
         """Whether ranks may meet in a collective mid-run (metrics windows, checkpoints): not
         asynchronous workers, which are at different steps (they meet once, at the end)."""
-        return not isinstance(model.strategy, AsyncUpdates)
+        return not model.strategy.updates_remotely
 
     def finish(self, model: ParallelModel) -> None:
         """After the last optimizer step: bring replicas that train apart to one model.

@@ -43,6 +43,9 @@ class SyncStrategy(Protocol):
     # Whether replicas' parameters or optimizer states may differ between steps: then a
     # checkpoint keeps every replica's own copy, so that a resume is exact.
     replicas_differ: bool
+    # Whether the step happens elsewhere (parameter servers): `Session.step` then calls the
+    # strategy's `update(module)` instead of the optimizer, and ranks meet only at the end.
+    updates_remotely: bool
     # What this rank sent and how long exchanges after the step blocked it (see traffic.py).
     traffic: SyncTraffic
 

@@ -34,6 +34,7 @@ class AllReduceEveryStep:
 
     name = "allreduce"
     replicas_differ = False  # every replica applies the same gradient
+    updates_remotely = False  # the loop's own optimizer steps
 
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()

@@ -43,6 +43,7 @@ class PeriodicAveraging:
 
     name = "local-sgd"
     replicas_differ = True
+    updates_remotely = False  # the loop's own optimizer steps
 
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()
