@@ -10,6 +10,7 @@ code runs unchanged on one CPU process, N local processes, N GPUs and several ma
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.errors import ShardwiseError, first_line
+from shardwise.meeting import Meeting
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,20 @@ class DistEnv:
 
 @dataclass(frozen=True)
 class Exchange:
-    """Who is a worker and who a parameter server, and their own point-to-point group.
+    """Who is a worker and who a parameter server, and the links between them.
 
-    The workers' default group (their `DistEnv`) holds only the workers, so the training loop's
-    collectives never wait for a server; the servers talk to them over `group` alone.
+    Each (worker, server) pair has a two-rank gloo group of its own (`links`), so a worker that
+    dies breaks only its own links: the servers and the other workers go on. Workers have no
+    process group among themselves; they meet in the job's store (`meeting`), which a lost
+    worker cannot hold up either. The servers' default group holds only the servers.
     """
 
-    group: dist.ProcessGroup
-    rank: int  # in `group`: workers first, then servers
+    links: dict[int, tuple[dist.ProcessGroup, int]]  # peer: (the pair's group, its rank there)
+    rank: int  # workers first, then servers
     workers: list[int]
     servers: list[int]
     timeout_s: float
+    meeting: Meeting | None = None  # workers only
 
     @property
     def is_server(self) -> bool:
@@ -146,21 +151,55 @@ def _init_with_servers(
 ) -> DistEnv:
     timeout = timedelta(seconds=timeout_s)
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-    workers = world - servers
-    server = rank >= workers
-    own_rank, own_size = (rank - workers, servers) if server else (rank, workers)
-    own_device = torch.device("cpu") if server else device
     # Keys of this attempt only: the agent keeps its store across elastic restarts.
-    attempt = f"shardwise/attempt{attempt_number()}"
-    prefix = f"{attempt}/{'servers' if server else 'workers'}"
-    _init_process_group(own_device, own_rank, own_size, timeout_s, dist.PrefixStore(prefix, store))
-    group = dist.ProcessGroupGloo(
-        dist.PrefixStore(f"{attempt}/exchange", store), rank, world, timeout
-    )
-    exchange = Exchange(group, rank, list(range(workers)), list(range(workers, world)), timeout_s)
+    store = dist.PrefixStore(f"shardwise/attempt{attempt_number()}", store)
+    workers, server_ranks = list(range(world - servers)), list(range(world - servers, world))
+    server = rank in server_ranks
+    links = _pair_links(store, rank, workers, server_ranks, timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return DistEnv(own_rank, own_size, local_rank, local_size, own_device, exchange)
+    if server:
+        own = dist.PrefixStore("servers", store)
+        _init_process_group(torch.device("cpu"), rank - len(workers), servers, timeout_s, own)
+        exchange = Exchange(links, rank, workers, server_ranks, timeout_s)
+        return DistEnv(
+            rank - len(workers), servers, local_rank, local_size, torch.device("cpu"), exchange
+        )
+    meeting = Meeting(job_store("workers", timeout_s), rank, workers, timeout_s)
+    exchange = Exchange(links, rank, workers, server_ranks, timeout_s, meeting)
+    return DistEnv(rank, len(workers), local_rank, local_size, device, exchange)
+
+
+def job_store(namespace: str, timeout_s: float = 30.0) -> dist.Store:
+    """This attempt's `namespace` in the job's rendezvous store (the agent's, at MASTER_ADDR).
+
+    Apart from the process groups' keys, for what must outlive a lost rank: heartbeats, and
+    asynchronous workers' meetings.
+    """
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"shardwise/{namespace}/attempt{attempt_number()}", client)
+
+
+def _pair_links(
+    store: dist.Store, rank: int, workers: list[int], servers: list[int], timeout: timedelta
+) -> dict[int, tuple[dist.ProcessGroup, int]]:
+    """This rank's two-rank group with each peer of the other kind (worker first in each)."""
+    links = {}
+    # Every rank creates its pairs in the same global (worker, server) order: none waits in a
+    # cycle for a peer that is itself waiting.
+    for worker in workers:
+        for server in servers:
+            if rank in (worker, server):
+                pair = dist.PrefixStore(f"pair/{worker}/{server}", store)
+                group = dist.ProcessGroupGloo(pair, int(rank == server), 2, timeout)
+                peer = server if rank == worker else worker
+                links[peer] = (group, int(peer == server))
+    return links
 
 
 def _init_process_group(
@@ -233,7 +272,14 @@ def all_reduce_sum(
     The sum travels on `comm_device(env)` whatever device `tensor` is on: NCCL takes CUDA
     tensors only, and counters and losses are often kept on the CPU.
     """
-    if env.distributed:
+    meeting = _meeting(env)
+    if meeting is not None:
+        parts = meeting.gather(tensor.detach().cpu().contiguous().numpy().tobytes())
+        summed = sum(
+            torch.frombuffer(bytearray(parts[r]), dtype=tensor.dtype) for r in sorted(parts)
+        )
+        tensor.copy_(summed.view_as(tensor))
+    elif env.distributed:
         travelling = tensor.to(comm_device(env))
         dist.all_reduce(travelling, op=dist.ReduceOp.SUM, group=group)
         if travelling is not tensor:
@@ -243,6 +289,10 @@ def all_reduce_sum(
 
 def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
     """Every rank's `values`, indexed by rank; values must have the same length on all ranks."""
+    meeting = _meeting(env)
+    if meeting is not None:  # the workers still in an asynchronous run, in rank order
+        parts = meeting.gather(json.dumps(values).encode())
+        return [json.loads(parts[rank]) for rank in sorted(parts)]
     local = torch.tensor(values, dtype=torch.float64, device=comm_device(env))
     if not env.distributed:
         return [local.tolist()]
@@ -253,7 +303,10 @@ def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
 
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (a no-op for a single process)."""
-    if env.distributed:
+    meeting = _meeting(env)
+    if meeting is not None:
+        meeting.gather(b"")
+    elif env.distributed:
         if env.device.type == "cuda":
             dist.barrier(device_ids=[env.device.index])
         else:
@@ -261,12 +314,20 @@ def barrier(env: DistEnv) -> None:
 
 
 def broadcast_object(value: object, env: DistEnv) -> object:
-    """Rank 0's `value` on every rank."""
+    """Rank 0's `value` on every rank (among asynchronous workers: a JSON value)."""
+    meeting = _meeting(env)
+    if meeting is not None:
+        return json.loads(meeting.gather(json.dumps(value if env.is_main else None).encode())[0])
     if not env.distributed:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _meeting(env: DistEnv) -> Meeting | None:
+    """Where an asynchronous run's workers meet instead of a process group (None elsewhere)."""
+    return env.exchange.meeting if env.exchange is not None else None
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -31,6 +31,7 @@ from shardwise.checkpoint import (
     SyncState,
     TrainerState,
     agree_on_checkpoint,
+    checkpoint_name,
     load_checkpoint,
     take_snapshot,
 )
@@ -236,6 +237,10 @@ class Session:
         `keep_checkpoints` in the session's config deletes older ones once a save is sealed.
         """
         state = state or TrainerState(step=step)
+        if self.env.exchange is not None and not self.env.is_main:
+            # Asynchronous workers all end on the servers' final parameters, and wait for no
+            # one (a peer may have died): the first worker saves them alone.
+            return Path(directory) / checkpoint_name(state.step)
         state.world_size, state.scaler = self.world_size, self.precision.state_dict()
         sync = self._sync_state(model)
         keep = Retention(self.config.keep_checkpoints, protect=self.config.resume)

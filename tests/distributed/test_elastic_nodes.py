@@ -67,19 +67,16 @@ def test_a_lost_node_leaves_the_other_to_finish_alone_with_the_same_global_batch
     _assert_same_run_as_one_rank_accumulating_two(corpus, tmp_path, run_dir)
 
 
-@pytest.mark.skip(
-    reason="timing-dependent: on an idle machine node 0 trains its 12 steps before node 1 has "
-    "even started, so nothing is admitted (it passed on a loaded machine); needs a hold point "
-    "that keeps node 0 training until node 1 is up"
-)
 @pytest.mark.timeout(400)
 def test_a_node_that_arrives_late_is_admitted_with_the_same_global_batch(
     net: object, corpus: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "elastic"
-    nodes = [_start_node(net, 0, corpus, run_dir)]
+    # Node 0 rests after step 3 (its step-2 checkpoint written) so that, however fast it trains,
+    # node 1 arrives mid-run; the rest is the first attempt's only, so it is not waited out.
+    nodes = [_start_node(net, 0, corpus, run_dir, {"SHARDWISE_TESTING_PAUSE": "0:3:90"})]
     try:
-        _wait_for_rows(run_dir / "metrics.jsonl", 1, nodes)
+        _wait_for_rows(run_dir / "metrics.jsonl", 3, nodes)
         nodes.append(_start_node(net, 1, corpus, run_dir))
         for process in nodes:
             process.wait(timeout=300)
@@ -91,7 +88,7 @@ def test_a_node_that_arrives_late_is_admitted_with_the_same_global_batch(
     assert done["world_size"] == 2
     [restart] = done["restarts"]
     assert (restart["world_size"], restart["reason"]) == (2, "nodes joined: 1 -> 2 ranks")
-    assert restart["resumed_from_step"] < STEPS
+    assert restart["resumed_from_step"] == 2  # the checkpoint before the rest
     _assert_same_run_as_one_rank_accumulating_two(corpus, tmp_path, run_dir)
 
 
@@ -110,7 +107,9 @@ def _assert_same_run_as_one_rank_accumulating_two(
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
 
 
-def _start_node(net: object, node: int, corpus: Path, run_dir: Path) -> subprocess.Popen:
+def _start_node(
+    net: object, node: int, corpus: Path, run_dir: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`shardwise train --nnodes 1:2` in node `node`'s namespace; the store on node 0's."""
     argv = [sys.executable, "-m", "shardwise", "train", "--data", str(corpus), *FLAGS]
     argv += ["--nproc", "1", "--nnodes", "1:2", "--run-dir", str(run_dir)]
@@ -118,7 +117,7 @@ def _start_node(net: object, node: int, corpus: Path, run_dir: Path) -> subproce
     with (run_dir.parent / f"node{node}.log").open("w") as log:  # the child keeps its copy
         return subprocess.Popen(
             net.command(node, argv),
-            env={**os.environ, **net.environment(node)},
+            env={**os.environ, **net.environment(node), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

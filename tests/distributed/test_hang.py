@@ -4,44 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import write_corpus
+from stopping_model import MODEL_SPEC, stopping_module
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
-# Rank 1 stops itself (as SIGSTOP from outside would) in its fourth training forward.
-USER_MODULE = textwrap.dedent("""
-    import os
-    import signal
-
-    from shardwise.models import RecurrentLM
-
-
-    class StopsAtStep4(RecurrentLM):
-        calls = 0
-
-        def forward(self, tokens, lengths=None):
-            if self.training:
-                self.calls += 1
-                if os.environ.get("RANK") == "1" and self.calls == 4:
-                    os.kill(os.getpid(), signal.SIGSTOP)
-            return super().forward(tokens, lengths)
-
-
-    def stops_at_step_4(vocab_size):
-        return StopsAtStep4(vocab_size, embed_dim=16, hidden_dim=16, num_layers=1, cell="gru")
-""")
-
 
 def test_a_stopped_rank_ends_the_run_in_one_line_well_before_the_timeout(tmp_path: Path) -> None:
-    (tmp_path / "usermod.py").write_text(USER_MODULE)
+    (tmp_path / "usermod.py").write_text(stopping_module(rank=1))
     corpus = write_corpus(tmp_path / "corpus.txt")
-    command = [sys.executable, "-m", "shardwise", "train", "--model", "usermod:stops_at_step_4"]
+    command = [sys.executable, "-m", "shardwise", "train", "--model", MODEL_SPEC]
     command += ["--data", str(corpus), "--run-dir", str(tmp_path / "run"), "--nproc", "2"]
     command += ["--max-len", "32", "--batching", "fixed", "--batch-size", "4", "--max-steps"]
     command += ["50", "--no-tensorboard", "--max-restarts", "0", "--timeout-s", "600"]
@@ -59,6 +36,6 @@ def test_a_stopped_rank_ends_the_run_in_one_line_well_before_the_timeout(tmp_pat
     # Collectives would wait out --timeout-s 600; the heartbeat speaks after 5 s of silence.
     assert took < 60, took
     leftovers = subprocess.run(
-        ["pgrep", "-f", "usermod:stops_at_step_4"], capture_output=True, text=True, check=False
+        ["pgrep", "-f", MODEL_SPEC], capture_output=True, text=True, check=False
     )
     assert leftovers.stdout.strip() == ""  # the stopped rank was killed, not left behind

@@ -87,3 +87,34 @@ def test_a_neighbour_that_finished_is_not_silent() -> None:
     second.store.set("beat/1", "done")
     clock.now += 60.0
     assert first.watch() is None
+
+
+def test_the_watch_passes_over_a_finished_rank_to_the_one_it_watched() -> None:
+    store = dist.HashStore()
+    clock = Clock()
+    lines: list[str] = []
+    watcher = Heartbeat(store, 0, 3, 5.0, lines.append, clock)
+    store.set("host/2", f"elsewhere {999999}")
+    store.set("beat/1", "done")  # rank 1 left: rank 2, which it watched, is rank 0's now
+    assert watcher.watch() is None and watcher.watched == 2
+    watcher.watch()
+    clock.now += 6.0
+    assert (watcher.watch() or "").startswith("rank 2 on elsewhere stopped answering")
+    store.set("beat/2", "done")
+    assert watcher.watch() is None and not watcher.watching  # back round to itself
+
+
+def test_a_silent_expendable_rank_is_killed_and_not_reported() -> None:
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store = dist.HashStore()
+        clock = Clock()
+        watcher = Heartbeat(store, 0, 3, 5.0, print, clock, expendable=frozenset({1}))
+        store.set("host/1", f"{socket.gethostname()} {stopped.pid}")
+        watcher.watch()
+        clock.now += 5.0
+        assert watcher.watch() is None  # an asynchronous worker: the run goes on without it
+        assert stopped.wait(timeout=10) == -9
+        assert watcher.watched == 2
+    finally:
+        stopped.kill()

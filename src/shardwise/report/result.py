@@ -53,6 +53,7 @@ class RunResult:
     sync_time_s: tuple[float, ...]  # per rank: backward's end wait + exchanges after the step
     compute_time_s: tuple[float, ...]  # per rank: the rest of the steps' time
     sync_staleness_histogram: dict[str, int] | None  # async: {staleness: steps}, all ranks
+    sync_workers_lost: dict[str, str] | None  # async: {rank: why} of workers that died
     batching: str
     data_notes: str
     resumed_from: Path | None

@@ -125,6 +125,9 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     add("wait", _percent(get("wait_fraction")))
     add("sync", _sync(summary))
     add("staleness", _histogram(get("sync_staleness_histogram")))
+    lost = get("sync_workers_lost")
+    if lost:
+        add("lost", "; ".join(f"worker {rank} {why}" for rank, why in lost.items()))
     add("data", _notes(get("data_notes")))
     return rows
 

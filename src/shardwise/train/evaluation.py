@@ -2,7 +2,8 @@
 
     eval_loss = held_out_loss(model, corpus.eval, batch_size=8, env=env)   # None: no tokens
 
-Every rank must call it: the per-rank sums meet in one all-reduce.
+Every rank must call it: the per-rank sums meet in one all-reduce. In an asynchronous run the
+first worker takes every sequence: the others may have died, and each would leave a gap.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def held_out_loss(
     """Token-mean loss of `model` on `sequences`; None when they hold no tokens."""
     layout = model.layout
     mine = sequences[layout.dp_rank :: layout.dp]
+    if model.strategy.updates_remotely:
+        mine = sequences if env.is_main else []
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for begin in range(0, len(mine), batch_size):

@@ -23,11 +23,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 
 import torch.distributed as dist
 
-from shardwise.distributed import attempt_number
+from shardwise.distributed import job_store
 
 BEAT_S = 1.0
 DONE = b"done"
@@ -44,13 +43,16 @@ class Heartbeat:
         silence_s: float,
         on_silence: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        expendable: frozenset[int] = frozenset(),
     ) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
+        self.expendable = expendable  # killed when silent, and the run goes on (see below)
         self.watched = (rank + 1) % world_size
         self.silence_s, self.on_silence, self.clock = silence_s, on_silence, clock
         self.beats = 0
         self.last_seen: tuple[bytes, float] | None = None
         self.stopped = threading.Event()
+        self.watching = True  # until every other rank has finished or left
         store.set(f"host/{rank}", f"{socket.gethostname()} {os.getpid()}")
 
     def beat(self) -> None:
@@ -59,10 +61,13 @@ class Heartbeat:
 
     def watch(self) -> str | None:
         """The line to report when the watched rank has been silent too long, else None."""
+        if not self.watching:
+            return None
         key = f"beat/{self.watched}"
         now = self.clock()
         value = self.store.get(key) if self.store.check([key]) else b""
-        if value == DONE:  # it left its work behind (rank 0 may still be writing the report)
+        if value == DONE:  # it left its work behind: watch the one it was watching
+            self._pass_watch()
             return None
         if self.last_seen is None or value != self.last_seen[0]:
             self.last_seen = (value, now)
@@ -74,10 +79,19 @@ class Heartbeat:
         if host == socket.gethostname() and int(pid) != os.getpid():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(pid), signal.SIGKILL)  # stopped: it could not leave by itself
+            if self.watched in self.expendable:  # its supervisor marks it done, and says so
+                self._pass_watch()
+                return None
         return (
             f"rank {self.watched} on {host} stopped answering: no heartbeat for {silent:.0f}s "
             "(stopped, deadlocked or its machine is gone)"
         )
+
+    def _pass_watch(self) -> None:
+        """Watch the next rank instead; none once the ring has come back to this one."""
+        self.watched = (self.watched + 1) % self.world_size
+        self.last_seen = None
+        self.watching = self.watched != self.rank
 
     def run(self) -> None:
         while not self.stopped.wait(BEAT_S):
@@ -92,26 +106,23 @@ class Heartbeat:
 
 
 @contextlib.contextmanager
-def heartbeat(silence_s: float, on_silence: Callable[[str], None]) -> Iterator[Heartbeat | None]:
+def heartbeat(
+    silence_s: float,
+    on_silence: Callable[[str], None],
+    expendable: frozenset[int] = frozenset(),
+) -> Iterator[Heartbeat | None]:
     """Beat and watch for the duration of the block (nothing alone or with `silence_s` 0).
 
-    Ranks are the launcher's (RANK, WORLD_SIZE), parameter servers included.
+    Ranks are the launcher's (RANK, WORLD_SIZE), parameter servers included. A silent rank in
+    `expendable` (an asynchronous worker but rank 0) is killed, and the run goes on without it.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size < 2 or silence_s <= 0 or "MASTER_ADDR" not in os.environ:
         yield None
         return
-    store = dist.PrefixStore(
-        f"shardwise/heartbeat/{attempt_number()}",
-        dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=timedelta(seconds=30),
-        ),
-    )
+    store = job_store("heartbeat")
     rank = int(os.environ["RANK"])
-    beating = Heartbeat(store, rank, world_size, silence_s, on_silence)
+    beating = Heartbeat(store, rank, world_size, silence_s, on_silence, expendable=expendable)
     beating.beat()
     thread = threading.Thread(target=beating.run, name="shardwise-heartbeat", daemon=True)
     thread.start()
@@ -120,4 +131,9 @@ def heartbeat(silence_s: float, on_silence: Callable[[str], None]) -> Iterator[H
     finally:
         beating.stopped.set()
         with contextlib.suppress(RuntimeError, dist.DistError):
-            store.set(f"beat/{rank}", DONE.decode())  # finished, not silent
+            mark_done(store, rank)
+
+
+def mark_done(store: dist.Store, rank: int) -> None:
+    """Say that `rank` finished (or left an asynchronous run): silent, but not hung."""
+    store.set(f"beat/{rank}", DONE.decode())

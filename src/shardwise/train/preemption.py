@@ -44,6 +44,7 @@ from shardwise.train.restarts import (
     kill_for_testing,
     latest_attempt,
     note_progress,
+    pause_for_testing,
     write_record,
 )
 
@@ -222,6 +223,7 @@ class PreemptionCheck:
         """
         if self.folder is not None:
             kill_for_testing(step)
+            pause_for_testing(step)
             if self.env.is_main:
                 note_progress(self.folder, step)
         if step >= max_steps or not self.enabled:

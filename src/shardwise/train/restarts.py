@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ _RECORD = re.compile(r"^(?P<kind>[a-z]+)-rank(?P<rank>\d+)\.(json|txt)$")
 # A testing aid, not a feature: "RANK:STEP" SIGKILLs that rank once it finished that step, on
 # the first attempt only (tests/distributed/test_recovery.py). Read here and nowhere else.
 _TESTING_KILL = "SHARDWISE_TESTING_KILL"
+_TESTING_PAUSE = "SHARDWISE_TESTING_PAUSE"
 
 
 def restart_count() -> int:
@@ -89,6 +91,22 @@ def kill_for_testing(step: int) -> None:
     wanted = os.environ.get(_TESTING_KILL)
     if wanted and restart_count() == 0 and wanted == f"{os.environ.get('RANK', '0')}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_for_testing(step: int) -> None:
+    """Testing aid: with SHARDWISE_TESTING_PAUSE=RANK:STEP:SECONDS, rank RANK sleeps SECONDS
+    after `step` in the first attempt only, as a slow step would (its heartbeat beats on).
+
+    It keeps a lone node training until a late node has joined, however fast the machine.
+    """
+    rank, _, rest = os.environ.get(_TESTING_PAUSE, "").partition(":")
+    wanted_step, _, seconds = rest.partition(":")
+    if (
+        seconds
+        and restart_count() == 0
+        and (rank, wanted_step) == (os.environ.get("RANK", "0"), str(step))
+    ):
+        time.sleep(float(seconds))
 
 
 def config_for_attempt(config: TrainConfig, run_dir: Path) -> TrainConfig:

@@ -14,7 +14,7 @@ import torch
 
 from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
-from shardwise.parallel.sync.exchange import Channel, assign_shards
+from shardwise.parallel.sync.exchange import Channel, Inbox, assign_shards
 from shardwise.parallel.sync.param_server import ParameterServer
 from shardwise.train.build import load_corpus, seeded_model
 from shardwise.train.schedule import warmup_cosine
@@ -42,5 +42,10 @@ def serve_parameters(config: TrainConfig, env: DistEnv) -> dict:
         positions,
         len(params),
     )
-    server.serve(Channel(exchange.group, exchange.timeout_s))
+    channel = Channel(exchange.links, exchange.timeout_s)
+    server.serve(channel, Inbox(channel, exchange.workers, sum(t.numel() for t in shard)))
+    for worker, why in sorted(server.lost.items()):
+        print(
+            f"shardwise: parameter server {exchange.rank} lost worker {worker} ({why})", flush=True
+        )
     return {}

@@ -49,12 +49,19 @@ def run_summary(trainer: Trainer, started: float) -> dict:
         "sync_staleness_histogram": staleness_histogram(
             staleness, int(max(row[1] for row in memory)), trainer.env
         ),
+        "sync_workers_lost": workers_lost(trainer.env),
         "batching": trainer.config.batching,
         "data_notes": trainer.corpus.notes,
         "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
         "resume_notes": trainer.resume_notes,
         "run_dir": str(trainer.run_dir),
     }
+
+
+def workers_lost(env: DistEnv) -> dict[str, str] | None:
+    """{rank: why} of an asynchronous run's workers that died on the way (None elsewhere)."""
+    meeting = env.exchange.meeting if env.exchange is not None else None
+    return {str(rank): why for rank, why in meeting.lost.items()} if meeting else None
 
 
 def staleness_histogram(

@@ -53,6 +53,7 @@ from shardwise.train.restarts import (
     write_record,
 )
 from shardwise.train.serve import serve_parameters
+from shardwise.train.supervisor import expendable_ranks, supervise, supervises
 from shardwise.train.trainer import Trainer
 
 ERROR_FILE = "error-rank{rank}.txt"
@@ -78,11 +79,10 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
         with watch_signals(folder, enabled=preemptible(config)):
             env = init_distributed(config.device, config.timeout_s, servers=config.ps)
             # After joining: a rank 0 that hosts the store itself has it up by now.
-            with heartbeat(config.heartbeat_timeout_s, on_silence=partial(_hung, folder)):
+            hung = partial(_hung, folder)
+            with heartbeat(config.heartbeat_timeout_s, hung, expendable_ranks(config)):
                 serves = _serves(env)
                 summary = serve_parameters(config, env) if serves else train(config, env, folder)
-                if env.exchange is not None:  # workers and servers leave their group together
-                    env.exchange.group.barrier().wait()
     except Preempted:
         shutdown_distributed()  # every rank stopped after the same step
         raise
@@ -214,6 +214,8 @@ def main() -> None:
     pid_file = Path(folder, PID_FILE_GLOB.replace("*", str(os.getpid())))
     pid_file.touch()
     try:
+        if supervises(TrainConfig.model_validate_json(config_json)):  # it runs in our group
+            sys.exit(supervise([sys.executable, *sys.orig_argv[1:]]))
         summary = run_worker(config_json, folder)
     except Preempted as stop:
         saved = {"step": stop.step, "checkpoint": str(stop.checkpoint), "signal": stop.signal_name}

@@ -71,7 +71,7 @@ class AsyncUpdates:
             )
         module = module.to(env.device)
         params = [p for p in module.parameters() if p.requires_grad]
-        self.channel = Channel(env.exchange.group, env.exchange.timeout_s)
+        self.channel = Channel(env.exchange.links, env.exchange.timeout_s)
         self.servers = env.exchange.servers
         shards = assign_shards([p.numel() for p in params], len(self.servers))
         self.shards = [[params[i] for i in indices] for indices in shards]
@@ -95,7 +95,7 @@ class AsyncUpdates:
         assert self.channel is not None
         told_to_stop: set[int] = set()
         for server, shard in zip(self.servers, self.shards, strict=True):
-            reply, _ = self.channel.receive_header(server)
+            reply = self.channel.receive_header(server, wait=False)
             flat = torch.empty(sum(p.numel() for p in shard))
             self.channel.receive_payload(server, flat)
             with torch.no_grad():
@@ -108,7 +108,7 @@ class AsyncUpdates:
         self.steps = self.versions[self.servers[0]]
         if told_to_stop:
             self.stopped = True
-            for server in set(self.servers) - told_to_stop:  # it still counts on this worker
+            for server in self.servers:  # each listens to this worker until it says goodbye
                 self.channel.send(server, Header(BYE))
 
     def global_step(self, max_steps: int) -> int:

@@ -1,7 +1,8 @@
 """A parameter server: holds a shard of the parameters and their optimizer, steps on pushes.
 
     server = ParameterServer(shard, optimizer, scheduler, workers=[0, 1], max_steps=300, ...)
-    server.serve(channel)        # returns once every worker has been told to stop
+    server.serve(channel, Inbox(channel, workers=[0, 1], payload_numel=n))
+                                 # returns once every worker has said goodbye, or died
 
 Workers push gradients and pull parameters without waiting for each other. The server steps
 its optimizer (the loop's AdamW and learning-rate schedule) once it holds as many pushes as
@@ -16,7 +17,10 @@ a gradient computed on old parameters moves them less (delay-scaled, after Zhang
 one: its reply (the fresh parameters) is held back until the slowest catches up, so with
 S = 0 every step averages one push of each worker on the same parameters, which is
 synchronous data-parallel training exactly. After `max_steps` steps pushes are no longer
-applied, and every worker is answered with the final parameters and the stop flag. Clipping
+applied, and every worker is answered with the final parameters and the stop flag. A worker
+whose link breaks (it died) is dropped: the slowest live worker is then another, and the
+others' pushes fill the steps, since a step waits for a number of pushes, not for each worker.
+Clipping
 is the servers' too, of the step's mean gradient by the whole model's norm (the servers sum
 their shares in their own group), as a synchronous step clips the averaged gradient.
 """
@@ -34,10 +38,13 @@ from torch.optim.lr_scheduler import LRScheduler
 from shardwise.parallel.sync.exchange import (
     BYE,
     HELLO,
+    LOST,
     PUSH,
     Channel,
     Header,
+    Inbox,
     flatten,
+    link_failure,
     unflatten_into,
 )
 
@@ -68,25 +75,30 @@ class ParameterServer:
     version: int = 0  # optimizer steps taken
     pushes: dict[int, int] = field(default_factory=dict)
     waiting: list[_Pending] = field(default_factory=list)
-    done: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)  # told to stop, left, or lost
+    gone: set[int] = field(default_factory=set)  # said goodbye, or lost: nothing more to hear
+    lost: dict[int, str] = field(default_factory=dict)  # worker: how its link broke
     staleness: Counter[int] = field(default_factory=Counter)
     gathered: int = 0  # pushes summed towards the next step
     summed: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
-    def serve(self, channel: Channel) -> None:
-        """Answer workers until each has been told to stop or has left."""
+    def serve(self, channel: Channel, inbox: Inbox) -> None:
+        """Answer workers until each has said goodbye (after its stop) or has died."""
         self.pushes = {worker: 0 for worker in self.workers}
-        gradient = torch.empty(sum(t.numel() for t in self.shard))
-        self.summed = torch.zeros_like(gradient)
-        while len(self.done) < len(self.workers):
-            header, worker = channel.receive_header()
-            if header.kind == BYE:
+        self.summed = torch.zeros(sum(t.numel() for t in self.shard))
+        while len(self.gone) < len(self.workers):
+            message = inbox.get()
+            worker, header = message.worker, message.header
+            if header.kind in (BYE, LOST):
                 self.done.add(worker)
+                self.gone.add(worker)
+                if header.kind == LOST:
+                    self.lost.setdefault(worker, message.why)  # the first sign counts
             elif header.kind == HELLO:
                 self.waiting.append(_Pending(worker, 0))
-            elif header.kind == PUSH:
-                channel.receive_payload(worker, gradient)
-                self.waiting.append(_Pending(worker, self._push(worker, header, gradient)))
+            elif header.kind == PUSH and message.payload is not None:
+                staleness = self._push(worker, header, message.payload)
+                self.waiting.append(_Pending(worker, staleness))
             self._answer_those_allowed(channel)
 
     def _push(self, worker: int, header: Header, gradient: torch.Tensor) -> int:
@@ -137,8 +149,15 @@ class ParameterServer:
         self.waiting = still
 
     def _reply(self, channel: Channel, pending: _Pending, stop: bool) -> None:
+        if pending.worker in self.done:  # it died while waiting: its inbox thread said so
+            return
         reply = Header(int(stop), self.version, pending.staleness)
-        channel.send(pending.worker, reply, flatten(self.shard))
+        try:
+            channel.send(pending.worker, reply, flatten(self.shard))
+        except (RuntimeError, dist.DistError) as exc:  # it died since its last message
+            self.lost[pending.worker] = link_failure(exc)
+            self.done.add(pending.worker)
+            return
         if stop:
             self.done.add(pending.worker)
 

@@ -1,0 +1,84 @@
+"""An asynchronous worker that dies leaves the run; the run goes on without it.
+
+    if supervises(config):           # in the worker command, before anything else
+        sys.exit(supervise(argv))    # runs the same command as a child, and outlives it
+
+The elastic agent ends the whole group when any process it started fails, which is right for
+synchronous training (the others would wait for the dead one) and wrong for asynchronous
+workers, who wait for nobody. So an asynchronous worker other than rank 0 (which writes the
+run's report) runs under a small supervising parent, the process the agent watches. When the
+worker dies of a signal it was not sent through the supervisor (SIGKILL by the kernel's OOM
+killer or an operator, a crash in native code, the heartbeat's kill of a hung worker), the
+supervisor marks it as left in the job's store, where the other workers' meetings skip it,
+says so in one line and exits 0. The servers have already noticed: the worker's links broke.
+Any other ending is passed on as it is: an error is still the run's error, and SIGTERM or
+Ctrl-C (forwarded to the worker) still stops it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from shardwise.config import TrainConfig
+from shardwise.distributed import job_store
+from shardwise.meeting import mark_left
+from shardwise.train.heartbeat import mark_done
+
+SUPERVISED_ENV = "SHARDWISE_SUPERVISED"
+_PR_SET_PDEATHSIG = 1
+
+
+def supervises(config: TrainConfig) -> bool:
+    """Whether this process is to supervise its worker: an asynchronous worker but rank 0."""
+    rank = int(os.environ.get("RANK", "0"))
+    workers = int(os.environ.get("WORLD_SIZE", "1")) - config.ps
+    return config.ps > 0 and 0 < rank < workers and not os.environ.get(SUPERVISED_ENV)
+
+
+def expendable_ranks(config: TrainConfig) -> frozenset[int]:
+    """The ranks a run goes on without: its supervised asynchronous workers."""
+    workers = int(os.environ.get("WORLD_SIZE", "1")) - config.ps
+    return frozenset(range(1, workers)) if config.ps > 0 else frozenset()
+
+
+def supervise(argv: list[str]) -> int:
+    """Run `argv` as the worker, forward SIGTERM and SIGINT to it; its exit status, or 0 when
+    it died of a signal nobody forwarded (it left the run)."""
+    child = subprocess.Popen(
+        argv, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent
+    )
+    forwarded: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        forwarded.append(signum)
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    status = child.wait()
+    if status >= 0 or -status in forwarded:
+        return status if status >= 0 else 128 - status
+    _leave(signal.Signals(-status).name)
+    return 0
+
+
+def _leave(why: str) -> None:
+    rank = int(os.environ["RANK"])
+    mark_left(job_store("workers"), rank, f"died of {why}")
+    mark_done(job_store("heartbeat"), rank)
+    print(
+        f"shardwise: worker rank {rank} died ({why}); the asynchronous run goes on without it",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child: if the supervisor is killed (the agent's last resort), take the worker too."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
