@@ -22,7 +22,13 @@ from shardwise.partition import Plan
 from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.stores import check_port_free
-from shardwise.train.build import build_sampler, load_corpus, sequence_lengths, stage_plan
+from shardwise.train.build import (
+    build_sampler,
+    load_corpus,
+    sequence_lengths,
+    stage_plan,
+    with_step_budget,
+)
 
 
 def default_nproc(config: TrainConfig) -> int:
@@ -51,6 +57,7 @@ class RunPlan:
     stages: Plan | None  # the pipeline cut and its predictions; None for one stage
     corpus: PreparedCorpus = field(repr=False)
     servers: int = 0  # --sync async's parameter servers, started beside the workers
+    budget: str = ""  # what --max-tokens or --epochs comes to, when given
 
     @property
     def cuts(self) -> list[str]:
@@ -68,6 +75,8 @@ class RunPlan:
                 f"plus {self.servers} parameter server(s) holding the parameters and optimizer "
                 "state (--sync async)"
             )
+        if self.budget:
+            lines.append(self.budget)
         if self.stages is None:
             lines.append("one stage: every rank of a replica holds the whole model")
         else:
@@ -90,4 +99,15 @@ def preflight(config: TrainConfig) -> RunPlan:
     check_run_dir(config, config.run_dir or resolve_run_dir(config))
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
-    return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps)
+    return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps, _budget(config, corpus))
+
+
+def _budget(config: TrainConfig, corpus: PreparedCorpus) -> str:
+    if config.max_tokens is None and config.epochs is None:
+        return ""
+    world = default_nproc(config) * config.nnodes
+    steps = with_step_budget(config, corpus, world).max_steps
+    given = (
+        f"--max-tokens {config.max_tokens}" if config.max_tokens else f"--epochs {config.epochs:g}"
+    )
+    return f"budget: {given} = {steps} optimizer steps (the learning-rate schedule spans them)"

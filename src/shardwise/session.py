@@ -17,6 +17,7 @@ plain `python script.py` for one process. With data parallelism alone `model(x)`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,18 @@ from shardwise.checkpoint import (
     take_snapshot,
 )
 from shardwise.config import TrainConfig, load_config
+from shardwise.data.batch import Batch
+from shardwise.data.cost import cost_model_for
 from shardwise.data.device_loader import DeviceLoader, device_loader
+from shardwise.data.token_loader import TokenLoader
 from shardwise.distributed import (
     DistEnv,
     all_reduce_sum,
     init_distributed,
     shutdown_distributed,
 )
-from shardwise.loss import count_targets
+from shardwise.errors import ShardwiseError
+from shardwise.loss import count_targets, token_loss_sum
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
@@ -198,12 +203,41 @@ class Session:
         model.strategy.finish(model.module, self.layout)
 
     def loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool = True, **kwargs: Any
-    ) -> DeviceLoader:
-        """This replica's share of `dataset` (the same on every stage of a pipeline), on device."""
+        self,
+        dataset: Dataset | Sequence[Any],
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        *,
+        tokens_per_batch: int | None = None,
+        **kwargs: Any,
+    ) -> DeviceLoader | TokenLoader:
+        """This replica's share of `dataset` (the same on every stage of a pipeline), on device.
+
+            loader = session.loader(dataset, batch_size=16)          # your batches, as given
+            loader = session.loader(sequences, tokens_per_batch=4096)  # shardwise's own
+
+        With `batch_size`, a seeded shuffle of `dataset` per pass, `batch_size` items a rank.
+        With `tokens_per_batch`, `dataset` is a list of token sequences (1-D, any lengths) and
+        each pass yields the `Batch`es `shardwise train` uses: about that many token slots a
+        rank, little padding, the same cost on every rank, every sequence once an epoch; take
+        their loss with `session.loss(logits, batch)`.
+        """
+        if (batch_size is None) == (tokens_per_batch is None):
+            raise ShardwiseError("session.loader: give batch_size or tokens_per_batch (one)")
+        if tokens_per_batch is not None:
+            return TokenLoader(
+                dataset,  # type: ignore[arg-type]  # a sequence of token sequences
+                tokens_per_batch,
+                replicas=self.layout.dp,
+                rank=self.layout.dp_rank,
+                seed=self.config.seed,
+                device=self.device,
+                cost_model=kwargs.pop("cost_model", cost_model_for(self.config.model)),
+                **kwargs,
+            )
         return device_loader(
             dataset,
-            batch_size,
+            batch_size,  # type: ignore[arg-type]  # given: checked above
             replicas=self.layout.dp,
             rank=self.layout.dp_rank,
             seed=self.config.seed,
@@ -211,6 +245,18 @@ class Session:
             shuffle=shuffle,
             **kwargs,
         )
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """This rank's share of the step's exact token-mean loss, for `backward()`.
+
+            loss = session.loss(model(batch.tokens), batch)    # a batch of loader(tokens_...)
+
+        The summed cross-entropy of this rank's real targets over every rank's targets in the
+        step (`batch.step_tokens`), times the replicas, since DDP averages their gradients:
+        the gradient is that of the global token mean, however the tokens fell on the ranks.
+        `session.mean(loss)` is that mean.
+        """
+        return token_loss_sum(logits, batch.targets) * self.layout.dp / batch.step_tokens
 
     def save(
         self,

@@ -32,6 +32,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     """Validate raw values into a TrainConfig, turning pydantic's report into one clear line."""
     _reject_unknown_keys(values, source)
+    _reject_two_budgets(values, source)
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
@@ -52,6 +53,13 @@ def _reject_unknown_keys(values: dict[str, Any], source: str) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ShardwiseError(f"{source}: unknown key '{key}'{hint}")
+
+
+def _reject_two_budgets(values: dict[str, Any], source: str) -> None:
+    given = [key for key in ("max_steps", "max_tokens", "epochs") if values.get(key) is not None]
+    if len(given) > 1:
+        flags = " and ".join("--" + key.replace("_", "-") for key in given)
+        raise ShardwiseError(f"{source}: {flags} both say when to stop; give one of them")
 
 
 def _describe_validation_error(exc: ValidationError, source: str) -> str:

@@ -49,6 +49,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "Optimisation": (
         "max_steps",
+        "max_tokens",
+        "epochs",
         "batch_size",
         "grad_accum",
         "precision",

@@ -173,6 +173,18 @@ class TrainConfig(BaseModel):
     )
     # Optimisation.
     max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Train this many tokens (next-token targets over all ranks, padding not "
+        "counted) instead of --max-steps; the LR schedule spans them.",
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Train this many passes over the training data (fractions allowed) instead "
+        "of --max-steps; the LR schedule spans them.",
+    )
     batch_size: int = Field(16, ge=1, description="Sequences per rank per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -330,7 +342,9 @@ class TrainConfig(BaseModel):
         """The resolved configuration as TOML (unset optional values and --overwrite left out)."""
         # --overwrite is an order about the directory at start, not part of the run: a copy of
         # a run's config.toml given as --config must not delete the next run's results unasked.
-        values = self.model_dump(mode="json", exclude_none=True, exclude={"overwrite"})
+        # With a token or epoch budget, the steps are derived from it (train/budget.py).
+        derived = {"max_steps"} if self.max_tokens or self.epochs else set()
+        values = self.model_dump(mode="json", exclude_none=True, exclude={"overwrite", *derived})
         return tomli_w.dumps(values)
 
 

@@ -121,7 +121,10 @@ class TokenBudgetSampler:
 
     def steps(self) -> Iterator[StepPlan]:
         """Every rank's plan for each step from `start` on; the same on every rank."""
-        position = self.start
+        return self.steps_from(self.start)
+
+    def steps_from(self, position: SamplerPosition) -> Iterator[StepPlan]:
+        """Every rank's plan for each step from `position` of the stream on."""
         while True:
             plan = self.plan_step(position)
             yield plan

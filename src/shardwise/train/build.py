@@ -1,4 +1,4 @@
-"""From a TrainConfig to the run's parts: corpus, sampler, model, layout, cut, precision.
+"""From a TrainConfig to the run's parts: corpus, sampler, model, layout, cut, step budget.
 
     corpus = load_corpus(config)
     plan = stage_plan(config, corpus)              # None without --pp; else the cut that trains
@@ -25,7 +25,7 @@ from shardwise.data.cache import default_cache_dir
 from shardwise.data.cost import cost_model_for
 from shardwise.data.loader import make_loader
 from shardwise.data.prepare import PreparedCorpus, prepare_corpus
-from shardwise.data.sampler import FixedBatchSampler, SamplerPosition
+from shardwise.data.sampler import BatchRequest, FixedBatchSampler, SamplerPosition
 from shardwise.data.token_sampler import TokenBudgetSampler
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
@@ -167,3 +167,66 @@ def step_groups(
     )
     # Not a generator function: the sampler is built now, so its errors come before training.
     return ([next(batches) for _ in range(config.grad_accum)] for _ in itertools.count())
+
+
+# Where a step's plan is an endless stream: stop counting rather than plan forever.
+_MOST_STEPS = 10_000_000
+
+
+def with_step_budget(config: TrainConfig, corpus: PreparedCorpus, world_size: int) -> TrainConfig:
+    """`config` with `max_steps` set by `max_tokens` or `epochs` (unchanged when neither), for
+    a job of `world_size` training ranks.
+
+        config = with_step_budget(config, corpus, world_size=2)
+        config.max_steps       # e.g. 104 for --max-tokens 800000 on the embedded corpus
+
+    Every rank's sampler plans every step alike without communicating, so the step at which
+    the budget is spent is known before training: the run takes exactly that many steps, and
+    the learning-rate schedule spans the tokens or epochs asked for. Tokens are next-token
+    targets over every rank (padding never counts); the step that reaches the budget is the
+    last. An epoch is one pass over the training sequences; fractions are allowed.
+    """
+    if config.max_tokens is None and config.epochs is None:
+        return config
+    lengths = sequence_lengths(corpus)
+    sampler = build_sampler(config, lengths, config.layout(world_size).dp, rank=0)
+    # A fixed-batch epoch skips its tail of fewer than one global batch (see FixedBatchSampler).
+    tail = sampler.global_batch if isinstance(sampler, FixedBatchSampler) else 1
+    steps = _steps_within(
+        _step_starts(sampler, config.grad_accum),
+        len(lengths),
+        tail,
+        config.max_tokens,
+        config.epochs,
+    )
+    return config.model_copy(update={"max_steps": steps})
+
+
+def _step_starts(sampler: object, grad_accum: int) -> Iterator[tuple[tuple[int, int], int]]:
+    """(position where the step starts, its tokens), step after step."""
+    start = (0, 0)
+    requests: Iterator[BatchRequest] = iter(sampler)  # type: ignore[call-overload]
+    for index, request in enumerate(requests):
+        if index % grad_accum == 0:  # a step's micro-batches share its facts
+            yield start, request.step_tokens
+            start = request.position
+
+
+def _steps_within(
+    steps: Iterator[tuple[tuple[int, int], int]],
+    samples: int,
+    tail: int,
+    max_tokens: int | None,
+    epochs: float | None,
+) -> int:
+    count = tokens = 0
+    for (epoch, offset), step_tokens in steps:
+        if samples - offset < tail:  # no room left in this epoch: the step begins the next
+            epoch, offset = epoch + 1, 0
+        if epochs is not None and epoch + offset / samples >= epochs:
+            break
+        count += 1
+        tokens += step_tokens
+        if (max_tokens is not None and tokens >= max_tokens) or count == _MOST_STEPS:
+            break
+    return max(count, 1)

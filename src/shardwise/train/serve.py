@@ -16,7 +16,7 @@ from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
 from shardwise.parallel.sync.exchange import Channel, Inbox, assign_shards
 from shardwise.parallel.sync.param_server import ParameterServer
-from shardwise.train.build import load_corpus, seeded_model
+from shardwise.train.build import load_corpus, seeded_model, with_step_budget
 from shardwise.train.schedule import warmup_cosine
 
 
@@ -24,7 +24,9 @@ def serve_parameters(config: TrainConfig, env: DistEnv) -> dict:
     """Serve this rank's shard until every worker has been told to stop; no summary (empty)."""
     exchange = env.exchange
     assert exchange is not None and exchange.is_server, "a parameter server's rank only"
-    model = seeded_model(config, load_corpus(config).vocab_size)
+    corpus = load_corpus(config)
+    config = with_step_budget(config, corpus, len(exchange.workers))
+    model = seeded_model(config, corpus.vocab_size)
     params = [param for param in model.parameters() if param.requires_grad]
     shards = assign_shards([param.numel() for param in params], len(exchange.servers))
     positions = shards[exchange.servers.index(exchange.rank)]

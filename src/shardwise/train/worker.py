@@ -33,7 +33,7 @@ from shardwise.report import format_summary, plot_metrics, write_report, write_s
 from shardwise.report.summary import json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
 from shardwise.session import Session
-from shardwise.train.build import load_corpus, seeded_model, stage_plan
+from shardwise.train.build import load_corpus, seeded_model, stage_plan, with_step_budget
 from shardwise.train.export import export_model, whole_model
 from shardwise.train.health import NonFiniteStepError
 from shardwise.train.heartbeat import heartbeat
@@ -146,6 +146,7 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
     # The run's own settings for config.toml; a restarted attempt resumes (restarts.py).
     settings, config = config, config_for_attempt(config, run_dir)
     corpus = load_corpus(config)
+    config = with_step_budget(config, corpus, env.world_size)
     stages = stage_plan(config, corpus, env)  # before the model: profiling draws random numbers
     model = seeded_model(config, corpus.vocab_size)
     session = Session(env, config)
