@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,7 +55,12 @@ from shardwise.train.preemption import (
     stopped_run,
 )
 from shardwise.train.restarts import AGENT_LOGS, ATTEMPT_DIR, latest_attempt
-from shardwise.train.worker import ERROR_FILE_GLOB, LAUNCHER_SUMMARY_FILE, SYS_PATH_FILE
+from shardwise.train.worker import (
+    ERROR_FILE_GLOB,
+    LAUNCHED_FILE,
+    LAUNCHER_SUMMARY_FILE,
+    SYS_PATH_FILE,
+)
 
 T = TypeVar("T")
 _AGENT_LOGS = AGENT_LOGS
@@ -87,6 +93,7 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
         # -P: the working directory stays off the worker's path (see shardwise/__main__.py); the
         # worker then takes this process's sys.path from the folder, as a spawned one would.
         (folder / SYS_PATH_FILE).write_text(json.dumps(sys.path), encoding="utf-8")
+        (folder / LAUNCHED_FILE).write_text(repr(time.time()), encoding="ascii")
         command = ("-P", "-m", "shardwise.train.worker", config.model_dump_json(), str(folder))
         try:
             elastic_launch(launch_config, sys.executable)(*command)

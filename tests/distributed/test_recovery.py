@@ -48,7 +48,10 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_bit_identical(
     assert "worker rank 1" in restart["reason"]
     assert restart["resumed_from_step"] == 3  # the newest checkpoint before the kill
     assert restart["steps_lost"] == 2  # steps 4 and 5, trained again
-    assert summary(tmp_path / "killed")["steps"] == 8
+    done = summary(tmp_path / "killed")
+    assert done["steps"] == 8
+    # The whole run, both attempts, outlasts the last attempt's own training.
+    assert done["wall_time_s_since_launch"] > done["wall_time_s"] > 0
 
     whole = run_train(corpus, tmp_path / "whole", *flags)
     assert whole.returncode == 0, whole.stderr

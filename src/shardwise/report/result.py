@@ -40,7 +40,8 @@ class RunResult:
     nonfinite_steps_skipped: int  # steps with a NaN/inf loss or gradient skipped (--on-nonfinite)
     tokens: int
     tokens_per_s: float
-    wall_time_s: float
+    wall_time_s: float  # this attempt's training (after a restart: the last attempt's)
+    wall_time_s_since_launch: float | None  # the whole run, restarts included (our launcher)
     final_train_loss: float | None  # None: no step was logged
     eval_loss: float | None  # None: no held-out tokens
     peak_rss_bytes: tuple[int, ...]  # per rank

@@ -59,6 +59,7 @@ from shardwise.train.trainer import Trainer
 ERROR_FILE = "error-rank{rank}.txt"
 ERROR_FILE_GLOB = "error-rank*.txt"
 SYS_PATH_FILE = "sys_path.json"
+LAUNCHED_FILE = "launched_at.txt"
 LAUNCHER_SUMMARY_FILE = "summary-rank{rank}.json"
 RAISED_FILE = "raised-rank{rank}.json"
 _EXIT_FAILED = 2
@@ -172,10 +173,19 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
             whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
             summary |= export_model(config, whole, run_dir)
             summary["restarts"] = restarts
+            summary["wall_time_s_since_launch"] = _since_launch(folder)
             write_summary(run_dir, summary)
             write_report(run_dir, summary, plot_metrics(run_dir))
             print(format_summary(summary), flush=True)
     return summary
+
+
+def _since_launch(folder: Path | None) -> float | None:
+    """Seconds since our launcher started the run, restarts included (None without it)."""
+    launched = folder / LAUNCHED_FILE if folder is not None else None
+    if launched is None or not launched.exists():
+        return None
+    return round(time.time() - float(launched.read_text(encoding="ascii")), 3)
 
 
 # What gloo and NCCL say when a collective's peer is gone or silent past the timeout.
