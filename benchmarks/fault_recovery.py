@@ -77,6 +77,12 @@ def checkpoint_overhead(args: argparse.Namespace) -> dict[str, object]:
         figures[f"step_ms_{mode}"] = round(1000 * statistics.median(samples[mode]), 1)
     for mode in ("sync", "async"):  # what one save holds the training loop up for
         figures[f"save_blocking_ms_{mode}"] = round(1000 * statistics.median(blocked[mode]), 1)
+        # The stall alone, as a share of the steps between saves: measured inside each side,
+        # so free of the load that drifts between sides (the background write's own CPU use,
+        # on a spare core here, is in the interleaved ratios above, not in this share).
+        share = statistics.median(blocked[mode]) / (args.every * statistics.median(samples["none"]))
+        figures[f"checkpoint_blocking_share_{mode}"] = round(share, 4)
+        print(f"checkpoint_blocking_share_{mode} {share:.2%} of the step time between saves")
     return figures
 
 
