@@ -81,3 +81,17 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_one_aborts_at_once(
     status, stderr = stop(twice, signal.SIGINT, signal.SIGINT)
     assert (status, last_line(stderr)) == (130, "shardwise: interrupted")
     assert time.monotonic() - started < 10  # not the 30 s grace period
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_with_data_loading_workers_still_saves_a_checkpoint(
+    corpus: Path, tmp_path: Path
+) -> None:
+    # The agent signals each worker's whole process group: its DataLoader workers too.
+    run_dir = tmp_path / "loaders"
+    process = start_train(corpus, run_dir, *FLAGS, "--num-workers", "2")
+    wait_for_step(run_dir, 2, process)
+    status, stderr = stop(process, signal.SIGTERM)
+    match = PREEMPTED.fullmatch(last_line(stderr))
+    assert status == 75 and match is not None, stderr
+    assert (Path(match[3]) / "manifest.json").is_file()

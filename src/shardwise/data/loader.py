@@ -10,6 +10,7 @@ batch through the workers.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -64,4 +65,14 @@ def make_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
+        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
+
+
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """In a loading process: SIGTERM and Ctrl-C reach its whole process group, but stopping is
+    the training process's to do (after the step, with a checkpoint); a loader killed first
+    would end that step in an error. Loaders still exit when the trainer does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)  # forked with the trainer's signal pipe: not this process's to use

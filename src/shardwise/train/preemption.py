@@ -146,9 +146,15 @@ def watch_signals(folder: Path | None, enabled: bool = True) -> Iterator[None]:
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        os.close(write_end)  # the watcher reads the pipe's end and returns
+        # Told to return, not left to see the pipe close: processes forked meanwhile (data
+        # loading workers) hold its write end open for as long as they live.
+        os.write(write_end, bytes([_STOP_WATCHING]))
+        os.close(write_end)
         watcher.join()
         _Watch.requested, _Watch.folder, _Watch.abort = None, None, False
+
+
+_STOP_WATCHING = 0  # no signal's number: the block is over
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -162,6 +168,8 @@ def _watch(read_end: int) -> None:
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
         while chunk := pipe.read(64):
             for signum in chunk:
+                if signum == _STOP_WATCHING:
+                    return
                 _decide(signum)
 
 
