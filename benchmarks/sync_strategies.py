@@ -105,6 +105,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=48, help="optimizer steps per job")
     parser.add_argument("--tokens-per-batch", type=int, default=1024, help="per worker and step")
     parser.add_argument("--max-len", type=int, default=128)
+    # The rate every figure in benchmarks/README.md was measured at (the CLI's default for the
+    # LSTM was raised to 8e-3 later): pinned, so that reruns compare with them.
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--rate-mbit", type=float, help="slow link's rate (default: calibrated)")
     parser.add_argument("--delay-ms", type=float, default=1.0, help="slow link's one-way delay")
     parser.add_argument("--conditions", default=",".join(SIDES), help="comma-separated subset")
@@ -149,6 +152,7 @@ class Jobs:
         self.common = [
             *["--model", "lstm", "--device", "cpu", "--seed", "0", "--eval-fraction", "0.02"],
             *["--max-len", str(args.max_len), "--tokens-per-batch", str(args.tokens_per_batch)],
+            *["--lr", str(args.lr)],
             *["--log-every", str(args.steps), "--sample-bytes", "0", "--no-tensorboard"],
             *["--powersgd-warmup-steps", str(POWERSGD_WARMUP), "--timeout-s", "120"],
         ]

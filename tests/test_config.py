@@ -68,3 +68,11 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
 def test_bad_combinations(values: dict, message: str) -> None:
     with pytest.raises(ShardwiseError, match=message):
         load_config(None, values)
+
+
+def test_the_default_learning_rate_follows_the_model_and_a_given_one_wins() -> None:
+    assert TrainConfig().lr == TrainConfig(model="gru").lr == 8e-3
+    assert TrainConfig(model="transformer").lr == TrainConfig(model="pkg.mod:build").lr == 3e-3
+    assert TrainConfig(model="transformer", lr=1e-2).lr == 1e-2
+    saved = TrainConfig(model="transformer").model_dump_json()  # as config.toml keeps it
+    assert TrainConfig.model_validate_json(saved).lr == 3e-3

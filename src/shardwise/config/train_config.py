@@ -26,6 +26,11 @@ from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.options import SyncOptions
 
+# Measured on the embedded corpus at equal tokens (benchmarks/peers.py, README "Defaults"):
+# recurrent models gain from a higher peak rate, the Transformer loses.
+RECURRENT_LR = 8e-3
+OTHER_LR = 3e-3
+
 
 class TrainConfig(BaseModel):
     """Everything one training run needs; the resolved copy is saved as RUN_DIR/config.toml."""
@@ -57,7 +62,7 @@ class TrainConfig(BaseModel):
         "has equal work; fixed: --batch-size sequences per rank, padded (the classic recipe).",
     )
     tokens_per_batch: int = Field(
-        4096, ge=1, description="Token budget per rank per micro-step (--batching tokens)."
+        2048, ge=1, description="Token budget per rank per micro-step (--batching tokens)."
     )
     packing: bool | None = Field(
         None,
@@ -201,7 +206,12 @@ class TrainConfig(BaseModel):
         "metrics.jsonl and summary.json. Under fp16 an inf gradient with a finite loss is the "
         "loss scaler's to skip.",
     )
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    lr: float = Field(
+        RECURRENT_LR,
+        gt=0,
+        description="Peak learning rate (AdamW); by default 8e-3 for lstm and gru, 3e-3 for "
+        "transformer and models of your own (see README, 'Defaults').",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a share of --lr.")
@@ -274,6 +284,14 @@ class TrainConfig(BaseModel):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr_for_the_model(cls, values: object) -> object:
+        if isinstance(values, dict) and values.get("lr") is None:
+            recurrent = values.get("model", "lstm") in ("lstm", "gru")
+            return {**values, "lr": RECURRENT_LR if recurrent else OTHER_LR}
+        return values
 
     @model_validator(mode="before")
     @classmethod
