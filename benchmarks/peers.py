@@ -51,6 +51,7 @@ import importlib.util
 import json
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,7 @@ class Contenders:
         self.start_loss = held_out_loss(initial_model(), self.held_out)
         self.cli_plan = CliPlan.of(shlex.split(args.cli_flags), args.tokens, args.dump_every)
         self.runs = 0
+        self.retries = 0  # contender runs that crashed and ran again
 
     def cli(self) -> Run:
         run_dir = self._fresh_dir("cli")
@@ -138,20 +140,26 @@ class Contenders:
         )
 
     def own_loop(self) -> Run:
-        return self._script_run(OWN, ["torchrun", "--nproc-per-node=2", "own_loop.py"])
+        return self._script_run(OWN, [*torchrun(), "own_loop.py"])
 
     def accelerate(self) -> Run:
-        return self._script_run(
-            ACCELERATE, ["torchrun", "--nproc-per-node=2", "accelerate_loop.py"]
-        )
+        return self._script_run(ACCELERATE, [*torchrun(), "accelerate_loop.py"])
 
     def fabric(self) -> Run:
         return self._script_run(FABRIC, [sys.executable, "fabric_loop.py"])
 
     def _script_run(self, name: str, command: list[str]) -> Run:
-        out = self._fresh_dir(name)
-        job = Job(self.args.tokens, self.args.dump_every, self.args.peer_lr, 16, out)
-        self._call([*command, *job.argv()], out, cwd=SCRIPTS)
+        for attempt in range(2):  # a process tree that crashes (seen once: SIGABRT in gloo's
+            out = self._fresh_dir(name)  # start-up) is run again, and the run says so
+            job = Job(self.args.tokens, self.args.dump_every, self.args.peer_lr, 16, out)
+            try:
+                self._call([*command, *job.argv()], out, cwd=SCRIPTS)
+                break
+            except RuntimeError as failed:
+                if attempt:
+                    raise
+                print(f"{name} failed, running it again: {str(failed).splitlines()[0]}")
+                self.retries += 1
         result = json.loads((out / "result.json").read_text())
         points = []
         for dump in result["dumps"]:
@@ -181,6 +189,15 @@ class Contenders:
         if done.returncode != 0:
             tail = "\n".join(log.read_text().splitlines()[-30:])
             raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}):\n{tail}")
+
+
+def torchrun() -> list[str]:
+    """torchrun for 2 local processes on a free port of their own (not the default 29500,
+    which the previous contender's sockets may still hold)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ["torchrun", "--nproc-per-node=2", f"--master-port={port}"]
 
 
 def missing_bench_packages() -> list[str]:
@@ -369,6 +386,7 @@ def main() -> None:
         "cli_command_flags": list(contenders.cli_plan.command(Path("RUN"))[3:]),
         "start_weights_hash": hashes.pop(),
         "rounds": args.rounds,
+        "contender_runs_repeated_after_a_crash": contenders.retries,
         "tokens_budget": args.tokens,
         "peer_lr": args.peer_lr,
         "curves_last_round": curves(rounds[-1]),
