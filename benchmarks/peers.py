@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -63,8 +64,9 @@ import torch
 from safetensors.torch import load_file
 
 from shardwise.checkpoint.load import load_model_weights
+from support.heavy_tailed import write_heavy_tailed
 from support.peers.cli_run import CliPlan
-from support.peers.job import Job, held_out_loss, initial_model, job_sequences, state_hash
+from support.peers.job import DATA_ENV, Job, held_out_loss, initial_model, job_sequences, state_hash
 from support.rounds import Comparison, add_rounds_flag, again, interleave, round_line
 
 SCRIPTS = Path(__file__).parent / "support" / "peers"
@@ -341,6 +343,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dump-every", type=int, default=80_000, help="tokens between dumps")
     parser.add_argument("--peer-lr", type=float, default=3e-3, help="the peers' constant lr")
     parser.add_argument("--cli-flags", default="", help="extra `shardwise train` flags")
+    parser.add_argument(
+        "--heavy-tailed", action="store_true", help="every contender on a heavy-tailed corpus"
+    )
     return parser.parse_args()
 
 
@@ -350,6 +355,10 @@ def main() -> None:
         sys.exit(f"peers.py needs {', '.join(missing)}: pip install -e .[bench]")
     torch.set_num_threads(2)  # the evaluations, between contenders
     with tempfile.TemporaryDirectory(prefix="shardwise-peers-") as scratch:
+        if args.heavy_tailed:  # the contenders read it from the environment, the CLI its flag
+            corpus = write_heavy_tailed(Path(scratch) / "heavy_tailed.txt")
+            os.environ[DATA_ENV] = str(corpus)
+            args.cli_flags += f" --data {corpus}"
         contenders = Contenders(args, Path(scratch))
         sides = {
             CLI: contenders.cli,

@@ -21,9 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from shardwise.data.corpus import default_paragraphs
+from support.heavy_tailed import write_heavy_tailed
 
 # name: flags beyond the shared ones. "default" is the CLI's own recipe (no flags).
 RECIPES: dict[str, list[str]] = {
@@ -70,20 +68,6 @@ def run(name: str, root: Path, args: argparse.Namespace, data: Path | None) -> f
         flush=True,
     )
     return round(float(summary["eval_loss"]), 4)
-
-
-def write_heavy_tailed(path: Path, seed: int = 0) -> Path:
-    """The embedded corpus's text cut again into paragraphs of Pareto-distributed length (most
-    a sentence or two, a few thousands of characters): the same words, heavy-tailed lengths."""
-    text = " ".join(" ".join(default_paragraphs()).split())
-    rng = np.random.default_rng(seed)
-    pieces, start = [], 0
-    while start < len(text):
-        length = int(min(40 + rng.pareto(1.1) * 120, 4000))
-        pieces.append(text[start : start + length])
-        start += length
-    path.write_text("\n\n".join(pieces) + "\n", encoding="utf-8")
-    return path
 
 
 def parse_args() -> argparse.Namespace:

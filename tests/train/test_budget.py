@@ -78,6 +78,10 @@ def test_a_run_stops_at_its_budget_and_its_schedule_spans_it(corpus: Path, tmp_p
     assert summary["tokens"] >= 6_000
     rows = metrics(tmp_path)
     assert rows[-1]["lr"] == pytest.approx(config.lr * config.min_lr_ratio, rel=1e-6)
+    # Each row says how far the run got, in tokens and training seconds (a loss curve's axes).
+    tokens, seconds = [row["tokens"] for row in rows], [row["train_s"] for row in rows]
+    assert tokens == sorted(tokens) and tokens[-1] == summary["tokens"]
+    assert seconds == sorted(seconds) and seconds[0] > 0
 
 
 def test_two_ways_to_stop_are_refused_in_one_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from shardwise.data.batch import collate
 from shardwise.train.build import load_corpus, seeded_model
 
 IGNORE = -100  # the target of a padded slot, which cross_entropy skips
-DEFAULTS = TrainConfig()  # what `shardwise train` trains with no flags
+# The corpus peers.py names for every contender (unset: the embedded one).
+DATA_ENV = "SHARDWISE_PEERS_DATA"
+
+
+def defaults() -> TrainConfig:
+    """What `shardwise train` trains with no flags but the corpus."""
+    return TrainConfig(data=os.environ.get(DATA_ENV) or None)
 
 
 @dataclass(frozen=True)
@@ -64,13 +71,13 @@ class Job:
 
 def job_sequences() -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The default corpus's training and held-out sequences, as `shardwise train` has them."""
-    corpus = load_corpus(DEFAULTS)
+    corpus = load_corpus(defaults())
     return corpus.train, corpus.eval
 
 
 def initial_model() -> nn.Module:
     """The default model with the default seed's weights: the same in every contender."""
-    return seeded_model(DEFAULTS, load_corpus(DEFAULTS).vocab_size)
+    return seeded_model(defaults(), load_corpus(defaults()).vocab_size)
 
 
 def state_hash(model: nn.Module) -> str:

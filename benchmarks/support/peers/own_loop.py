@@ -6,7 +6,7 @@ torchrun --nproc-per-node 2 own_loop.py --tokens 800000 --dump-every 80000 --out
 import itertools
 
 import torch
-from job import DEFAULTS, Job, initial_model, job_sequences, state_hash
+from job import Job, defaults, initial_model, job_sequences, state_hash
 from recording import Recorder, limit_threads
 
 import shardwise
@@ -21,7 +21,7 @@ def main() -> None:
     start = state_hash(model)
     model = session.prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr)
-    loader = session.loader(train, tokens_per_batch=DEFAULTS.tokens_per_batch)
+    loader = session.loader(train, tokens_per_batch=defaults().tokens_per_batch)
     recorder = Recorder(job, lambda: model.part.state_dict(), start)
     for epoch in itertools.count():
         loader.set_epoch(epoch)

@@ -169,6 +169,7 @@ class Trainer:
         self.totals.add(figures)
         self.state.tokens += int(figures.tokens)
         row = figures.row(self.state.step, self.scheduler.get_last_lr()[0])
+        row |= {"tokens": self.state.tokens, "train_s": round(self.totals.train_s, 3)}  # so far
         row |= self.health.close_window(figures.loss, self.state.step)  # spikes, skipped steps
         self.last_loss = row["loss"]
         return row
