@@ -37,6 +37,8 @@ QUICK_FLAGS = [
     "0",
     "--batching",
     "fixed",
+    "--lr",  # the rate the comparisons' tolerances were set at (see helpers.quick_config)
+    "3e-3",
 ]
 
 

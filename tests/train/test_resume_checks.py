@@ -52,7 +52,7 @@ def test_settings_that_may_change_are_applied_and_listed(corpus: Path, run: Path
 @pytest.mark.parametrize(
     ("override", "reason"),
     [
-        ({"lr": 0.1}, "lr was 0.008, now 0.1: the learning-rate schedule is part of the run"),
+        ({"lr": 0.1}, "lr was 0.003, now 0.1: the learning-rate schedule is part of the run"),
         ({"warmup_steps": 0}, "warmup_steps was 1, now 0"),
         ({"max_len": 32}, "max_len was 64, now 32"),
         ({"model": "lstm"}, "model was 'gru', now 'lstm': the checkpoint holds another model's"),
