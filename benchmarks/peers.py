@@ -34,7 +34,10 @@ time linearly interpolated between that dump and the one before by loss (a conte
 never gets there has none). `time_to_loss_vs_X` is X's time over the CLI's per round (above
 1: shardwise gets there first; null when a side misses the target in a round);
 `time_to_cli_loss_vs_X` the same for the CLI's own final loss as the target (defined even when
-the CLI stops short of the peers' loss); `tokens_per_s_vs_X` the CLI's useful tokens/s over
+the CLI stops short of the peers' loss); `time_to_best_peer_loss_vs_X` the same for the better
+peer's final loss (the lower), where the other peer's whole training time stands in when it
+never gets there (that round's ratio is then a lower bound, counted in
+`..._lower_bound_rounds`); `tokens_per_s_vs_X` the CLI's useful tokens/s over
 X's; `own_loop_tokens_per_s_vs_fabric` the own loop's over Fabric's. Each is the median of the
 rounds with its min-max and the A/A band (cli_again / cli): within it, "not resolved".
 Lines of user code: non-blank, non-comment lines of each contender's script, docstring aside
@@ -280,8 +283,33 @@ def comparisons(rounds: list[dict[str, Run]], targets: list[float]) -> dict:
     for peer in PEERS:
         figures |= speed_comparison(rounds, CLI, peer, f"tokens_per_s_vs_{peer}", aa_speed)
     figures |= speed_comparison(rounds, OWN, FABRIC, "own_loop_tokens_per_s_vs_fabric", aa_speed)
+    for peer in PEERS:
+        figures |= best_peer_comparison(rounds, peer)
     key = "own_loop_time_to_loss_vs_fabric"
     return figures | time_comparison(rounds, targets, FABRIC, OWN, key, aa_speed)
+
+
+def best_peer_comparison(rounds: list[dict[str, Run]], peer: str) -> dict:
+    """`peer`'s time over the CLI's to the loss the better peer ends at, per round.
+
+    A peer that never gets there counts with its whole training time: that round's ratio is
+    then a lower bound (`..._lower_bound_rounds` says how many). None if the CLI missed it.
+    """
+    key, ratios, bounds = f"time_to_best_peer_loss_vs_{peer}", [], 0
+    for runs in rounds:
+        target = min(runs[name].final_loss for name in PEERS)
+        ours, theirs = runs[CLI].time_to(target), runs[peer].time_to(target)
+        if ours is None:
+            return {key: None}
+        bounds += theirs is None
+        ratios.append((theirs if theirs is not None else runs[peer].seconds) / ours)
+    figure = spread(ratios)
+    print(f"{key} {figure['median']} (rounds {figure['range']}; lower bounds in {bounds})")
+    return {
+        key: figure["median"],
+        f"{key}_range": figure["range"],
+        f"{key}_lower_bound_rounds": bounds,
+    }
 
 
 def time_comparison(
