@@ -77,7 +77,7 @@ def quick_flags(corpus: Path, run: Path, *extra: str) -> list[str]:
         *("--data", str(corpus), "--run-dir", str(run), "--model", "gru", "--max-len", "64"),
         *("--max-steps", "3", "--batch-size", "4", "--batching", "fixed", "--nproc", "1"),
         *("--no-tensorboard", "--sample-bytes", "0", "--timeout-s", "60", "--log-every", "1"),
-        *("--warmup-steps", "1", "--clip-norm", "0"),
+        *("--warmup-steps", "1", "--clip-norm", "0", "--lr", "3e-3"),
         *extra,
     ]
 

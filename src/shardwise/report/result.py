@@ -41,7 +41,6 @@ class RunResult:
     tokens: int
     tokens_per_s: float
     wall_time_s: float  # this attempt's training (after a restart: the last attempt's)
-    wall_time_s_since_launch: float | None  # the whole run, restarts included (our launcher)
     final_train_loss: float | None  # None: no step was logged
     eval_loss: float | None  # None: no held-out tokens
     peak_rss_bytes: tuple[int, ...]  # per rank
@@ -63,6 +62,7 @@ class RunResult:
     parameters: int
     sample_text: str
     restarts: tuple[dict[str, Any], ...]  # each: time, rank, reason, resumed_from_step, steps_lost
+    wall_time_s_since_launch: float | None  # the whole run, restarts included (our launcher)
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RunResult:
