@@ -13,7 +13,7 @@ dry run's cut is the run's.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ def with_step_budget(config: TrainConfig, corpus: PreparedCorpus, world_size: in
     a job of `world_size` training ranks.
 
         config = with_step_budget(config, corpus, world_size=2)
-        config.max_steps       # e.g. 104 for --max-tokens 800000 on the embedded corpus
+        config.max_steps       # e.g. 204 for --max-tokens 800000 on the embedded corpus
 
     Every rank's sampler plans every step alike without communicating, so the step at which
     the budget is spent is known before training: the run takes exactly that many steps, and
@@ -202,10 +202,11 @@ def with_step_budget(config: TrainConfig, corpus: PreparedCorpus, world_size: in
     return config.model_copy(update={"max_steps": steps})
 
 
-def _step_starts(sampler: object, grad_accum: int) -> Iterator[tuple[tuple[int, int], int]]:
-    """(position where the step starts, its tokens), step after step."""
+def _step_starts(
+    requests: Iterable[BatchRequest], grad_accum: int
+) -> Iterator[tuple[tuple[int, int], int]]:
+    """(position where the step starts, its tokens), step after step, from rank 0's requests."""
     start = (0, 0)
-    requests: Iterator[BatchRequest] = iter(sampler)  # type: ignore[call-overload]
     for index, request in enumerate(requests):
         if index % grad_accum == 0:  # a step's micro-batches share its facts
             yield start, request.step_tokens

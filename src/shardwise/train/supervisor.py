@@ -28,16 +28,16 @@ from shardwise.config import TrainConfig
 from shardwise.distributed import job_store
 from shardwise.meeting import mark_left
 from shardwise.train.heartbeat import mark_done
+from shardwise.train.preemption import GIVE_UP_SIGNAL
 
 SUPERVISED_ENV = "SHARDWISE_SUPERVISED"
 _PR_SET_PDEATHSIG = 1
 
 
 def supervises(config: TrainConfig) -> bool:
-    """Whether this process is to supervise its worker: an asynchronous worker but rank 0."""
+    """Whether this process is to supervise its worker: an expendable one, not yet supervised."""
     rank = int(os.environ.get("RANK", "0"))
-    workers = int(os.environ.get("WORLD_SIZE", "1")) - config.ps
-    return config.ps > 0 and 0 < rank < workers and not os.environ.get(SUPERVISED_ENV)
+    return rank in expendable_ranks(config) and not os.environ.get(SUPERVISED_ENV)
 
 
 def expendable_ranks(config: TrainConfig) -> frozenset[int]:
@@ -47,8 +47,8 @@ def expendable_ranks(config: TrainConfig) -> frozenset[int]:
 
 
 def supervise(argv: list[str]) -> int:
-    """Run `argv` as the worker, forward SIGTERM and SIGINT to it; its exit status, or 0 when
-    it died of a signal nobody forwarded (it left the run)."""
+    """Run `argv` as the worker, forward SIGTERM and SIGINT to it and its give-up signal to the
+    launcher; its exit status, or 0 when it died of a signal nobody forwarded (it left)."""
     child = subprocess.Popen(
         argv, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent
     )
@@ -60,6 +60,9 @@ def supervise(argv: list[str]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
+    # A worker's word that it failed on a user error goes to its parent, meant for the launcher
+    # (worker.py): passed up, as if the worker were the agent's child itself.
+    signal.signal(GIVE_UP_SIGNAL, lambda *_: os.kill(os.getppid(), GIVE_UP_SIGNAL))
     status = child.wait()
     if status >= 0 or -status in forwarded:
         return status if status >= 0 else 128 - status
