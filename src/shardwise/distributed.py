@@ -272,7 +272,7 @@ def all_reduce_sum(
     The sum travels on `comm_device(env)` whatever device `tensor` is on: NCCL takes CUDA
     tensors only, and counters and losses are often kept on the CPU.
     """
-    meeting = _meeting(env)
+    meeting = meeting_of(env)
     if meeting is not None:
         parts = meeting.gather(tensor.detach().cpu().contiguous().numpy().tobytes())
         summed = sum(
@@ -289,7 +289,7 @@ def all_reduce_sum(
 
 def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
     """Every rank's `values`, indexed by rank; values must have the same length on all ranks."""
-    meeting = _meeting(env)
+    meeting = meeting_of(env)
     if meeting is not None:  # the workers still in an asynchronous run, in rank order
         parts = meeting.gather(json.dumps(values).encode())
         return [json.loads(parts[rank]) for rank in sorted(parts)]
@@ -303,7 +303,7 @@ def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
 
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (a no-op for a single process)."""
-    meeting = _meeting(env)
+    meeting = meeting_of(env)
     if meeting is not None:
         meeting.gather(b"")
     elif env.distributed:
@@ -315,7 +315,7 @@ def barrier(env: DistEnv) -> None:
 
 def broadcast_object(value: object, env: DistEnv) -> object:
     """Rank 0's `value` on every rank (among asynchronous workers: a JSON value)."""
-    meeting = _meeting(env)
+    meeting = meeting_of(env)
     if meeting is not None:
         return json.loads(meeting.gather(json.dumps(value if env.is_main else None).encode())[0])
     if not env.distributed:
@@ -325,7 +325,7 @@ def broadcast_object(value: object, env: DistEnv) -> object:
     return box[0]
 
 
-def _meeting(env: DistEnv) -> Meeting | None:
+def meeting_of(env: DistEnv) -> Meeting | None:
     """Where an asynchronous run's workers meet instead of a process group (None elsewhere)."""
     return env.exchange.meeting if env.exchange is not None else None
 

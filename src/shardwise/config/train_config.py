@@ -26,7 +26,7 @@ from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.options import SyncOptions
 
-# Measured on the embedded corpus at equal tokens (benchmarks/peers.py, README "Defaults"):
+# Measured at equal tokens (benchmarks/recipes.py, README "Defaults, and the measurements"):
 # recurrent models gain from a higher peak rate, the Transformer loses.
 RECURRENT_LR = 8e-3
 OTHER_LR = 3e-3
@@ -360,7 +360,7 @@ class TrainConfig(BaseModel):
         """The resolved configuration as TOML (unset optional values and --overwrite left out)."""
         # --overwrite is an order about the directory at start, not part of the run: a copy of
         # a run's config.toml given as --config must not delete the next run's results unasked.
-        # With a token or epoch budget, the steps are derived from it (train/budget.py).
+        # With a token or epoch budget, the steps are derived from it (train/build.py).
         derived = {"max_steps"} if self.max_tokens or self.epochs else set()
         values = self.model_dump(mode="json", exclude_none=True, exclude={"overwrite", *derived})
         return tomli_w.dumps(values)

@@ -26,7 +26,7 @@ from shardwise.data.batch import Batch
 from shardwise.data.cost import CostModel, rnn_cost
 from shardwise.data.loader import make_loader
 from shardwise.data.sampler import BatchRequest, SamplerPosition
-from shardwise.data.token_sampler import TokenBudgetSampler
+from shardwise.data.token_sampler import StepPlan, TokenBudgetSampler
 
 
 class TokenLoader:
@@ -54,7 +54,7 @@ class TokenLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch `epoch` (from its start, unless it is the one under way)."""
-        if self._normalised(self.position).epoch != epoch:
+        if self.sampler.normalised(self.position).epoch != epoch:
             self.position = SamplerPosition(epoch, 0)
 
     def __len__(self) -> int:
@@ -69,18 +69,13 @@ class TokenLoader:
         for batch in make_loader(self.sequences, requests, self.device, self.num_workers):
             yield batch.to(self.device)
 
-    def _epoch_plans(self, update: bool) -> Iterator:
-        start = self._normalised(self.position)
+    def _epoch_plans(self, update: bool) -> Iterator[StepPlan]:
+        start = self.sampler.normalised(self.position)
         epoch = start.epoch
         for plan in self.sampler.steps_from(start):
-            if self._normalised(start).epoch > epoch:
+            if self.sampler.normalised(start).epoch > epoch:
                 break
             yield plan
             start = SamplerPosition(*plan.position)
         if update:
             self.position = start
-
-    def _normalised(self, position: SamplerPosition) -> SamplerPosition:
-        if position.offset >= len(self.lengths):
-            return SamplerPosition(position.epoch + 1, 0)
-        return position

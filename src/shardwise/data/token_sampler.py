@@ -132,7 +132,8 @@ class TokenBudgetSampler:
 
     def plan_step(self, position: SamplerPosition) -> StepPlan:
         """The step that starts at `position` of the stream."""
-        epoch, offset = self._normalised(position)
+        start = self.normalised(position)
+        epoch, offset = start.epoch, start.offset
         upcoming = self._upcoming(epoch, offset)
         chunk, groups = self._packed(upcoming) if self.packing else self._padded(upcoming)
         costs = [batch_cost(self.cost_model, self.work[g], self.packing) for g in groups]
@@ -216,13 +217,14 @@ class TokenBudgetSampler:
 
     # ---- checks ------------------------------------------------------------------------------
 
-    def _normalised(self, position: SamplerPosition) -> tuple[int, int]:
+    def normalised(self, position: SamplerPosition) -> SamplerPosition:
+        """`position` with an offset at the epoch's very end as the next epoch's start."""
         if not 0 <= position.offset <= len(self.work):
             raise ShardwiseError(
                 f"resume position {position.offset} is outside this epoch's "
                 f"{len(self.work)} sequences; resume with the data the checkpoint was made with"
             )
-        return self._advanced(position.epoch, position.offset, 0)
+        return SamplerPosition(*self._advanced(position.epoch, position.offset, 0))
 
     def _check(self) -> None:
         count = len(self.work)

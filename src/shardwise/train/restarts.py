@@ -87,9 +87,8 @@ def note_progress(folder: Path, step: int) -> None:
 
 
 def kill_for_testing(step: int) -> None:
-    """SIGKILL this rank after `step` when the testing aid SHARDWISE_TESTING_KILL asks for it."""
-    wanted = os.environ.get(_TESTING_KILL)
-    if wanted and restart_count() == 0 and wanted == f"{os.environ.get('RANK', '0')}:{step}":
+    """SIGKILL this rank after `step` when the testing aid SHARDWISE_TESTING_KILL=RANK:STEP asks."""
+    if _testing_aid_at(_TESTING_KILL, step) is not None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -99,14 +98,18 @@ def pause_for_testing(step: int) -> None:
 
     It keeps a lone node training until a late node has joined, however fast the machine.
     """
-    rank, _, rest = os.environ.get(_TESTING_PAUSE, "").partition(":")
-    wanted_step, _, seconds = rest.partition(":")
-    if (
-        seconds
-        and restart_count() == 0
-        and (rank, wanted_step) == (os.environ.get("RANK", "0"), str(step))
-    ):
+    if seconds := _testing_aid_at(_TESTING_PAUSE, step):
         time.sleep(float(seconds))
+
+
+def _testing_aid_at(variable: str, step: int) -> str | None:
+    """What follows RANK:STEP in testing aid `variable` ("" if nothing) when it names this rank
+    and `step`, in the first attempt only (a restarted group must not be hit again); else None.
+    """
+    rank, _, rest = os.environ.get(variable, "").partition(":")
+    wanted_step, _, extra = rest.partition(":")
+    here = (os.environ.get("RANK", "0"), str(step))
+    return extra if restart_count() == 0 and (rank, wanted_step) == here else None
 
 
 def config_for_attempt(config: TrainConfig, run_dir: Path) -> TrainConfig:

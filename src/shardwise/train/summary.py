@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from shardwise.distributed import DistEnv, all_gather_floats, peak_memory_bytes
+from shardwise.distributed import DistEnv, all_gather_floats, meeting_of, peak_memory_bytes
 from shardwise.train.evaluation import held_out_loss
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def run_summary(trainer: Trainer, started: float) -> dict:
 
 def workers_lost(env: DistEnv) -> dict[str, str] | None:
     """{rank: why} of an asynchronous run's workers that died on the way (None elsewhere)."""
-    meeting = env.exchange.meeting if env.exchange is not None else None
+    meeting = meeting_of(env)
     return {str(rank): why for rank, why in meeting.lost.items()} if meeting else None
 
 

@@ -20,9 +20,9 @@ synchronous data-parallel training exactly. After `max_steps` steps pushes are n
 applied, and every worker is answered with the final parameters and the stop flag. A worker
 whose link breaks (it died) is dropped: the slowest live worker is then another, and the
 others' pushes fill the steps, since a step waits for a number of pushes, not for each worker.
-Clipping
-is the servers' too, of the step's mean gradient by the whole model's norm (the servers sum
-their shares in their own group), as a synchronous step clips the averaged gradient.
+Clipping is the servers' too, of the step's mean gradient by the whole model's norm (the
+servers sum their shares in their own group), as a synchronous step clips the averaged
+gradient.
 """
 
 from __future__ import annotations
