@@ -42,13 +42,16 @@ def write_corpus(path: Path, paragraphs: int = 240, seed: int = 0) -> Path:
 
 
 def quick_config(corpus: Path, run_dir: Path, **overrides: object) -> TrainConfig:
-    """A few fast steps of a small GRU; dropout-free and seeded, so runs are comparable."""
+    """A few fast steps of a small GRU; dropout-free and seeded, so runs are comparable.
+
+    Batches of 4 sequences (--batching fixed) or of 256 tokens (batching="tokens"): each mode
+    gets only its own size, since a setting the run does not read is refused.
+    """
     values: dict[str, object] = {
         "data": corpus,
         "model": "gru",
         "max_len": 64,
         "max_steps": 3,
-        "batch_size": 4,
         # The rate the tolerances of the tests comparing runs were set at: Adam's step turns
         # float rounding into weight differences in proportion to it.
         "lr": 3e-3,
@@ -60,9 +63,14 @@ def quick_config(corpus: Path, run_dir: Path, **overrides: object) -> TrainConfi
         "timeout_s": 60,
         "clip_norm": 0.0,
         "batching": "fixed",
-        "tokens_per_batch": 256,
     }
     values.update(overrides)
+    if values["batching"] == "fixed":
+        values.setdefault("batch_size", 4)
+    else:
+        values.setdefault("tokens_per_batch", 256)
+    if {"max_tokens", "epochs"} & overrides.keys() and "max_steps" not in overrides:
+        values.pop("max_steps")
     return TrainConfig(**values)
 
 

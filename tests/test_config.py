@@ -9,7 +9,7 @@ from shardwise.errors import ShardwiseError
 
 def test_flags_override_the_toml_file(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('batch-size = 8\nlr = 0.01\nmodel = "gru"\n')
+    path.write_text('batch-size = 8\nlr = 0.01\nmodel = "gru"\nbatching = "fixed"\n')
     config = load_config(path, {"batch_size": 32})
     assert (config.batch_size, config.lr, config.model) == (32, 0.01, "gru")
 
@@ -50,7 +50,7 @@ def test_a_config_that_is_a_directory_or_a_pipe_is_a_one_line_error(tmp_path: Pa
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
-    config = TrainConfig(batch_size=7, data=tmp_path / "x.txt", precision="bf16")
+    config = TrainConfig(batching="fixed", batch_size=7, data=tmp_path / "x.txt", precision="bf16")
     path = tmp_path / "config.toml"
     path.write_text(config.to_toml())
     assert load_config(path) == config

@@ -17,7 +17,9 @@ from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
 from shardwise.models import check_model_spec
+from shardwise.models.contract import ModelContract
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.split_plan import SplitPlan
 from shardwise.partition import Plan
 from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
@@ -27,6 +29,8 @@ from shardwise.train.build import (
     load_corpus,
     sequence_lengths,
     stage_plan,
+    tensor_parallel_split,
+    user_model_call,
     with_step_budget,
 )
 
@@ -58,6 +62,8 @@ class RunPlan:
     corpus: PreparedCorpus = field(repr=False)
     servers: int = 0  # --sync async's parameter servers, started beside the workers
     budget: str = ""  # what --max-tokens or --epochs comes to, when given
+    contract: ModelContract | None = None  # how a user's model is called (None: a built-in)
+    split: SplitPlan | None = None  # what --tp splits; None without it
 
     @property
     def cuts(self) -> list[str]:
@@ -77,10 +83,14 @@ class RunPlan:
             )
         if self.budget:
             lines.append(self.budget)
+        if self.contract is not None:
+            lines.append(self.contract.describe())
         if self.stages is None:
             lines.append("one stage: every rank of a replica holds the whole model")
         else:
             lines.append(self.stages.describe())
+        if self.split is not None:
+            lines.append(self.split.describe())
         return "\n".join(lines)
 
 
@@ -92,14 +102,17 @@ def preflight(config: TrainConfig) -> RunPlan:
     Precision(config.precision, device)
     check_model_spec(config.model)
     corpus = load_corpus(config)
+    contract = user_model_call(config, corpus)
     build_sampler(config, sequence_lengths(corpus), layout.dp, rank=0)
     stages = stage_plan(config, corpus)
+    split = tensor_parallel_split(config, corpus.vocab_size)
     if config.resume is not None:
         find_checkpoint(config.resume)
     check_run_dir(config, config.run_dir or resolve_run_dir(config))
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
-    return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps, _budget(config, corpus))
+    budget = _budget(config, corpus)
+    return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps, budget, contract, split)
 
 
 def _budget(config: TrainConfig, corpus: PreparedCorpus) -> str:

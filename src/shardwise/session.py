@@ -49,11 +49,12 @@ from shardwise.distributed import (
 )
 from shardwise.errors import ShardwiseError
 from shardwise.loss import count_targets, token_loss_sum
+from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
 from shardwise.parallel.sync import sync_strategy
-from shardwise.partition import plan_stages, shared_plan
+from shardwise.partition import profiled_cuts
 from shardwise.precision import Precision
 
 # The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's.
@@ -92,7 +93,11 @@ class Session:
         return self.env.is_main
 
     def prepare(
-        self, model: nn.Module, cuts: list[str] | None = None, example: torch.Tensor | None = None
+        self,
+        model: nn.Module,
+        cuts: list[str] | None = None,
+        example: torch.Tensor | None = None,
+        contract: ModelContract | None = None,
     ) -> ParallelModel:
         """This rank's part of `model` for the layout, on the device, wrapped for its replicas.
 
@@ -101,10 +106,20 @@ class Session:
 
         Every rank must build `model` alike (the same seed). Without `cuts` a pipeline is cut
         where rank 0's profile on `example` tokens (default: zeros) balances time and memory.
+        `contract`: how to call the model (models/contract.py); by default a probe finds out.
         """
         config = self.config
+        name = config.model if ":" in config.model else type(model).__name__
+        contract = contract or contract_for(model, name, **config.contract_settings())
         if self.layout.pp > 1 and not (cuts or config.split_points):
-            cuts = self._planned_cuts(model, example)
+            cuts = profiled_cuts(
+                self.env,
+                model,
+                config.pp,
+                example,
+                microbatches=config.microbatches,
+                schedule=config.schedule,
+            )
         return parallelize(
             model,
             self.layout,
@@ -115,6 +130,7 @@ class Session:
             sync=sync_strategy(config.sync, config.sync_options()),
             autocast=self.precision.autocast,
             backward=self.precision.backward,
+            contract=contract,
         )
 
     def forward_backward(
@@ -345,21 +361,6 @@ class Session:
         """Finish any background save, then leave the process group."""
         self.checkpoints.wait()
         shutdown_distributed()
-
-    def _planned_cuts(self, model: nn.Module, example: torch.Tensor | None) -> list[str]:
-        config = self.config
-        sample = example if example is not None else torch.zeros(8, 32, dtype=torch.long)
-        plan = shared_plan(
-            self.env,
-            lambda: plan_stages(
-                model,
-                config.pp,
-                sample,
-                microbatches=config.microbatches,
-                schedule=config.schedule,
-            ),
-        )
-        return plan.cuts
 
     def _over_replicas(self, value: float) -> float:
         total = torch.tensor([float(value)], dtype=torch.float64)

@@ -52,7 +52,7 @@ def test_two_nodes_from_srun_environment(corpus: Path, tmp_path: Path) -> None:
             "shardwise",
             "train",
             *("--data", str(corpus), "--model", "gru", "--max-len", "64"),
-            *("--max-steps", "2", "--batch-size", "4", "--sample-bytes", "0"),
+            *("--max-steps", "2", "--sample-bytes", "0"),
             *("--nproc", "1", "--timeout-s", "60", "--run-dir", str(run_dir)),
         ]
         nodes.append(

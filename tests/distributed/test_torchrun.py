@@ -42,8 +42,6 @@ def test_shardwise_train_under_torchrun(corpus: Path, tmp_path: Path) -> None:
         "64",
         "--max-steps",
         "2",
-        "--batch-size",
-        "4",
         "--sample-bytes",
         "0",
         "--run-dir",

@@ -2,22 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardwise.report import progress as progress_module
 from shardwise.report.progress import TrainProgress
-
-
-@pytest.fixture
-def not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_TERMINAL"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """A clock the test moves by hand: progress reads now[0]."""
-    now = [0.0]
-    monkeypatch.setattr(progress_module, "monotonic", lambda: now[0])
-    return now
 
 
 def test_without_a_terminal_prints_a_line_every_tenth(

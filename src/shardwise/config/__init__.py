@@ -8,7 +8,8 @@
 """
 
 from shardwise.config.files import build_config, load_config, read_toml
+from shardwise.config.rules import parse_endpoint
 from shardwise.config.sections import SECTIONS
-from shardwise.config.train_config import TrainConfig, parse_endpoint
+from shardwise.config.train_config import TrainConfig
 
 __all__ = ["SECTIONS", "TrainConfig", "build_config", "load_config", "parse_endpoint", "read_toml"]

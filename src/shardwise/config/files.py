@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shardwise.config.rules import two_budgets
 from shardwise.config.train_config import TrainConfig
 from shardwise.errors import ShardwiseError
 
@@ -56,10 +57,11 @@ def _reject_unknown_keys(values: dict[str, Any], source: str) -> None:
 
 
 def _reject_two_budgets(values: dict[str, Any], source: str) -> None:
+    # Here as well as in the config's rules, which let a --max-steps of the default pass (every
+    # recorded config holds one): of what the user wrote, even --max-steps 300 is refused.
     given = [key for key in ("max_steps", "max_tokens", "epochs") if values.get(key) is not None]
-    if len(given) > 1:
-        flags = " and ".join("--" + key.replace("_", "-") for key in given)
-        raise ShardwiseError(f"{source}: {flags} both say when to stop; give one of them")
+    if message := two_budgets(given):
+        raise ShardwiseError(f"{source}: {message}")
 
 
 def _describe_validation_error(exc: ValidationError, source: str) -> str:

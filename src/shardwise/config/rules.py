@@ -8,7 +8,9 @@ They raise ValueError, which pydantic reports as a validation error naming the i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import check_microbatches
@@ -126,3 +128,196 @@ def check_async_rules(config: TrainConfig) -> None:
 
 
 _SERVER_STATE = "the servers hold the optimizer state, which checkpoints do not keep yet"
+
+
+@dataclass(frozen=True)
+class _OnlyIn:
+    """A setting only some runs read: which ones, what it is for there, and the way to use it."""
+
+    reads: Callable[[TrainConfig], bool]
+    here: Callable[[TrainConfig], str]  # the mode that ignores it, as the user would write it
+    purpose: str  # what it is, where it is read
+    fix: str
+
+
+def _sync(config: TrainConfig) -> str:
+    return f"--sync {config.sync}"
+
+
+def _whole_model_allreduce(config: TrainConfig) -> bool:
+    return config.sync == "allreduce" and config.model_parallel == 1
+
+
+_TOKEN_BATCHING = "drop it, or use --batching tokens"
+_PIPELINE = "drop it, or add --pp 2 or more"
+_LOCAL_STEPS = "drop it, or use --sync local-sgd or diloco"
+_DILOCO = "drop it, or use --sync diloco"
+_POWERSGD = "drop it, or add --grad-compression powersgd"
+
+
+def _token_batching(config: TrainConfig) -> bool:
+    return config.batching == "tokens"
+
+
+def _pipeline(config: TrainConfig) -> bool:
+    return config.pp > 1
+
+
+def _local_steps(config: TrainConfig) -> bool:
+    return config.sync in ("local-sgd", "diloco")
+
+
+def _diloco(config: TrainConfig) -> bool:
+    return config.sync == "diloco"
+
+
+def _powersgd(config: TrainConfig) -> bool:
+    return config.grad_compression == "powersgd"
+
+
+def _own_model(config: TrainConfig) -> bool:
+    return ":" in config.model  # package.module:factory; the built-ins have plain names
+
+
+def _fixed(config: TrainConfig) -> str:
+    return "--batching fixed"
+
+
+def _one_stage(config: TrainConfig) -> str:
+    return "--pp 1"
+
+
+def _compression(config: TrainConfig) -> str:
+    return f"--grad-compression {config.grad_compression}"
+
+
+def _builtin(config: TrainConfig) -> str:
+    return f"the built-in --model {config.model}"
+
+
+# Every setting that one mode alone reads. Given another value than its default where nothing
+# reads it, it is refused: the user asked for something the run would not do (as --batch-size
+# under token batching once was, silently). Its default passes: it changes nothing, and a run's
+# recorded settings (the checkpoint's, an older config.toml) list every field.
+ONLY_IN: dict[str, _OnlyIn] = {
+    "batch_size": _OnlyIn(
+        lambda c: c.batching == "fixed",
+        lambda c: "--batching tokens (the default)",
+        "--batching fixed's sequences per batch; token batches hold --tokens-per-batch tokens",
+        "use --tokens-per-batch N instead, or add --batching fixed",
+    ),
+    "tokens_per_batch": _OnlyIn(
+        _token_batching, _fixed, "token batching's budget", _TOKEN_BATCHING
+    ),
+    "sort_window": _OnlyIn(
+        _token_batching,
+        _fixed,
+        "token batching's window of length-sorted sequences",
+        _TOKEN_BATCHING,
+    ),
+    "microbatches": _OnlyIn(_pipeline, _one_stage, "a pipeline's micro-batches", _PIPELINE),
+    "schedule": _OnlyIn(_pipeline, _one_stage, "a pipeline's schedule", _PIPELINE),
+    "sync_every": _OnlyIn(
+        _local_steps, _sync, "local-sgd's and diloco's steps between exchanges", _LOCAL_STEPS
+    ),
+    "sync_warmup_steps": _OnlyIn(
+        _local_steps, _sync, "local-sgd's and diloco's steps of all-reduce first", _LOCAL_STEPS
+    ),
+    "outer_lr": _OnlyIn(_diloco, _sync, "diloco's outer learning rate", _DILOCO),
+    "outer_momentum": _OnlyIn(_diloco, _sync, "diloco's outer momentum", _DILOCO),
+    "outer_bf16": _OnlyIn(_diloco, _sync, "diloco's outer exchange in bfloat16", _DILOCO),
+    "powersgd_rank": _OnlyIn(_powersgd, _compression, "PowerSGD's rank", _POWERSGD),
+    "powersgd_warmup_steps": _OnlyIn(
+        _powersgd, _compression, "PowerSGD's uncompressed steps", _POWERSGD
+    ),
+    "max_staleness": _OnlyIn(
+        lambda c: c.sync == "async",
+        _sync,
+        "how far --sync async's workers may run ahead",
+        "drop it, or use --sync async --ps 1",
+    ),
+    "bucket_mb": _OnlyIn(
+        _whole_model_allreduce,
+        lambda c: _sync(c) if c.sync != "allreduce" else f"--pp {c.pp} --tp {c.tp}",
+        "the size of DDP's gradient buckets, which only --sync allreduce over whole-model "
+        "replicas uses",
+        "drop it",
+    ),
+    "input_layout": _OnlyIn(
+        _own_model, _builtin, "how a model of your own takes its tokens", "drop it"
+    ),
+    "model_output": _OnlyIn(
+        _own_model, _builtin, "where a model of your own returns its logits", "drop it"
+    ),
+}
+
+
+def unread_settings(config: TrainConfig) -> set[str]:
+    """The settings `config`'s run never reads, whatever their values (left out of config.toml).
+
+    unread_settings(TrainConfig(batching="fixed"))   # {"tokens_per_batch", "sort_window", ...}
+    """
+    return {name for name, rule in ONLY_IN.items() if not rule.reads(config)}
+
+
+def check_no_effect_rules(config: TrainConfig) -> None:
+    """Refuse a setting given another value than its default where the run never reads it."""
+    fields = type(config).model_fields
+    for name in sorted(unread_settings(config) & config.model_fields_set):
+        value = getattr(config, name)
+        if value != fields[name].default:
+            rule = ONLY_IN[name]
+            raise ValueError(
+                f"{_as_flag(name, value)} has no effect with {rule.here(config)} (it is "
+                f"{rule.purpose}); {rule.fix}"
+            )
+    # A --max-steps of the default counts as not given: every recorded config holds one.
+    steps = (
+        config.max_steps != fields["max_steps"].default and "max_steps" in config.model_fields_set
+    )
+    budgets = {"max_steps": steps, "max_tokens": config.max_tokens, "epochs": config.epochs}
+    if message := two_budgets([name for name, given in budgets.items() if given]):
+        raise ValueError(message)
+
+
+def two_budgets(given: list[str]) -> str | None:
+    """The refusal when more than one of max_steps, max_tokens and epochs is `given`."""
+    if len(given) < 2:
+        return None
+    flags = " and ".join("--" + name.replace("_", "-") for name in given)
+    return f"{flags} both say when to stop; give one of them"
+
+
+def forget_old_batch_size(values: Any) -> Any:
+    """Raw config values without `batch_size = 16` under token batching (see below).
+
+    forget_old_batch_size({"batch_size": 16})   # {}: the old default, never read
+    """
+    # Until --batch-size became --batching fixed's alone it defaulted to 16 and every run's
+    # config.toml and checkpoint recorded it, also under token batching, which never read it.
+    # Those files must still load: that value counts as not given (it is fixed batching's
+    # default, so nothing changes). Another value there is refused as having no effect.
+    if not isinstance(values, dict) or values.get("batching", "tokens") != "tokens":
+        return values
+    if str(values.get("batch_size")) != "16":  # flags arrive as text, TOML as numbers
+        return values
+    return {key: value for key, value in values.items() if key != "batch_size"}
+
+
+def _as_flag(name: str, value: object) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split 'host:port' and check the port.
+
+    >>> parse_endpoint("localhost:29500")
+    ('localhost', 29500)
+    """
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rdzv_endpoint {endpoint!r} is not HOST:PORT")
+    return host, int(port)

@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from shardwise.config.data_settings import DataSettings
 from shardwise.config.rules import (
     check_elastic_rules,
     check_model_parallel_rules,
+    check_no_effect_rules,
     check_sync_rules,
+    forget_old_batch_size,
+    parse_endpoint,
     split_node_range,
+    unread_settings,
 )
-from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.options import SyncOptions
 
@@ -30,51 +40,17 @@ from shardwise.parallel.sync.options import SyncOptions
 # recurrent models gain from a higher peak rate, the Transformer loses.
 RECURRENT_LR = 8e-3
 OTHER_LR = 3e-3
+DEFAULT_BATCH_SIZE = 16  # --batching fixed's sequences per rank when --batch-size is not given
+# Validation context of a run's recorded settings (TrainConfig.from_record).
+_RECORDED = "recorded"
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(DataSettings):
     """Everything one training run needs; the resolved copy is saved as RUN_DIR/config.toml."""
 
     # allow_inf_nan: no float setting means anything as NaN or inf (--lr inf, --timeout-s nan).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    # What to train on.
-    data: Path | None = Field(
-        None,
-        description="Training text: a plain-text file (paragraphs separated by blank lines) or "
-        "JSONL with a 'text' or 'tokens' field. Default: Python's own documentation text.",
-    )
-    model: str = Field(
-        "lstm",
-        description="Built-in model (lstm, gru, transformer) or 'package.module:factory' "
-        "returning an nn.Module.",
-    )
-    max_len: int = Field(256, ge=2, description="Longest sequence in tokens; longer ones are cut.")
-    long_sequences: Literal["split", "truncate"] = Field(
-        "split", description="What to do with sequences longer than --max-len."
-    )
-    eval_fraction: float = Field(
-        0.05, ge=0.0, le=0.5, description="Share of sequences held out to measure eval loss."
-    )
-    batching: Literal["tokens", "fixed"] = Field(
-        "tokens",
-        description="tokens: batches by token budget from length buckets, dealt so every rank "
-        "has equal work; fixed: --batch-size sequences per rank, padded (the classic recipe).",
-    )
-    tokens_per_batch: int = Field(
-        2048, ge=1, description="Token budget per rank per micro-step (--batching tokens)."
-    )
-    packing: bool | None = Field(
-        None,
-        description="Pack several sequences into one row (Transformer only; attention never "
-        "crosses a sequence). Default: on for the transformer.",
-    )
-    sort_window: int = Field(
-        DEFAULT_SORT_WINDOW,
-        ge=1,
-        description="Sequences sorted by length together when forming token batches.",
-    )
-    corpus_cache: bool = Field(True, description="Cache the tokenised corpus between runs.")
     # Where and how wide.
     nproc: int | None = Field(
         None, ge=1, description="Worker processes on this machine. Default: every GPU, else 2."
@@ -190,7 +166,12 @@ class TrainConfig(BaseModel):
         description="Train this many passes over the training data (fractions allowed) instead "
         "of --max-steps; the LR schedule spans them.",
     )
-    batch_size: int = Field(16, ge=1, description="Sequences per rank per micro-step.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences per rank per micro-step, --batching fixed only (default 16); "
+        "token batching sizes its batches by --tokens-per-batch.",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="bf16 autocast (CPU or GPU) or fp16 with loss scaling (GPU)."
@@ -221,6 +202,7 @@ class TrainConfig(BaseModel):
         le=2**32 - 1,  # what every seeded generator accepts (numpy's legacy seed is 32-bit)
         description="Seeds weights, data order and sampling (0 to 4294967295).",
     )
+
     # Run directory, checkpoints, reporting.
     run_dir: Path | None = Field(None, description="Run directory. Default: runs/<timestamp>.")
     checkpoint_every: int = Field(
@@ -295,13 +277,18 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _forget_old_batch_size(cls, values: object) -> object:
+        return forget_old_batch_size(values)  # older config.toml files: see its comment
+
+    @model_validator(mode="before")
+    @classmethod
     def _split_node_range(cls, values: object) -> object:
         if isinstance(values, dict) and isinstance(values.get("nnodes"), str):
             return {**values, **split_node_range(values["nnodes"], values.get("min_nodes"))}
         return values
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> TrainConfig:
+    def _check_combinations(self, info: ValidationInfo) -> TrainConfig:
         if self.node_rank is not None and self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
@@ -320,10 +307,28 @@ class TrainConfig(BaseModel):
                 f"split_points names {len(self.split_points)} cut(s); --pp {self.pp} needs "
                 f"{self.pp - 1}"
             )
+        if self.eval_every and self.sync == "async":  # its workers never meet mid-run
+            raise ValueError(
+                "--eval-every needs workers that meet between steps; --sync async evaluates "
+                "once, at the end: drop --eval-every"
+            )
         check_model_parallel_rules(self)
         check_sync_rules(self)
         check_elastic_rules(self)
+        if not (info.context or {}).get(_RECORDED):
+            check_no_effect_rules(self)
         return self
+
+    @classmethod
+    def from_record(cls, values: dict) -> TrainConfig:
+        """A run's recorded settings (its checkpoint's), checked but for settings it ignored.
+
+        saved = TrainConfig.from_record(state.config)
+
+        Settings the run never read are refused when given (rules.check_no_effect_rules),
+        but an older version recorded them, and its checkpoints must still resume.
+        """
+        return cls.model_validate(values, context={_RECORDED: True})
 
     def layout(self, world_size: int) -> Layout:
         """The degrees of this run over `world_size` ranks (dp defaulted), checked.
@@ -337,6 +342,19 @@ class TrainConfig(BaseModel):
         return SyncOptions(
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(SyncOptions)}
         )
+
+    def contract_settings(self) -> dict[str, Any]:
+        """What a model contract is probed with (models/contract.py `contract_for`)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "input_layout": self.input_layout,
+            "output": self.model_output,
+        }
+
+    @property
+    def fixed_batch_size(self) -> int:
+        """Sequences per rank per micro-step under --batching fixed."""
+        return self.batch_size or DEFAULT_BATCH_SIZE
 
     @property
     def packs_rows(self) -> bool:
@@ -357,22 +375,13 @@ class TrainConfig(BaseModel):
         return Layout(pp=self.pp, tp=self.tp).replica_size
 
     def to_toml(self) -> str:
-        """The resolved configuration as TOML (unset optional values and --overwrite left out)."""
+        """The resolved configuration as TOML (unset optional values, --overwrite and the
+        settings this run never reads left out)."""
         # --overwrite is an order about the directory at start, not part of the run: a copy of
         # a run's config.toml given as --config must not delete the next run's results unasked.
-        # With a token or epoch budget, the steps are derived from it (train/build.py).
+        # With a token or epoch budget, the steps are derived from it (train/build.py). The
+        # settings of other modes are left out: the file lists what this run used.
         derived = {"max_steps"} if self.max_tokens or self.epochs else set()
-        values = self.model_dump(mode="json", exclude_none=True, exclude={"overwrite", *derived})
+        left_out = {"overwrite", *derived, *unread_settings(self)}
+        values = self.model_dump(mode="json", exclude_none=True, exclude=left_out)
         return tomli_w.dumps(values)
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """Split 'host:port' and check the port.
-
-    >>> parse_endpoint("localhost:29500")
-    ('localhost', 29500)
-    """
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"rdzv_endpoint {endpoint!r} is not HOST:PORT")
-    return host, int(port)

@@ -1,7 +1,7 @@
 """Keep prepared token sequences between runs, so a corpus is read and tokenised only once.
 
     path = cache_path(corpus_fingerprint("notes.txt"), max_len=256, policy="split")
-    save_sequences(path, {"train": train}, meta={"vocab_size": 256})   # atomic
+    save_sequences(path, {"train": train}, meta={"largest_id": 255})   # atomic
     groups, meta = load_sequences(path)                                # None if absent or bad
 
 Each entry is one .npz file: per group of sequences, one flat token array and the offsets that
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 # Bump when the stored layout or the processing behind it changes: old entries then miss.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta keeps the largest token id, not a vocabulary
 _META = "meta.json"
 
 
@@ -55,7 +55,7 @@ def cache_path(fingerprint: str, cache_dir: Path | None = None, **settings: Any)
 def save_sequences(path: Path, groups: dict[str, list[np.ndarray]], meta: dict[str, Any]) -> None:
     """Write `groups` of sequences and a JSON-able `meta` to `path`, atomically.
 
-    save_sequences(path, {"train": train, "eval": held_out}, {"vocab_size": 256})
+    save_sequences(path, {"train": train, "eval": held_out}, {"largest_id": 255})
 
     The file appears whole or not at all: it is written beside its final name and renamed, so
     ranks writing the same entry at once, or a run killed mid-write, never leave a torn file.

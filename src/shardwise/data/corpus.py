@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 
@@ -143,12 +144,33 @@ def _split_paragraphs(text: str) -> list[str]:
     return paragraphs
 
 
-def _parse_jsonl(path: Path, text: str) -> list[np.ndarray]:
-    sequences = []
+def numbered_sequences(path: str | Path) -> Iterator[tuple[int, np.ndarray]]:
+    """Each non-blank line's tokens with its line number: a JSONL record, or a text line's bytes.
+
+        for line, tokens in numbered_sequences("corpus.jsonl"): ...   # (1, array([5, 9])), ...
+
+    Blank lines are skipped, so the n-th sequence is not always on line n: this is how a check
+    of the tokens finds the line of a bad one again. It reads the file anew on every call.
+    """
+    path = Path(path)
+    text = _decode(path, _read_bytes(path))
+    if path.suffix.lower() == ".jsonl":
+        for n, line in _numbered_lines(text):
+            yield n, _parse_jsonl_line(f"{path}:{n}", line)
+    else:  # the bytes read_sequences trains on: paragraphs are joined with "\n", not "\r\n"
+        for n, line in _numbered_lines(text.replace("\r\n", "\n")):
+            yield n, encode(line)
+
+
+def _numbered_lines(text: str) -> Iterator[tuple[int, str]]:
+    # Split on "\n" only, as _split_paragraphs does.
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            sequences.append(_parse_jsonl_line(f"{path}:{number}", line))
-    return sequences
+            yield number, line
+
+
+def _parse_jsonl(path: Path, text: str) -> list[np.ndarray]:
+    return [_parse_jsonl_line(f"{path}:{n}", line) for n, line in _numbered_lines(text)]
 
 
 def _parse_jsonl_line(where: str, line: str) -> np.ndarray:

@@ -6,6 +6,8 @@ print(text.decode("utf-8", errors="replace"))
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ def generate(
     top_k: int | None = 40,
     generator: torch.Generator | None = None,
     context: int = 256,
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> bytes:
     """Continue `prompt` by `max_new_tokens` sampled bytes and return only the new bytes.
 
@@ -29,7 +32,8 @@ def generate(
         more = generate(model, b"The ", max_new_tokens=50, generator=rng)
 
     `model` is a plain module (not a DDP wrapper) with `forward(tokens [B, T]) -> logits
-    [B, T, V]`, `V >= 256`; logits past the first 256 are never sampled, so special tokens
+    [B, T, V]`, or any model with `call(model, tokens)` giving those (a model contract),
+    `V >= 256`; logits past the first 256 are never sampled, so special tokens
     are never emitted. Each step re-runs the model on the last `context` tokens (clamped to
     `model.max_len` when it has one). `temperature=0` picks the most likely byte; `top_k=None`
     samples from all 256. The model runs in eval mode under `torch.no_grad()`, and every
@@ -47,7 +51,7 @@ def generate(
         with torch.no_grad():
             for _ in range(max_new_tokens):
                 window = torch.tensor([tokens[-context:]], dtype=torch.long, device=device)
-                logits = model(window)[0, -1]
+                logits = (model(window) if call is None else call(model, window))[0, -1]
                 tokens.append(_sample(logits, temperature, top_k, generator))
     finally:
         for module, training in modes:

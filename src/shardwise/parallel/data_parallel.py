@@ -43,11 +43,23 @@ def wrap_data_parallel(model: nn.Module, env: DistEnv, bucket_mb: float = 25.0) 
     if not env.distributed or env.world_size == 1:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
+    _make_buffers_contiguous(model)
     # gradient_as_bucket_view saves a gradient-sized copy per step; static_graph is not set
     # because user models may take different paths per batch (packed vs plain tensors).
     return DistributedDataParallel(
         model, device_ids=device_ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb
     )
+
+
+def _make_buffers_contiguous(model: nn.Module) -> None:
+    # DDP broadcasts buffers in place, which refuses odd strides even where torch calls the
+    # tensor contiguous (the `pe.unsqueeze(0).transpose(0, 1)` of pytorch/examples' positional
+    # encoding, strides (64, 320000, 1)): the same values in plain row-major memory.
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            plain = buffer.clone(memory_format=torch.contiguous_format)
+            if buffer.stride() != plain.stride():
+                setattr(module, name, plain)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -24,6 +24,7 @@ from torch import nn
 
 from shardwise.errors import ShardwiseError
 from shardwise.loss import token_loss_sum
+from shardwise.models.contract import PLAIN, ModelContract
 from shardwise.parallel.data_parallel import unwrap
 from shardwise.parallel.gradients import clip_grad_norm
 from shardwise.parallel.mesh import Layout
@@ -49,9 +50,11 @@ class ParallelModel(nn.Module):
         backward: Backward = torch.Tensor.backward,
         length_bucket: int = 32,
         max_len: int | None = None,
+        contract: ModelContract = PLAIN,
     ) -> None:
         super().__init__()
         self.module = module  # what forward and backward run through (DDP, a stage, a shard)
+        self.contract = contract  # how the whole model takes tokens and gives logits
         self.layout = layout
         self.strategy = strategy
         self.pipeline = pipeline
@@ -165,7 +168,7 @@ class ParallelModel(nn.Module):
             self._refuse_packed(model_kwargs)
             model_kwargs = {}  # a stage takes tokens only; trailing padding changes nothing
         with self._autocast():
-            return token_loss_sum(module(tokens, **model_kwargs), targets)
+            return token_loss_sum(self.contract(module, tokens, **model_kwargs), targets)
 
     def _shaped(
         self, tokens: torch.Tensor, targets: torch.Tensor, model_kwargs: dict

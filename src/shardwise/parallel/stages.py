@@ -58,7 +58,8 @@ def model_pieces(model: nn.Module) -> list[Piece]:
 
     For your own model, each name in `layer_names()` must be a module whose forward takes the
     previous one's output (a tuple output counts as its first element, as for `nn.LSTM`); the
-    model's own `forward` is then not used by a pipeline.
+    model's own `forward` is then not used by a pipeline, so `--pp` first checks that the chained
+    layers compute what it does (faithful.py).
     """
     if isinstance(model, TransformerLM):
         return _transformer_pieces(model)

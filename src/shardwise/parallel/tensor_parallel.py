@@ -11,14 +11,17 @@ Which layer is split how (Megatron's scheme, over a 1-D mesh):
 - `attn`: `qkv` column-wise then `proj` row-wise. The Transformer lays `qkv` out head by head,
   so each rank's columns are whole heads and attention runs on them unchanged.
 Every split layer takes and returns plain replicated tensors, so a split module composes with
-pipeline stages and with data-parallel replicas like any other module. Works on gloo (CPU) and
-NCCL alike in torch 2.13.
+pipeline stages and with data-parallel replicas like any other module. Models that are not
+built-ins are planned by what their layers do (structural_plan.py), and every split is checked
+against the whole model on a probe batch where it is applied (`checked_split`). Works on gloo
+(CPU) and NCCL alike in torch 2.13.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
@@ -29,9 +32,97 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, first_line
+from shardwise.models import RecurrentLM, TransformerLM
+from shardwise.parallel.faithful import Forward, probing
+from shardwise.parallel.split_plan import SplitPlan
+from shardwise.parallel.structural_plan import structural_plan
 
 PARTS = ("head", "embed", "mlp", "attn")
+
+
+def split_plan(
+    model: nn.Module,
+    tp: int,
+    parts: Sequence[str] = PARTS,
+    forward: Forward | None = None,
+    vocab_size: int | None = None,
+) -> SplitPlan:
+    """The plan for a whole model: by our names for the built-ins, by structure for the rest.
+
+        plan = split_plan(build_model("gru"), 2)          # embed and head.1, as always
+        plan = split_plan(OddNames(256), 2, forward=call)  # probed (see structural_plan.py)
+
+    `forward` is the model's own call, tokens [batch, time] -> logits (default `model(tokens)`).
+    """
+    if isinstance(model, RecurrentLM | TransformerLM):
+        styles = tensor_parallel_plan(model, tp, parts)
+        labels = {name: _label(style) for name, style in styles.items()}
+        return SplitPlan(tp, styles, labels, token_bound=model.embed.num_embeddings)
+    return structural_plan(model, tp, tuple(parts), forward, vocab_size)
+
+
+def require_split(plan: SplitPlan, model: nn.Module) -> None:
+    """Refuse a --tp run that would split nothing: every rank would repeat the same work."""
+    if plan.styles:
+        return
+    why = "; ".join(f"{name}: {reason}" for name, reason in plan.whole.items())
+    raise ShardwiseError(
+        f"--tp {plan.tp}: {type(model).__name__} has no layer tensor parallelism can split "
+        "(no Linear making its logits, no Embedding of its tokens, no two Linears joined by "
+        f"elementwise operations alone{'; ' + why if why else ''}); train without --tp"
+    )
+
+
+def checked_split(
+    part: nn.Module,
+    tp_mesh: DeviceMesh,
+    styles: dict[str, ParallelStyle],
+    probe: Callable[[], torch.Tensor],
+) -> None:
+    """Split `part` by `styles`, refused unless `probe()` gives what it gave before the split.
+
+        checked_split(model, layout.submesh("tp"), plan.within(model), lambda: model(tokens))
+
+    Every tensor-parallel rank holds the same part with the same weights and probe, so each
+    compares its split part with the whole one, and all of them agree on the verdict.
+    """
+    with probing(part):
+        before = probe()
+    parallelize_module(part, tp_mesh, styles)
+    try:
+        with probing(part):
+            after = probe()
+    except Exception as error:  # a wrong split often breaks shapes rather than values
+        raise ShardwiseError(
+            f"--tp {tp_mesh.size()}: splitting {', '.join(styles)} breaks the model's forward "
+            f"({first_line(error, with_type=True)}); train this model without --tp"
+        ) from error
+    check_split_outputs(before, after, styles, tp_mesh.size())
+
+
+def check_split_outputs(
+    before: torch.Tensor, after: torch.Tensor, styles: dict[str, ParallelStyle], tp: int
+) -> None:
+    """Refuse a split whose probe output differs from the whole model's (a pairing we got wrong).
+
+    before = probe(); parallelize_module(part, mesh, styles)
+    check_split_outputs(before, probe(), styles, tp=2)
+    """
+    difference = float((after.float() - before.float()).abs().max()) if before.numel() else 0.0
+    if before.shape != after.shape or difference > 1e-4 * (1.0 + float(before.abs().max())):
+        raise ShardwiseError(
+            f"--tp {tp}: splitting {', '.join(styles)} changes the model's outputs on a probe "
+            f"batch (max difference {difference:.3g}); train this model without --tp"
+        )
+
+
+def _label(style: ParallelStyle) -> str:
+    if isinstance(style, ColwiseParallel):
+        layouts = style.output_layouts
+        gathered = any(isinstance(layout, Replicate) for layout in (*layouts,))
+        return "column-wise, output gathered" if gathered else "column-wise"
+    return "row-wise"
 
 
 def parallelize_lm(

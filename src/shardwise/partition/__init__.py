@@ -6,7 +6,14 @@ print(plan.describe())   # what `shardwise train --pp 2 --dry-run` shows
 
 from __future__ import annotations
 
-from shardwise.partition.cut import Plan, StagePlan, balance, plan_stages, shared_plan
+from shardwise.partition.cut import (
+    Plan,
+    StagePlan,
+    balance,
+    plan_stages,
+    profiled_cuts,
+    shared_plan,
+)
 from shardwise.partition.profile import PieceCost, profile_pieces
 
 __all__ = [
@@ -16,5 +23,6 @@ __all__ = [
     "balance",
     "plan_stages",
     "profile_pieces",
+    "profiled_cuts",
     "shared_plan",
 ]

@@ -215,6 +215,29 @@ def shared_plan(env: DistEnv, make_plan: Callable[[], Plan]) -> Plan:
     return broadcast_object(plan, env)  # type: ignore[return-value]
 
 
+def profiled_cuts(
+    env: DistEnv,
+    model: nn.Module,
+    stages: int,
+    sample: torch.Tensor | None,
+    *,
+    microbatches: int,
+    schedule: str,
+) -> list[str]:
+    """Where rank 0's profile of `model` on `sample` (default: 8 x 32 zeros) cuts it into
+    `stages`, on every rank.
+
+        cuts = profiled_cuts(env, model, 2, None, microbatches=4, schedule="1f1b")
+    """
+    if sample is None:
+        sample = torch.zeros(8, 32, dtype=torch.long)
+    plan = shared_plan(
+        env,
+        lambda: plan_stages(model, stages, sample, microbatches=microbatches, schedule=schedule),
+    )
+    return plan.cuts
+
+
 def _starts(sizes: Sequence[int]) -> list[int]:
     return [0, *itertools.accumulate(sizes)]
 

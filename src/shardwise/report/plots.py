@@ -1,4 +1,4 @@
-"""PNG plots of a run's metrics: loss (and lr), throughput, per-rank step time.
+"""PNG plots of a run's metrics: loss (held-out loss, lr), throughput, per-rank step time.
 
     paths = plot_metrics(Path("runs/exp1"))   # [runs/exp1/loss.png, runs/exp1/throughput.png, ...]
     write_report(run_dir, summary, paths)
@@ -21,6 +21,7 @@ from shardwise.report.metrics import read_metrics
 log = logging.getLogger(__name__)
 
 LOSS_KEY = "loss"
+EVAL_LOSS_KEY = "eval_loss"
 RANK_STEP_TIME_KEY = "rank_step_time_s"
 
 Series = tuple[list[float], list[float]]
@@ -70,6 +71,9 @@ def _draw_loss(figure: Any, rows: Sequence[dict[str, Any]]) -> bool:
         return False
     axes = figure.add_subplot()
     axes.plot(*_series(rows, LOSS_KEY), label="train loss", color="tab:blue")
+    eval_steps, eval_losses = _series(rows, EVAL_LOSS_KEY)  # --eval-every's points
+    if eval_steps:
+        axes.plot(eval_steps, eval_losses, "o-", label="held-out loss", color="tab:orange")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("Loss")

@@ -52,6 +52,8 @@ class RunResult:
     sync_exchanges: tuple[int, ...]  # per rank: collectives (DDP buckets) that carried it
     sync_time_s: tuple[float, ...]  # per rank: backward's end wait + exchanges after the step
     compute_time_s: tuple[float, ...]  # per rank: the rest of the steps' time
+    eval_tokens: int  # held-out targets eval_loss averages over (a seeded subset, --eval-tokens)
+    eval_tokens_available: int  # held-out targets in all (--eval-fraction of the data)
     sync_staleness_histogram: dict[str, int] | None  # async: {staleness: steps}, all ranks
     sync_workers_lost: dict[str, str] | None  # async: {rank: why} of workers that died
     batching: str
@@ -108,11 +110,13 @@ class RunResult:
         # Imported here: a result that is only read needs neither a corpus nor a model.
         from safetensors.torch import load_file
 
-        from shardwise.config import load_config
+        from shardwise.config import TrainConfig
+        from shardwise.config.files import read_toml
         from shardwise.models import build_model
         from shardwise.run_dir import WEIGHTS_FILE
 
-        config = load_config(self.run_dir / "config.toml")
+        # A record, not an order: an older version's config.toml may hold settings it ignored.
+        config = TrainConfig.from_record(read_toml(self.run_dir / "config.toml"))
         model = build_model(config.model, self.vocab_size)
         model.load_state_dict(load_file(str(self.run_dir / WEIGHTS_FILE)))
         return model.eval()

@@ -30,7 +30,8 @@ KNOWN_KEYS = frozenset(
     {
         "run_dir", "world_size", "device", "steps", "tokens", "tokens_per_s", "wall_time_s",
         "final_train_loss", "eval_loss", "peak_rss_bytes", "padding_fraction", "imbalance",
-        "wait_fraction", "data_notes", "sample_text", "sync",
+        "wait_fraction", "data_notes", "sample_text", "sync", "eval_tokens",
+        "eval_tokens_available",
     }
 )  # fmt: skip
 
@@ -119,6 +120,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     eval_loss = get("eval_loss")
     if eval_loss is not None:
         add("eval loss", f"{_loss(eval_loss)}  (perplexity {format_perplexity(eval_loss)})")
+    add("eval tokens", _held_out(get("eval_tokens"), get("eval_tokens_available")))
     add("peak memory", _per_rank_bytes(get("peak_rss_bytes")))
     add("padding", _percent(get("padding_fraction")))
     add("imbalance", _number(get("imbalance")))
@@ -215,6 +217,14 @@ def _text(value: Any) -> str | None:
 
 def _count(value: Any) -> str | None:
     return None if value is None else f"{value:,}"
+
+
+def _held_out(evaluated: Any, available: Any) -> str | None:
+    if evaluated is None:
+        return None
+    if available is None or available == evaluated:
+        return f"{evaluated:,}"
+    return f"{evaluated:,} of {available:,} held out"
 
 
 def _rate(value: Any) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,16 +28,25 @@ from shardwise.data.loader import make_loader
 from shardwise.data.prepare import PreparedCorpus, prepare_corpus
 from shardwise.data.sampler import BatchRequest, FixedBatchSampler, SamplerPosition
 from shardwise.data.token_sampler import TokenBudgetSampler
+from shardwise.data.vocabulary import MOST_INFERRED_VOCAB, MOST_VOCAB, check_token_ids
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
-from shardwise.models import build_model
+from shardwise.models import BUILTIN_MODELS, build_model
+from shardwise.models.contract import ModelContract, contract_for
+from shardwise.parallel.faithful import check_faithful_chain
 from shardwise.parallel.stages import model_pieces, stage_starts
+from shardwise.parallel.tensor_parallel import SplitPlan, require_split, split_plan
 from shardwise.partition import Plan, plan_stages, shared_plan
 from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
 
 
 def load_corpus(config: TrainConfig) -> PreparedCorpus:
-    """The run's train and held-out sequences, through the tokenisation cache when enabled."""
+    """The run's train and held-out sequences, through the tokenisation cache when enabled.
+
+    Its vocabulary is --vocab-size, or inferred from the ids: up to 65,536 for a built-in
+    model; a model of your own is checked against its own output size once built.
+    """
+    builtin = config.model in BUILTIN_MODELS
     return prepare_corpus(
         config.data,
         config.max_len,
@@ -44,6 +54,8 @@ def load_corpus(config: TrainConfig) -> PreparedCorpus:
         config.eval_fraction,
         config.seed,
         cache_dir=default_cache_dir() if config.corpus_cache else None,
+        vocab_size=config.vocab_size,
+        infer_up_to=MOST_INFERRED_VOCAB if builtin else MOST_VOCAB,
     )
 
 
@@ -51,6 +63,39 @@ def seeded_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """The model every rank builds alike: the run's seed first, then the factory."""
     torch.manual_seed(config.seed)
     return build_model(config.model, vocab_size)
+
+
+def model_call(config: TrainConfig, model: nn.Module) -> ModelContract:
+    """How the run calls `model`: the built-ins' plain call, or a user model's probed one.
+
+    contract = model_call(config, seeded_model(config, corpus.vocab_size))
+    """
+    contract = contract_for(
+        model, config.model, max_len=config.max_len, **config.contract_settings()
+    )
+    if config.pp > 1 and not contract.is_plain:
+        raise ShardwiseError(
+            f"--pp {config.pp}: pipeline stages pass [batch, time] activations, but model "
+            f"{config.model!r} is called otherwise ({contract.describe()}); train it without "
+            "--pp, or give it forward(tokens [batch, time]) -> logits"
+        )
+    return contract
+
+
+def user_model_call(config: TrainConfig, corpus: PreparedCorpus) -> ModelContract | None:
+    """A user model's probed call, its vocabulary checked against the data's ids, before
+    workers start (None for the built-ins, whose vocabulary is the run's)."""
+    if config.model in BUILTIN_MODELS:
+        return None
+    contract = model_call(config, seeded_model(config, corpus.vocab_size))
+    assert contract.vocab_size is not None  # a probed contract knows its logits' size
+    check_token_ids(
+        corpus,
+        contract.vocab_size,
+        who=f"model {config.model!r} gives {contract.vocab_size} logits",
+        fix=f"make its factory build {corpus.largest_id + 1} or more (it is given vocab_size=)",
+    )
+    return contract
 
 
 def sequence_lengths(corpus: PreparedCorpus) -> np.ndarray:
@@ -71,8 +116,8 @@ def stage_plan(
     """
     if config.pp == 1:
         return None
-    check_pipeline_split(config, corpus.vocab_size)
     model = seeded_model(config, corpus.vocab_size)
+    check_pipeline_split(config, corpus.vocab_size, model)
     sample = profile_sample(config, corpus)
     key = plan_key(
         model, sample, stages=config.pp, microbatches=config.microbatches, schedule=config.schedule
@@ -97,13 +142,15 @@ def stage_plan(
 
 def profile_sample(config: TrainConfig, corpus: PreparedCorpus) -> torch.Tensor:
     """The batch a plan profiles: the first `batch_size` training sequences, padded."""
-    return collate(corpus.train[: config.batch_size], step_tokens=1).tokens
+    return collate(corpus.train[: config.fixed_batch_size], step_tokens=1).tokens
 
 
-def check_pipeline_split(config: TrainConfig, vocab_size: int) -> None:
-    """Enough cuttable pieces for --pp stages, and split points that name real cut places."""
-    with torch.device("meta"):  # structure only: no memory, no initialisation cost
-        model = build_model(config.model, vocab_size)
+def check_pipeline_split(
+    config: TrainConfig, vocab_size: int, model: nn.Module | None = None
+) -> None:
+    """Enough cuttable pieces for --pp stages, split points that name real cut places, and
+    pieces that, chained, compute what the model's forward does (`model`: the seeded one)."""
+    model = model if model is not None else seeded_model(config, vocab_size)
     pieces = model_pieces(model)
     if config.pp > len(pieces):
         raise ShardwiseError(
@@ -112,6 +159,24 @@ def check_pipeline_split(config: TrainConfig, vocab_size: int) -> None:
         )
     if config.split_points is not None:
         stage_starts(model, pieces, config.split_points, config.pp)
+    check_faithful_chain(model, vocab_size)
+
+
+def tensor_parallel_split(config: TrainConfig, vocab_size: int) -> SplitPlan | None:
+    """What --tp splits, planned on the seeded model as every worker plans it (None for tp 1).
+
+    split = tensor_parallel_split(config, corpus.vocab_size)
+    print(split.describe())   # "widen: column-wise, feeding narrow", ...
+
+    Refused (ShardwiseError) when nothing would be split: the ranks would repeat the same work.
+    """
+    if config.tp == 1:
+        return None
+    model = seeded_model(config, vocab_size)
+    contract = model_call(config, model)
+    plan = split_plan(model, config.tp, forward=partial(contract, model), vocab_size=vocab_size)
+    require_split(plan, model)
+    return plan
 
 
 def build_sampler(
@@ -124,7 +189,13 @@ def build_sampler(
     """The sampler `config.batching` names, over sequences of `lengths`, for one data rank."""
     if config.batching == "fixed":
         return FixedBatchSampler(
-            lengths, config.batch_size, world_size, rank, config.grad_accum, config.seed, start
+            lengths,
+            config.fixed_batch_size,
+            world_size,
+            rank,
+            config.grad_accum,
+            config.seed,
+            start,
         )
     return TokenBudgetSampler(
         lengths,

@@ -19,6 +19,8 @@ from torch import nn
 from shardwise.checkpoint import load_model_weights
 from shardwise.config import TrainConfig
 from shardwise.models import build_model, generate
+from shardwise.models.contract import PLAIN, ModelContract
+from shardwise.models.generate import BYTE_VOCAB
 from shardwise.parallel.model import ParallelModel
 from shardwise.run_dir import WEIGHTS_FILE
 
@@ -38,23 +40,29 @@ def whole_model(
     return load_model_weights(checkpoint, build_model(config.model, vocab_size))
 
 
-def export_model(config: TrainConfig, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+def export_model(
+    config: TrainConfig, model: nn.Module, run_dir: Path, contract: ModelContract = PLAIN
+) -> dict[str, Any]:
     """Write `run_dir/model.safetensors`; return the summary's `parameters` and `sample_text`."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(run_dir / WEIGHTS_FILE))
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "sample_text": sample_text(model, config.sample_bytes, config.seed),
+        "sample_text": sample_text(model, config.sample_bytes, config.seed, contract),
     }
 
 
-def sample_text(model: nn.Module, sample_bytes: int, seed: int) -> str:
+def sample_text(
+    model: nn.Module, sample_bytes: int, seed: int, contract: ModelContract = PLAIN
+) -> str:
     """A few lines `model` writes after a fixed prompt, seeded; "" when `sample_bytes` is 0.
 
     text = sample_text(model, sample_bytes=200, seed=0)   # "The ..." (same seed, same text)
+
+    Also "" for a model of fewer than 256 tokens: its ids are not bytes, so there is no text.
     """
-    if not sample_bytes:
+    if not sample_bytes or (contract.vocab_size or BYTE_VOCAB) < BYTE_VOCAB:
         return ""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    text = generate(model, SAMPLE_PROMPT, sample_bytes, generator=generator)
+    text = generate(model, SAMPLE_PROMPT, sample_bytes, generator=generator, call=contract)
     return (SAMPLE_PROMPT + text).decode("utf-8", errors="replace")

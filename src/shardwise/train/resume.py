@@ -134,7 +134,7 @@ def saved_config(path: Path, state: TrainerState) -> TrainConfig:
     if not state.config:
         raise CheckpointRejected(path, "it records no run settings (not written by a run)")
     try:
-        return TrainConfig.model_validate(state.config)
+        return TrainConfig.from_record(state.config)  # an older run's ignored settings too
     except ValidationError as exc:
         reason = exc.errors()[0]["msg"]
         raise CheckpointRejected(path, f"its recorded settings are invalid ({reason})") from None

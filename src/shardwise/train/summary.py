@@ -10,17 +10,16 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from shardwise.distributed import DistEnv, all_gather_floats, meeting_of, peak_memory_bytes
-from shardwise.train.evaluation import held_out_loss
 
 if TYPE_CHECKING:
     from shardwise.train.trainer import Trainer
 
 
 def run_summary(trainer: Trainer, started: float) -> dict:
-    """The run's summary.json fields, once training is over (held-out loss measured here)."""
-    eval_loss = held_out_loss(
-        trainer.model, trainer.corpus.eval, trainer.config.batch_size, trainer.env
-    )
+    """The run's summary.json fields, once training is over (held-out loss measured here,
+    unless the last step's --eval-every evaluation just did)."""
+    eval_loss = trainer.evaluations.loss_at(trainer.state.step)
+    held_out = trainer.evaluations.held_out
     staleness = trainer.model.strategy.traffic.staleness
     # The highest staleness rides with the memory gather: the histogram costs a collective
     # only in runs that recorded one.
@@ -44,6 +43,9 @@ def run_summary(trainer: Trainer, started: float) -> dict:
             eval_loss=eval_loss,
             peak_rss_bytes=[int(row[0]) for row in memory],
         ),
+        # The held-out targets eval_loss averages over (at most --eval-tokens), of all held out.
+        "eval_tokens": held_out.tokens,
+        "eval_tokens_available": held_out.available,
         # The whole run's (kept in checkpoints), where the rates above are this start's own.
         "tokens": trainer.state.tokens,
         "sync_staleness_histogram": staleness_histogram(

@@ -33,6 +33,7 @@ from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.session import Session
 from shardwise.train.accounting import RunTotals, Window
 from shardwise.train.build import step_groups, stream_identity
+from shardwise.train.evaluation import Evaluations
 from shardwise.train.health import TrainingHealth, check_finite_weights, skip_step
 from shardwise.train.preemption import Preempted, PreemptionCheck
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
@@ -86,6 +87,7 @@ class Trainer:
         self.preemption = preemption or PreemptionCheck.for_config(config, self.env)
         meets = session.meets_between_steps(self.model)  # async workers judge their own steps
         self.health = TrainingHealth(config, self.env, corpus.vocab_size, agree=meets)
+        self.evaluations = Evaluations(config, corpus.eval, self.model, self.env)
 
     def fit(self) -> FitResult:
         """Train to `max_steps`, checkpoint, evaluate, and summarise the run."""
@@ -105,8 +107,9 @@ class Trainer:
             while self.state.step < self.config.max_steps:
                 micro_batches = next(steps)
                 self._train_step(micro_batches, window)
-                if self._due(self.config.log_every):
-                    row = self._close_window(window)
+                evaluated = self.evaluations.if_due(self.state.step, window, progress.evaluation)
+                if evaluated or self._due(self.config.log_every):  # eval_loss on its step's row
+                    row = self._close_window(window) | evaluated
                     window = Window()  # logging's own cost counts in the next window
                     if main:
                         metrics.log(row)

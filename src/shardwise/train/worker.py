@@ -171,7 +171,7 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
         summary = result.summary
         if env.is_main:
             whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
-            summary |= export_model(config, whole, run_dir)
+            summary |= export_model(config, whole, run_dir, trainer.model.contract)
             summary["restarts"] = restarts
             summary["wall_time_s_since_launch"] = _since_launch(folder)
             write_summary(run_dir, summary)

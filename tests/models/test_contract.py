@@ -1,0 +1,155 @@
+"""The model contract: how users' models take tokens and give logits, found by one probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardwise.errors import ShardwiseError
+from shardwise.models import build_model
+from shardwise.models.contract import PLAIN, contract_for, model_contract
+from user_models import OddNames, mask_in_forward, time_major_lstm
+
+VOCAB = 40
+
+
+def _tokens(rows: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(1))
+
+
+def test_time_major_model_with_hidden_and_flat_log_probs_is_called_as_written() -> None:
+    torch.manual_seed(0)
+    model = time_major_lstm(VOCAB).eval()
+    contract = model_contract(model, "user:lstm", vocab_size=VOCAB)
+
+    assert (contract.time_major, contract.extra_args, contract.output) == (True, 1, 0)
+    assert contract.flat and contract.log_probs and contract.vocab_size == VOCAB
+    tokens = _tokens()
+    by_hand = model(tokens.t(), None)[0].view(tokens.shape[1], tokens.shape[0], VOCAB)
+    torch.testing.assert_close(contract(model, tokens), by_hand.transpose(0, 1))
+    assert "time-major" in contract.describe() and "element 0 of a tuple" in contract.describe()
+
+
+@pytest.mark.parametrize("factory", [mask_in_forward, OddNames])
+def test_batch_first_models_returning_logits_are_plain(factory: type) -> None:
+    model = factory(VOCAB)
+    contract = model_contract(model, "user:m", vocab_size=VOCAB)
+    assert contract.is_plain and contract.vocab_size == VOCAB and not contract.log_probs
+
+
+def test_built_ins_keep_the_plain_call_without_a_probe() -> None:
+    contract = contract_for(build_model("transformer", 300), "transformer")
+    assert contract.is_plain and contract.vocab_size == 300 and contract.keywords == PLAIN.keywords
+
+
+class _Dict(nn.Module):
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.keys = keys
+        self.inner = OddNames(VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.inner(tokens)
+        return {key: logits * (i + 1) for i, key in enumerate(self.keys)} | {"aux": logits.sum()}
+
+
+def test_dict_outputs_take_logits_first_and_ask_when_ambiguous() -> None:
+    assert model_contract(_Dict(("hidden", "logits")), "d", vocab_size=VOCAB).output == "logits"
+    assert model_contract(_Dict(("scores",)), "d", vocab_size=VOCAB).output == "scores"
+    with pytest.raises(ShardwiseError, match="--model-output"):
+        model_contract(_Dict(("a", "b")), "d", vocab_size=VOCAB)
+    chosen = model_contract(_Dict(("a", "b")), "d", vocab_size=VOCAB, output="b")
+    assert chosen.output == "b"
+    with pytest.raises(ShardwiseError, match="has no 'c'"):
+        model_contract(_Dict(("a", "b")), "d", vocab_size=VOCAB, output="c")
+
+
+class _Bidirectional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+def test_a_model_that_sees_the_future_is_refused() -> None:
+    with pytest.raises(ShardwiseError, match="sees the future"):
+        model_contract(_Bidirectional(), "bi", vocab_size=VOCAB)
+
+
+class _MixesRows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        # Read batch-first, rows meet in the mean; read time-major, in the running sum.
+        return self.head(x + x.mean(dim=0, keepdim=True) + x.cumsum(dim=1))
+
+
+def test_rows_that_mix_either_way_need_a_declared_layout() -> None:
+    with pytest.raises(ShardwiseError, match="--input-layout"):
+        model_contract(_MixesRows(), "mix", vocab_size=VOCAB)
+    declared = model_contract(_MixesRows(), "mix", vocab_size=VOCAB, input_layout="batch-first")
+    assert not declared.time_major
+
+
+class _Swapped(nn.Module):
+    """A batch-first model declared time-major by mistake still gets the declared call."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(tokens, VOCAB).float()
+
+
+def test_a_declared_layout_is_trusted() -> None:
+    assert model_contract(_Swapped(), "s", vocab_size=VOCAB, input_layout="time-major").time_major
+
+
+class _NeedsKeyword(nn.Module):
+    def forward(self, tokens: torch.Tensor, *, state: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+
+class _Raises(nn.Module):
+    def forward(self, tokens: torch.Tensor, hidden: tuple) -> torch.Tensor:
+        return tokens + hidden[0]
+
+
+class _NoLogits(nn.Module):
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokens.sum(), tokens.float().mean(dim=1)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_NeedsKeyword(), "keyword argument 'state'.*give it a default"),
+        (_Raises(), r"forward\(tokens, None\) .* raised TypeError"),
+        (_NoLogits(), "no tensor shaped like logits"),
+    ],
+)
+def test_what_cannot_be_called_is_one_line_naming_the_fix(model: nn.Module, message: str) -> None:
+    with pytest.raises(ShardwiseError, match=message) as caught:
+        model_contract(model, "user:m", vocab_size=VOCAB)
+    assert "\n" not in str(caught.value)
+
+
+def test_probing_leaves_training_mode_as_it_was() -> None:
+    model = time_major_lstm(VOCAB).train()
+    model.encoder.eval()
+    model_contract(model, "m", vocab_size=VOCAB)
+    assert model.training and model.rnn.training and not model.encoder.training
+
+
+def test_a_model_too_short_for_max_len_is_refused_before_training() -> None:
+    model = mask_in_forward(VOCAB)  # its position table holds 128 positions
+    contract_for(model, "user:m", vocab_size=VOCAB, max_len=128)
+    with pytest.raises(ShardwiseError, match="--max-len 129 tokens .*lower --max-len"):
+        contract_for(model, "user:m", vocab_size=VOCAB, max_len=129)
