@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_same_weights, final_weights, metrics, quick_config, train
+from helpers import (
+    assert_same_weights,
+    final_weights,
+    metrics,
+    quick_config,
+    train,
+    write_corpus,
+)
 from shardwise.data.tokenize import VOCAB_SIZE
 from shardwise.models import build_model
 from shardwise.train.export import sample_text
@@ -15,20 +22,28 @@ from shardwise.train.export import sample_text
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.fixture(scope="module")
+def one_rank_batch_8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One rank, batch 8, clipping every step: the run both layouts below must match (once)."""
+    root = tmp_path_factory.mktemp("data_parallel")
+    corpus = write_corpus(root / "corpus.txt")  # seeded: the same text as the `corpus` fixture's
+    # clip_norm small enough that every step clips: the clipped update must match too.
+    train(quick_config(corpus, root / "one", batch_size=8, clip_norm=0.5), nproc=1)
+    return root / "one"
+
+
 @pytest.mark.parametrize(("batch_size", "grad_accum"), [(4, 1), (2, 2)], ids=["plain", "accum"])
 def test_two_ranks_match_one_rank_with_twice_the_batch(
-    corpus: Path, tmp_path: Path, batch_size: int, grad_accum: int
+    corpus: Path, tmp_path: Path, batch_size: int, grad_accum: int, one_rank_batch_8: Path
 ) -> None:
-    # clip_norm small enough that every step clips: the clipped update must match too.
-    single = quick_config(corpus, tmp_path / "one", batch_size=8, clip_norm=0.5)
     double = quick_config(
         corpus, tmp_path / "two", batch_size=batch_size, grad_accum=grad_accum, clip_norm=0.5
     )
-    train(single, nproc=1)
     summary = train(double, nproc=2)
 
-    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), 1e-5)
-    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one = one_rank_batch_8
+    assert_same_weights(final_weights(one), final_weights(tmp_path / "two"), 1e-5)
+    one_rows, two_rows = metrics(one), metrics(tmp_path / "two")
     for one, two in zip(one_rows, two_rows, strict=True):
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-5)
         assert one["grad_norm"] > 0.5  # clipping really happened

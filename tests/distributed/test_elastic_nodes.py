@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import assert_same_weights, final_weights, metrics
+from helpers import assert_same_weights, final_weights, metrics, write_corpus
 from train_cli import QUICK_FLAGS, run_train, summary
 
 REPO = Path(__file__).parents[2]
@@ -27,6 +27,18 @@ FLAGS = [*QUICK_FLAGS[2:], "--max-steps", str(STEPS), "--checkpoint-every", "2"]
 FLAGS += ["--max-restarts", "2"]
 
 
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference both tests compare with: one rank accumulating 2 micro-steps throughout
+    (two ranks x 1 is that, up to float rounding: test_data_parallel.py), on the same corpus
+    (write_corpus is seeded), run once for the module."""
+    root = tmp_path_factory.mktemp("elastic_reference")
+    corpus = write_corpus(root / "corpus.txt")
+    reference = run_train(corpus, root / "alone", *FLAGS[:-4], "--nproc", "1", "--grad-accum", "2")
+    assert reference.returncode == 0, reference.stderr
+    return root / "alone"
+
+
 @pytest.fixture
 def net() -> Iterator[object]:
     """Two "nodes": network namespaces joined by one veth, removed afterwards."""
@@ -36,7 +48,7 @@ def net() -> Iterator[object]:
 
 @pytest.mark.timeout(400)
 def test_a_lost_node_leaves_the_other_to_finish_alone_with_the_same_global_batch(
-    net: object, corpus: Path, tmp_path: Path
+    net: object, corpus: Path, tmp_path: Path, alone: Path
 ) -> None:
     run_dir = tmp_path / "elastic"
     nodes = [_start_node(net, node, corpus, run_dir) for node in range(2)]
@@ -64,12 +76,12 @@ def test_a_lost_node_leaves_the_other_to_finish_alone_with_the_same_global_batch
     )
     assert 2 <= restart["resumed_from_step"] < STEPS
     assert "1 of at most 2 nodes joined" in output
-    _assert_same_run_as_one_rank_accumulating_two(corpus, tmp_path, run_dir)
+    _assert_same_run_as_one_rank_accumulating_two(run_dir, alone)
 
 
 @pytest.mark.timeout(400)
 def test_a_node_that_arrives_late_is_admitted_with_the_same_global_batch(
-    net: object, corpus: Path, tmp_path: Path
+    net: object, corpus: Path, tmp_path: Path, alone: Path
 ) -> None:
     run_dir = tmp_path / "elastic"
     # Node 0 rests after step 3 (its step-2 checkpoint written) so that, however fast it trains,
@@ -89,19 +101,14 @@ def test_a_node_that_arrives_late_is_admitted_with_the_same_global_batch(
     [restart] = done["restarts"]
     assert (restart["world_size"], restart["reason"]) == (2, "nodes joined: 1 -> 2 ranks")
     assert restart["resumed_from_step"] == 2  # the checkpoint before the rest
-    _assert_same_run_as_one_rank_accumulating_two(corpus, tmp_path, run_dir)
+    _assert_same_run_as_one_rank_accumulating_two(run_dir, alone)
 
 
-def _assert_same_run_as_one_rank_accumulating_two(
-    corpus: Path, tmp_path: Path, run_dir: Path
-) -> None:
+def _assert_same_run_as_one_rank_accumulating_two(run_dir: Path, alone: Path) -> None:
     """Same global batch, same data order: the run equals one rank accumulating 2 micro-steps
-    throughout (two ranks x 1 is that, up to float rounding: test_data_parallel.py)."""
+    throughout (the module's `alone` run)."""
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
-    alone = tmp_path / "alone"
-    reference = run_train(corpus, alone, *FLAGS[:-4], "--nproc", "1", "--grad-accum", "2")
-    assert reference.returncode == 0, reference.stderr
     assert_same_weights(final_weights(run_dir), final_weights(alone), atol=1e-5)
     for ours, theirs in zip(rows, metrics(alone), strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)

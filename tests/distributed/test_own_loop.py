@@ -65,36 +65,65 @@ def loader_batches(env: DistEnv, layout: dict[str, Any]) -> list[torch.Tensor]:
     return [x for (x,) in session.loader(dataset, batch_size=2)]
 
 
-def test_data_parallel_loop_on_two_ranks_equals_one_rank_with_twice_the_batch() -> None:
-    ranks = run_ranks(user_loop, world=2, args=("gru", {}, None))
-    assert_ranks_match(ranks, train_single("gru"))
-
-
 def user_loops(env: DistEnv, jobs: tuple[tuple, ...]) -> list[Trained]:
     """Several user loops one after another on the same ranks (one process start for all)."""
     return [user_loop(env, *job) for job in jobs]
 
 
-def test_pipeline_loops_on_two_stages_equal_one_process(tmp_path: Path) -> None:
-    given = {"pp": 2, "microbatches": 4, "split_points": ["blocks.1"]}
-    profiled = {"pp": 2, "microbatches": 2}  # no split points: rank 0's profile cuts for all
-    jobs = (("lstm", given, tmp_path), ("transformer", given, None), ("gru", profiled, None))
-    ranks = run_ranks(user_loops, world=2, args=(jobs,), timeout_s=120)
-    for (kind, _, _), results in zip(jobs, zip(*ranks, strict=True), strict=True):
+GIVEN = {"pp": 2, "microbatches": 4, "split_points": ["blocks.1"]}
+PROFILED = {"pp": 2, "microbatches": 2}  # no split points: rank 0's profile cuts for all
+STAGES, REPLICAS = {"pp": 2, "microbatches": 2}, {}
+
+
+def pipeline_jobs(save_to: Path) -> tuple[tuple, ...]:
+    return (("lstm", GIVEN, save_to), ("transformer", GIVEN, None), ("gru", PROFILED, None))
+
+
+def two_rank_worker(env: DistEnv, save_to: Path) -> dict[str, Any]:
+    """Every 2-rank loop of this module, one after another in one process start."""
+    return {
+        "data parallel": user_loop(env, "gru", {}, None),
+        "pipeline": user_loops(env, pipeline_jobs(save_to)),
+        "stages": loader_batches(env, STAGES),
+        "replicas": loader_batches(env, REPLICAS),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    saved = tmp_path_factory.mktemp("own_loop")
+    return run_ranks(two_rank_worker, world=2, args=(saved,), timeout_s=120), saved
+
+
+def test_data_parallel_loop_on_two_ranks_equals_one_rank_with_twice_the_batch(
+    two_ranks: tuple,
+) -> None:
+    ranks, _ = two_ranks
+    assert_ranks_match([rank["data parallel"] for rank in ranks], train_single("gru"))
+
+
+def test_pipeline_loops_on_two_stages_equal_one_process(two_ranks: tuple) -> None:
+    ranks, saved = two_ranks
+    jobs = pipeline_jobs(saved)
+    per_job = zip(*(rank["pipeline"] for rank in ranks), strict=True)
+    for (kind, _, _), results in zip(jobs, per_job, strict=True):
         assert_ranks_match(list(results), train_single(kind))
     kind, reference = "lstm", train_single("lstm")
     # Written once, under the names the user's model gives its parameters: it loads whole.
     alone = Session(DistEnv(0, 1, 0, 1, torch.device("cpu")), TrainConfig(device="cpu"))
     model = tiny_model(kind)
-    state = alone.load(tmp_path, model, torch.optim.AdamW(model.parameters(), lr=LR))
+    state = alone.load(saved, model, torch.optim.AdamW(model.parameters(), lr=LR))
     assert state.step == len(step_batches())
     for name, value in reference.state.items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-5, rtol=0, msg=name)
 
 
-def test_the_loader_gives_both_stages_the_same_batches_and_replicas_different_ones() -> None:
-    stages = run_ranks(loader_batches, world=2, args=({"pp": 2, "microbatches": 2},))
-    replicas = run_ranks(loader_batches, world=2, args=({},))
+def test_the_loader_gives_both_stages_the_same_batches_and_replicas_different_ones(
+    two_ranks: tuple,
+) -> None:
+    ranks, _ = two_ranks
+    stages = [rank["stages"] for rank in ranks]
+    replicas = [rank["replicas"] for rank in ranks]
     assert all(torch.equal(a, b) for a, b in zip(*stages, strict=True))
     assert not any(torch.equal(a, b) for a, b in zip(*replicas, strict=True))
     assert len(stages[0]) == 8 and len(replicas[0]) == 4

@@ -68,46 +68,69 @@ def save_from_two_shards(env: DistEnv, directory: Path) -> dict[str, torch.Tenso
     return whole_tensors(model.state_dict())
 
 
-def test_tensor_parallel_shards_load_whole_into_one_process(tmp_path: Path) -> None:
-    saved = run_ranks(save_from_two_shards, world=2, args=(tmp_path,))
-    model = tiny_model("transformer")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    load_checkpoint(tmp_path / "step_00000001", model, optimizer, SINGLE)
-    for name, value in saved[0].items():
-        torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
-    assert len(optimizer.state) == len(list(model.parameters()))
+def two_rank_worker(env: DistEnv, folders: dict[str, Path]) -> dict[str, Any]:
+    """Every 2-rank part of this module, one after another in one process start."""
+    return {
+        "shards": save_from_two_shards(env, folders["shards"]),
+        "stages": save_from_two_stages(env, folders["stages"]),
+        "loaded": load_into_two_stages(env, folders["one process"]),
+    }
 
 
-def test_two_stage_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
-    saved = run_ranks(save_from_two_stages, world=2, args=(tmp_path,))
-    model = tiny_model("gru")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    state = load_checkpoint(tmp_path / "step_00000002", model, optimizer, SINGLE)
-
-    assert state.step == 2
-    for rank in saved:
-        for name, value in rank["state"].items():
-            torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
-        for name, value in rank["moments"].items():
-            torch.testing.assert_close(moments(model, optimizer)[name], value, atol=0, rtol=0)
-    assert sorted(n for rank in saved for n in rank["state"]) == sorted(model.state_dict())
-
-
-def test_one_process_checkpoint_resumes_on_two_stages_cut_elsewhere(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One process's checkpoint after 2 steps, then the 2-rank saves and the 2-rank load of it."""
+    root = tmp_path_factory.mktemp("pipeline_checkpoint")
+    folders = {name: root / name for name in ("shards", "stages", "one process")}
     model = tiny_model("gru")
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     for batch in step_batches()[:2]:
         train_single_step(model, optimizer, batch)
-    path = save_checkpoint(tmp_path, model, optimizer, TrainerState(step=2), SINGLE)
+    path = save_checkpoint(folders["one process"], model, optimizer, TrainerState(step=2), SINGLE)
+    folders["one process"] = path
+    ranks = run_ranks(two_rank_worker, world=2, args=(folders,))
+    return {
+        "folders": folders,
+        "ranks": ranks,
+        "single": (model.state_dict(), moments(model, optimizer)),
+    }
 
-    loaded = run_ranks(load_into_two_stages, world=2, args=(path,))
+
+def test_tensor_parallel_shards_load_whole_into_one_process(saved: dict) -> None:
+    shards = [rank["shards"] for rank in saved["ranks"]]
+    model = tiny_model("transformer")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    load_checkpoint(saved["folders"]["shards"] / "step_00000001", model, optimizer, SINGLE)
+    for name, value in shards[0].items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
+    assert len(optimizer.state) == len(list(model.parameters()))
+
+
+def test_two_stage_checkpoint_resumes_in_one_process(saved: dict) -> None:
+    stages = [rank["stages"] for rank in saved["ranks"]]
+    model = tiny_model("gru")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    state = load_checkpoint(saved["folders"]["stages"] / "step_00000002", model, optimizer, SINGLE)
+
+    assert state.step == 2
+    for rank in stages:
+        for name, value in rank["state"].items():
+            torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
+        for name, value in rank["moments"].items():
+            torch.testing.assert_close(moments(model, optimizer)[name], value, atol=0, rtol=0)
+    assert sorted(n for rank in stages for n in rank["state"]) == sorted(model.state_dict())
+
+
+def test_one_process_checkpoint_resumes_on_two_stages_cut_elsewhere(saved: dict) -> None:
+    weights, single_moments = saved["single"]
+    loaded = [rank["loaded"] for rank in saved["ranks"]]
     assert [rank["step"] for rank in loaded] == [2, 2]
-    assert sorted(n for rank in loaded for n in rank["state"]) == sorted(model.state_dict())
+    assert sorted(n for rank in loaded for n in rank["state"]) == sorted(weights)
     for rank in loaded:
         for name, value in rank["state"].items():
-            torch.testing.assert_close(value, model.state_dict()[name], atol=0, rtol=0)
+            torch.testing.assert_close(value, weights[name], atol=0, rtol=0)
         for name, value in rank["moments"].items():
-            torch.testing.assert_close(value, moments(model, optimizer)[name], atol=0, rtol=0)
+            torch.testing.assert_close(value, single_moments[name], atol=0, rtol=0)
 
 
 def train_single_step(

@@ -27,30 +27,51 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 POWERSGD = {"grad_compression": "powersgd", "powersgd_rank": 2, "powersgd_warmup_steps": 2}
 
 
-def run_jobs(*jobs: tuple) -> list[list[Trained]]:
-    """Each job's per-rank results; every job is `(settings, steps, *sync_loop's other args)`."""
-    ranks = run_ranks(sync_loops, world=2, args=(jobs,), timeout_s=240)
-    return [list(results) for results in zip(*ranks, strict=True)]
+SAVED_AFTER = {"in-warm-up": 1, "compressing": 3}
 
 
-@pytest.mark.parametrize("saved_after", [1, 3], ids=["in-warm-up", "compressing"])
+def jobs_then_refusal(env: DistEnv, jobs: tuple[tuple, ...]) -> tuple[list[Trained], str]:
+    """`sync_loops(jobs)`, then the refusal of several gloo buckets: one process start for all."""
+    return sync_loops(env, jobs), powersgd_refusal(env)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every 2-rank run of this module in one process start: the uninterrupted 6 steps, and for
+    each save point a run saved there and one resumed from it; then the refusal's message."""
+    saves = tmp_path_factory.mktemp("powersgd")
+    jobs: list[tuple] = [(POWERSGD, range(6))]
+    for saved_after in SAVED_AFTER.values():  # in order: each save comes before its resume
+        jobs.append((POWERSGD, range(saved_after), "adamw", saves))
+        jobs.append((POWERSGD, range(saved_after, 6), "adamw", None, saves / step_dir(saved_after)))
+    ranks = run_ranks(jobs_then_refusal, world=2, args=(tuple(jobs),), timeout_s=240)
+    results = [list(trained) for trained in zip(*(rank[0] for rank in ranks), strict=True)]
+    return {
+        "whole": results[0],
+        "resumed": {after: results[2 + 2 * i] for i, after in enumerate(SAVED_AFTER.values())},
+        "saves": saves,
+        "refusals": [rank[1] for rank in ranks],
+    }
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@pytest.mark.parametrize("saved_after", SAVED_AFTER.values(), ids=SAVED_AFTER.keys())
 def test_resumed_powersgd_equals_the_uninterrupted_run_bit_for_bit(
-    saved_after: int, tmp_path: Path
+    saved_after: int, two_ranks: dict
 ) -> None:
     # Warm-up steps 0-1, compressed steps 2-5: saved before compression or one step into it.
-    whole, _, resumed = run_jobs(  # in order: the save comes before the resume
-        (POWERSGD, range(6)),
-        (POWERSGD, range(saved_after), "adamw", tmp_path),
-        (POWERSGD, range(saved_after, 6), "adamw", None, tmp_path / f"step_{saved_after:08d}"),
-    )
+    whole, resumed = two_ranks["whole"], two_ranks["resumed"][saved_after]
     for mine, theirs in zip(resumed, whole, strict=True):
         assert_same_state(mine.state, theirs.state, atol=0)
     assert [r.losses for r in resumed] == [w.losses[saved_after:] for w in whole]
 
 
-def test_another_data_parallel_degree_finds_no_error_feedback_of_its_own(tmp_path: Path) -> None:
-    run_ranks(sync_loop, world=2, args=(POWERSGD, range(3), "adamw", tmp_path), timeout_s=240)
-    path = tmp_path / "step_00000003"
+def test_another_data_parallel_degree_finds_no_error_feedback_of_its_own(two_ranks: dict) -> None:
+    # The checkpoint 2 ranks saved after 3 steps (PowerSGD, AdamW), loaded on 3 ranks.
+    path = two_ranks["saves"] / step_dir(3)
     refusal = r"holds no sync\.powersgd\.dp\dof3\.\S+ for .* degree that saved it"
     with pytest.raises(Exception, match=refusal):
         run_ranks(sync_loop, world=3, args=(POWERSGD, range(3, 4), "adamw", None, path))
@@ -81,8 +102,7 @@ def powersgd_refusal(env: DistEnv) -> str:
     return "prepared"
 
 
-def test_powersgd_over_several_gloo_buckets_is_refused_in_one_line() -> None:
-    messages = run_ranks(powersgd_refusal, world=2, timeout_s=120)
-    for message in messages:
+def test_powersgd_over_several_gloo_buckets_is_refused_in_one_line(two_ranks: dict) -> None:
+    for message in two_ranks["refusals"]:
         assert message.startswith("--grad-compression powersgd on CPU (gloo): PyTorch's PowerSGD")
         assert "use --bucket-mb 1 or --grad-compression fp16" in message

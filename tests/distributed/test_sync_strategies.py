@@ -8,6 +8,7 @@ local SGD and DiLoCo replicas differ between meetings.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from parallel_cases import (
     train_single,
 )
 from ranks import run_ranks
+from shardwise.distributed import DistEnv
 from sync_loops import sync_loop, sync_loops
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
@@ -65,9 +67,40 @@ JOBS: dict[str, tuple] = {
 }
 
 
+# Resumed mid-period: warm-up step 0, local steps 1-3 (meeting after step 3), 4-6 (meeting after
+# step 6); saved after step 5, the replicas are apart and the DiLoCo anchor is step 3's.
+RESUMED = {
+    "local-sgd": {"sync": "local-sgd", "sync_every": 3, "sync_warmup_steps": 1},
+    "diloco": {"sync": "diloco", "sync_every": 3, "sync_warmup_steps": 1, "outer_bf16": True},
+}
+
+
 @pytest.fixture(scope="module")
-def runs() -> dict[str, list[Trained]]:
-    return dict(zip(JOBS, run_syncs(*JOBS.values()), strict=True))
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Trained]]:
+    """Every job of JOBS, then each of RESUMED's whole, saved and resumed runs (in that order:
+    the save comes before the resume), all in one process start."""
+    jobs = dict(JOBS)
+    for name, settings in RESUMED.items():
+        saves = tmp_path_factory.mktemp(f"resume-{name}")
+        jobs[f"{name} whole"] = (settings, range(8))
+        jobs[f"{name} saved"] = (settings, range(5), "adamw", saves)
+        jobs[f"{name} resumed"] = (settings, range(5, 8), "adamw", None, saves / "step_00000005")
+    ranks = run_ranks(loops_then_bf16, world=2, args=(tuple(jobs.values()),), timeout_s=240)
+    results = [list(trained) for trained in zip(*(rank[0] for rank in ranks), strict=True)]
+    return {**dict(zip(jobs, results, strict=True)), "bf16 refusals": [rank[1] for rank in ranks]}
+
+
+def loops_then_bf16(env: DistEnv, jobs: tuple[tuple, ...]) -> tuple[list[Trained], str | None]:
+    """`sync_loops(jobs)`, then (last: it leaves these ranks' DDP half-made) what a bf16
+    compression run says, on a PyTorch built without CUDA."""
+    trained = sync_loops(env, jobs)
+    if torch.version.cuda is not None:
+        return trained, None
+    try:
+        sync_loop(env, {"sync": "allreduce", "grad_compression": "bf16"}, range(1))
+    except Exception as exc:
+        return trained, str(exc)
+    return trained, "trained"
 
 
 def test_local_sgd_every_step_with_plain_sgd_equals_allreduce(runs: dict) -> None:
@@ -132,9 +165,9 @@ def test_powersgd_trains_replicas_alike(runs: dict) -> None:
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this PyTorch has the bf16 hook")
-def test_bf16_compression_without_cuda_is_refused_with_the_fix() -> None:
-    with pytest.raises(Exception, match=r"--grad-compression bf16: .* use --grad-compression fp16"):
-        run_sync({"sync": "allreduce", "grad_compression": "bf16"}, range(1))
+def test_bf16_compression_without_cuda_is_refused_with_the_fix(runs: dict) -> None:
+    for said in runs["bf16 refusals"]:
+        assert re.search(r"--grad-compression bf16: .* use --grad-compression fp16", said), said
 
 
 def assert_ranks_match_weights(ranks: list[Trained], reference: Trained, atol: float) -> None:
@@ -142,25 +175,10 @@ def assert_ranks_match_weights(ranks: list[Trained], reference: Trained, atol: f
         assert_same_state(rank.state, reference.state, atol)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"sync": "local-sgd", "sync_every": 3, "sync_warmup_steps": 1},
-        {"sync": "diloco", "sync_every": 3, "sync_warmup_steps": 1, "outer_bf16": True},
-    ],
-    ids=["local-sgd", "diloco"],
-)
-def test_resume_mid_period_equals_the_uninterrupted_run_bit_for_bit(
-    settings: dict[str, Any], tmp_path: Path
-) -> None:
-    # Warm-up step 0, local steps 1-3 (meeting after step 3), 4-6 (meeting after step 6):
-    # saved after step 5, the replicas are apart and the DiLoCo anchor is step 3's.
-    path = tmp_path / "step_00000005"
-    whole, _, resumed = run_syncs(  # in order: the save comes before the resume
-        (settings, range(8)),
-        (settings, range(5), "adamw", tmp_path),
-        (settings, range(5, 8), "adamw", None, path),
-    )
+@pytest.mark.parametrize("name", RESUMED)
+def test_resume_mid_period_equals_the_uninterrupted_run_bit_for_bit(name: str, runs: dict) -> None:
+    # Saved after step 5 (see RESUMED), resumed to step 8; the whole run trained steps 0-7.
+    whole, resumed = runs[f"{name} whole"], runs[f"{name} resumed"]
     with pytest.raises(AssertionError):  # the test would not notice a lost replica otherwise
         assert_same_state(whole[0].state, whole[1].state, atol=1e-6)
     assert_each_rank_close(resumed, whole, atol=0)

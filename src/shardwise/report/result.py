@@ -54,6 +54,7 @@ class RunResult:
     compute_time_s: tuple[float, ...]  # per rank: the rest of the steps' time
     eval_tokens: int  # held-out targets eval_loss averages over (a seeded subset, --eval-tokens)
     eval_tokens_available: int  # held-out targets in all (--eval-fraction of the data)
+    eval_s: float  # seconds every evaluation took (not counted as training time)
     sync_staleness_histogram: dict[str, int] | None  # async: {staleness: steps}, all ranks
     sync_workers_lost: dict[str, str] | None  # async: {rank: why} of workers that died
     batching: str

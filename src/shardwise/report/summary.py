@@ -31,7 +31,7 @@ KNOWN_KEYS = frozenset(
         "run_dir", "world_size", "device", "steps", "tokens", "tokens_per_s", "wall_time_s",
         "final_train_loss", "eval_loss", "peak_rss_bytes", "padding_fraction", "imbalance",
         "wait_fraction", "data_notes", "sample_text", "sync", "eval_tokens",
-        "eval_tokens_available",
+        "eval_tokens_available", "eval_s",
     }
 )  # fmt: skip
 
@@ -120,7 +120,9 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     eval_loss = get("eval_loss")
     if eval_loss is not None:
         add("eval loss", f"{_loss(eval_loss)}  (perplexity {format_perplexity(eval_loss)})")
-    add("eval tokens", _held_out(get("eval_tokens"), get("eval_tokens_available")))
+    held_out = _held_out(get("eval_tokens"), get("eval_tokens_available"))
+    seconds = get("eval_s")
+    add("eval tokens", held_out and (held_out + (f" in {seconds:.1f}s" if seconds else "")))
     add("peak memory", _per_rank_bytes(get("peak_rss_bytes")))
     add("padding", _percent(get("padding_fraction")))
     add("imbalance", _number(get("imbalance")))

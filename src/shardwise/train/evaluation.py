@@ -184,6 +184,7 @@ class Evaluations:
         self.model = model
         self.env = env
         self._last: tuple[int, float | None] | None = None  # (step, its loss)
+        self.seconds = 0.0  # every evaluation's, in all
 
     def due(self, step: int) -> bool:
         """Whether `step` evaluates during training: every --eval-every steps and the last."""
@@ -208,9 +209,11 @@ class Evaluations:
         if self._last is not None and self._last[0] == step:
             return self._last[1]
         show = display or self._own_display
+        began = time.perf_counter()
         with show(self.held_out.tokens, step) as shown:
             loss = held_out_loss(self.model, self.held_out, self.env, shown.update)
             shown.done(loss)
+        self.seconds += time.perf_counter() - began
         self._last = (step, loss)
         return loss
 

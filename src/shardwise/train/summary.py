@@ -46,6 +46,7 @@ def run_summary(trainer: Trainer, started: float) -> dict:
         # The held-out targets eval_loss averages over (at most --eval-tokens), of all held out.
         "eval_tokens": held_out.tokens,
         "eval_tokens_available": held_out.available,
+        "eval_s": round(trainer.evaluations.seconds, 3),  # every evaluation's, rank 0's clock
         # The whole run's (kept in checkpoints), where the rates above are this start's own.
         "tokens": trainer.state.tokens,
         "sync_staleness_histogram": staleness_histogram(
