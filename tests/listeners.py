@@ -82,7 +82,17 @@ def is_loopback(address: str) -> bool:
 
 
 def snapshot_then_gru(vocab_size: int) -> RecurrentLM:
-    """A tiny GRU, built after this worker recorded the listeners of the launcher's whole tree."""
+    """A tiny GRU, built after this worker recorded the listeners of the launcher's whole tree.
+
+    The launcher builds the model once too, before workers start (to probe how it is called):
+    there it records nothing.
+    """
+    if "RANK" in os.environ:
+        _record_listeners(os.environ["RANK"])
+    return RecurrentLM(vocab_size, embed_dim=16, hidden_dim=16, num_layers=1, cell="gru")
+
+
+def _record_listeners(rank: str) -> None:
     launcher = os.getppid()  # the elastic agent spawned this worker
     snapshot = {
         "launcher": launcher,
@@ -91,9 +101,7 @@ def snapshot_then_gru(vocab_size: int) -> RecurrentLM:
             str(pid): sorted(found) for pid, found in listening_sockets(launcher).items()
         },
     }
-    out = Path(os.environ[SNAPSHOT_DIR_ENV], f"rank{os.environ['RANK']}.json")
-    out.write_text(json.dumps(snapshot))
-    return RecurrentLM(vocab_size, embed_dim=16, hidden_dim=16, num_layers=1, cell="gru")
+    Path(os.environ[SNAPSHOT_DIR_ENV], f"rank{rank}.json").write_text(json.dumps(snapshot))
 
 
 def _socket_inodes(pid: int) -> set[int]:
