@@ -151,5 +151,5 @@ def test_probing_leaves_training_mode_as_it_was() -> None:
 def test_a_model_too_short_for_max_len_is_refused_before_training() -> None:
     model = mask_in_forward(VOCAB)  # its position table holds 128 positions
     contract_for(model, "user:m", vocab_size=VOCAB, max_len=128)
-    with pytest.raises(ShardwiseError, match="--max-len 129 tokens .*lower --max-len"):
+    with pytest.raises(ShardwiseError, match=r"--max-len 129 tokens .*lower --max-len"):
         contract_for(model, "user:m", vocab_size=VOCAB, max_len=129)
