@@ -22,17 +22,19 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout, check_microbatches
 from shardwise.parallel.stages import Autocast, Boundary
 
-SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+if TYPE_CHECKING:  # imported when a pipeline is built: it brings torch._dynamo (~0.5 s a process)
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # names in torch's pipelining
 # Distinct (rows, length) shapes whose stage buffers stay allocated; older ones are rebuilt.
 _CACHED_SHAPES = 8
 
@@ -100,8 +102,10 @@ class StagePipeline:
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
+        from torch.distributed import pipelining
+
         k = self.layout.pp_rank
-        stage = PipelineStage(
+        stage = pipelining.PipelineStage(
             self._runnable,
             k,
             self.layout.pp,
@@ -110,7 +114,7 @@ class StagePipeline:
             output_args=self._meta(k, rows, length, train),
             group=self.layout.group("pp"),
         )
-        kind = SCHEDULES[self.schedule] if train else ScheduleGPipe
+        kind = getattr(pipelining, SCHEDULES[self.schedule] if train else "ScheduleGPipe")
         loss_fn = self.loss_fn if train else None
         schedule = kind(stage, self.microbatches, loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = schedule
