@@ -54,6 +54,10 @@ def test_a_lost_node_leaves_the_other_to_finish_alone_with_the_same_global_batch
     nodes = [_start_node(net, node, corpus, run_dir) for node in range(2)]
     try:
         _wait_for_rows(run_dir / "metrics.jsonl", 3, nodes)
+        # The step-2 checkpoint is written in the background: kill once it is sealed, or the
+        # survivor rightly starts from step 0 (a kill mid-save leaves only a .partial dir).
+        sealed = run_dir / "checkpoints" / "step_00000002" / "manifest.json"
+        _wait_for_rows(sealed, 0, nodes)
         assert not (run_dir / "summary.json").exists()
         killed_at = time.monotonic()
         _kill_everything_in(net.names[1])
