@@ -105,7 +105,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     contract = user_model_call(config, corpus)
     build_sampler(config, sequence_lengths(corpus), layout.dp, rank=0)
     stages = stage_plan(config, corpus)
-    split = tensor_parallel_split(config, corpus.vocab_size)
+    split = tensor_parallel_split(config, corpus.vocab_size, contract)
     if config.resume is not None:
         find_checkpoint(config.resume)
     check_run_dir(config, config.run_dir or resolve_run_dir(config))

@@ -113,7 +113,7 @@ def check_length(model: nn.Module, name: str, contract: ModelContract, max_len: 
     """
     tokens = torch.zeros(1, max_len, dtype=torch.long)
     try:
-        with _evaluating(model):
+        with probing(model):
             contract(model, tokens.to(next(model.parameters(), tokens).device))
     except Exception as error:
         cause = first_line(error, with_type=True, whole=True)
@@ -124,16 +124,33 @@ def check_length(model: nn.Module, name: str, contract: ModelContract, max_len: 
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode without gradients, every submodule's own mode restored afterwards."""
-    training = [(module, module.training) for module in model.modules()]
+def probing(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, no running statistics updated) and no gradients; every
+    submodule's own mode restored afterwards.
+
+        with probing(model):
+            logits = model(probe_tokens(256, device))
+    """
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        for module, mode in training:
-            module.train(mode)
+        for module, training in modes.items():
+            module.training = training
+
+
+def probe_tokens(
+    vocab_size: int, device: torch.device, *, seed: int, length: int, rows: int = 3
+) -> torch.Tensor:
+    """A seeded random [rows, length] batch of ids below `vocab_size`; the global RNG untouched.
+
+    tokens = probe_tokens(256, torch.device("cpu"), seed=0, length=7)   # alike on every rank
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (rows, length), generator=generator)
+    return tokens.to(device)
 
 
 def model_contract(
@@ -153,8 +170,10 @@ def model_contract(
     """
     extra_args, keywords = _signature(model, name)
     picked = _output_key(output)
-    probe = _probe_tokens(vocab_size)
-    with _evaluating(model):
+    probe = probe_tokens(
+        min(vocab_size, 16), torch.device("cpu"), seed=0, length=_LENGTH, rows=_ROWS
+    )
+    with probing(model):
         return _probe(model, name, probe, extra_args, keywords, picked, input_layout)
 
 
@@ -207,11 +226,6 @@ def _output_key(output: str | None) -> int | str | None:
     if output is None:
         return None
     return int(output) if output.lstrip("-").isdigit() else output
-
-
-def _probe_tokens(vocab_size: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, min(vocab_size, 16), (_ROWS, _LENGTH), generator=generator)
 
 
 def _call(model: nn.Module, name: str, tokens: torch.Tensor, extra_args: int) -> Any:

@@ -12,14 +12,15 @@ same seeded random tokens, in eval mode and without gradients, and compares log-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.models import RecurrentLM, TransformerLM
+from shardwise.models.contract import probe_tokens as contract_probe_tokens
+from shardwise.models.contract import probing
 from shardwise.parallel.stages import model_pieces
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # tokens [batch, time] -> logits [b, t, vocab]
@@ -44,13 +45,11 @@ def own_forward(model: nn.Module) -> Forward:
 def probe_tokens(
     vocab_size: int, device: torch.device, seed: int = PROBE_SEED, length: int = PROBE_LENGTH
 ) -> torch.Tensor:
-    """A seeded random [rows, length] batch of ids below `vocab_size`; the global RNG is untouched.
+    """The pipeline and tensor-parallel checks' probe: `PROBE_ROWS` x `length` seeded ids.
 
     tokens = probe_tokens(256, torch.device("cpu"))   # the same batch on every rank
     """
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab_size, (PROBE_ROWS, length), generator=generator)
-    return tokens.to(device)
+    return contract_probe_tokens(vocab_size, device, seed=seed, length=length, rows=PROBE_ROWS)
 
 
 def token_bound(model: nn.Module) -> int:
@@ -60,19 +59,6 @@ def token_bound(model: nn.Module) -> int:
     """
     sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
     return min(sizes, default=2)
-
-
-@contextmanager
-def probing(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, no running statistics updated) and no gradients; mode restored."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def check_faithful_chain(model: nn.Module, vocab_size: int, forward: Forward | None = None) -> None:

@@ -61,7 +61,7 @@ def parallelize(
         vocab = contract.vocab_size or token_bound(model)
         check_faithful_chain(model, vocab, partial(contract, model))
     max_len = getattr(model, "max_len", None)
-    plan = plan_split(model, layout, tp_parts, contract)  # before stages: probes the whole model
+    plan = plan_split(model, layout.tp, tp_parts, contract)  # before stages: probes the whole model
     part, boundaries = apply_stages(model, layout, cuts, autocast)
     part = part.to(env.device)
     if plan is not None:
@@ -96,13 +96,17 @@ def apply_stages(
 
 
 def plan_split(
-    model: nn.Module, layout: Layout, parts: Sequence[str], contract: ModelContract
+    model: nn.Module, tp: int, parts: Sequence[str], contract: ModelContract
 ) -> SplitPlan | None:
-    """What tensor parallelism splits (None for tp 1); refused when it would split nothing."""
-    if layout.tp == 1:
+    """What tensor parallelism over `tp` ranks splits (None for tp 1), planned on the whole
+    model through its call; refused when it would split nothing.
+
+        plan = plan_split(model, 2, PARTS, contract)   # in the launcher and in every worker
+    """
+    if tp == 1:
         return None
     forward = partial(contract, model)
-    plan = split_plan(model, layout.tp, parts, forward, vocab_size=contract.vocab_size)
+    plan = split_plan(model, tp, parts, forward, vocab_size=contract.vocab_size)
     require_split(plan, model)
     return plan
 

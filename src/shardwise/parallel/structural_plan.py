@@ -33,7 +33,8 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from shardwise.errors import ShardwiseError, first_line
-from shardwise.parallel.faithful import Forward, own_forward, probe_tokens, probing, token_bound
+from shardwise.models.contract import probing
+from shardwise.parallel.faithful import Forward, own_forward, probe_tokens, token_bound
 from shardwise.parallel.split_plan import SplitPlan
 
 Hook = Callable[..., Any]

@@ -34,7 +34,8 @@ from torch.distributed.tensor.parallel import (
 
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.models import RecurrentLM, TransformerLM
-from shardwise.parallel.faithful import Forward, probing
+from shardwise.models.contract import probing
+from shardwise.parallel.faithful import Forward
 from shardwise.parallel.split_plan import SplitPlan
 from shardwise.parallel.structural_plan import structural_plan
 

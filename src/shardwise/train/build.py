@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from functools import partial
 
 import numpy as np
 import torch
@@ -34,8 +33,10 @@ from shardwise.errors import ShardwiseError
 from shardwise.models import BUILTIN_MODELS, build_model
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.faithful import check_faithful_chain
+from shardwise.parallel.parallelize import plan_split
+from shardwise.parallel.split_plan import SplitPlan
 from shardwise.parallel.stages import model_pieces, stage_starts
-from shardwise.parallel.tensor_parallel import SplitPlan, require_split, split_plan
+from shardwise.parallel.tensor_parallel import PARTS
 from shardwise.partition import Plan, plan_stages, shared_plan
 from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
 
@@ -162,21 +163,21 @@ def check_pipeline_split(
     check_faithful_chain(model, vocab_size)
 
 
-def tensor_parallel_split(config: TrainConfig, vocab_size: int) -> SplitPlan | None:
+def tensor_parallel_split(
+    config: TrainConfig, vocab_size: int, contract: ModelContract | None = None
+) -> SplitPlan | None:
     """What --tp splits, planned on the seeded model as every worker plans it (None for tp 1).
 
-    split = tensor_parallel_split(config, corpus.vocab_size)
+    split = tensor_parallel_split(config, corpus.vocab_size, contract)
     print(split.describe())   # "widen: column-wise, feeding narrow", ...
 
-    Refused (ShardwiseError) when nothing would be split: the ranks would repeat the same work.
+    `contract`: the model's call when already probed (default: probed here). Refused
+    (ShardwiseError) when nothing would be split: the ranks would repeat the same work.
     """
     if config.tp == 1:
         return None
     model = seeded_model(config, vocab_size)
-    contract = model_call(config, model)
-    plan = split_plan(model, config.tp, forward=partial(contract, model), vocab_size=vocab_size)
-    require_split(plan, model)
-    return plan
+    return plan_split(model, config.tp, PARTS, contract or model_call(config, model))
 
 
 def build_sampler(

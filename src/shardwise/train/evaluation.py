@@ -199,9 +199,9 @@ class Evaluations:
         """
         if not self.due(step):
             return {}
-        began = time.perf_counter()
+        seconds = self.seconds
         loss = self.loss_at(step, display)
-        window.started += time.perf_counter() - began
+        window.started += self.seconds - seconds
         return {} if loss is None else {"eval_loss": loss}
 
     def loss_at(self, step: int, display: Display | None = None) -> float | None:
