@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shardwise.checkpoint.files import replace_file
 from shardwise.report.metrics import read_metrics
 from shardwise.report.summary import (
     KNOWN_KEYS,
@@ -25,6 +24,7 @@ from shardwise.report.summary import (
     summary_rows,
     sync_shares,
 )
+from shardwise.safe_write import replace_file
 
 log = logging.getLogger(__name__)
 

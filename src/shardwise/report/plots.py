@@ -10,6 +10,7 @@ no figure outlives the call.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shardwise.report.metrics import read_metrics
+from shardwise.safe_write import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,11 @@ def plot_metrics(run_dir: Path) -> list[Path]:
             continue
         figure.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
         path = run_dir / name
+        # Drawn into memory, then replaced whole: savefig to a path would write through a link.
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=100)
         try:
-            figure.savefig(path, dpi=100)
+            replace_file(path, png.getvalue())
         except OSError as error:
             log.warning("could not write plot %s: %s", path, error)
             continue

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shardwise.checkpoint.files import replace_file
+from shardwise.safe_write import replace_file
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from shardwise.checkpoint import load_model_weights
@@ -23,6 +23,7 @@ from shardwise.models.contract import PLAIN, ModelContract
 from shardwise.models.generate import BYTE_VOCAB
 from shardwise.parallel.model import ParallelModel
 from shardwise.run_dir import WEIGHTS_FILE
+from shardwise.safe_write import replace_file
 
 SAMPLE_PROMPT = b"The "
 
@@ -45,7 +46,8 @@ def export_model(
 ) -> dict[str, Any]:
     """Write `run_dir/model.safetensors`; return the summary's `parameters` and `sample_text`."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(run_dir / WEIGHTS_FILE))
+    # As bytes, replaced whole: save_file of safetensors 0.4 writes through a link there.
+    replace_file(run_dir / WEIGHTS_FILE, save(weights))
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "sample_text": sample_text(model, config.sample_bytes, config.seed, contract),
