@@ -8,22 +8,29 @@ or the run was refused in one line naming the link.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import shardwise
+from helpers import quick_config
+from shardwise.cli import main
 from shardwise.config import TrainConfig
-from shardwise.report import plot_metrics, write_report, write_summary
+from shardwise.errors import ShardwiseError
+from shardwise.report import MetricsWriter, plot_metrics, write_report, write_summary
 from shardwise.run_dir import (
     LOCK_FILE,
     WRITTEN_BY_RUNS,
+    check_run_dir,
     hold_run_dir,
     remove_run_outputs,
 )
 from shardwise.safe_write import replace_file
 from shardwise.train.export import export_model
+from test_run_dir import quick_flags
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,6 +71,91 @@ def is_untouched(path: Path) -> bool:
 
 def is_replaced(link: Path) -> bool:
     return link.is_file() and not link.is_symlink()
+
+
+def refuses_link(refused: pytest.ExceptionInfo[ShardwiseError], link: Path) -> None:
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{link} is a symbolic link" in message, message
+
+
+def used(run: Path) -> Path:
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    return run
+
+
+# The lock file: opened in place and locked, so a link there is refused, never followed.
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_linked_lock_file_is_refused_not_truncated(
+    run: Path, outside: Path, overwrite: bool
+) -> None:
+    target = victim(outside)
+    link = plant(run, LOCK_FILE, target)
+    config = TrainConfig(run_dir=run, overwrite=overwrite)
+    with pytest.raises(ShardwiseError) as refused:
+        check_run_dir(config, run)  # the preflight, before any worker starts
+    refuses_link(refused, link)
+    with pytest.raises(ShardwiseError) as refused, hold_run_dir(config, run):
+        pass
+    refuses_link(refused, link)
+    assert is_untouched(target)
+
+
+def test_a_dangling_lock_link_does_not_create_its_target(run: Path, outside: Path) -> None:
+    link = plant(run, LOCK_FILE, outside / "new.txt")
+    with pytest.raises(ShardwiseError) as refused, hold_run_dir(TrainConfig(run_dir=run), run):
+        pass
+    refuses_link(refused, link)
+    assert not (outside / "new.txt").exists()
+
+
+# Files written in place (appended to, or written by the worker as they stand): refused before
+# training, unless --overwrite deletes them first.
+
+
+@pytest.mark.parametrize(
+    ("name", "resume"),
+    [
+        ("metrics.jsonl", True),
+        ("tensorboard", True),  # TensorBoard is on by default
+        ("config.toml", True),
+        ("config.toml", False),  # a fresh dir: the first file a run writes
+    ],
+)
+def test_a_link_written_in_place_is_refused_before_training(
+    run: Path, outside: Path, name: str, resume: bool
+) -> None:
+    target = outside if name == "tensorboard" else victim(outside)
+    link = plant(used(run) if resume else run, name, target)
+    config = TrainConfig(run_dir=run, resume=run if resume else None)
+    with pytest.raises(ShardwiseError) as refused:
+        check_run_dir(config, run)
+    refuses_link(refused, link)
+    with pytest.raises(ShardwiseError) as refused, hold_run_dir(config, run):
+        pass
+    refuses_link(refused, link)
+    assert target.is_dir() or is_untouched(target)
+
+
+def test_the_metrics_writer_never_appends_through_a_link(run: Path, outside: Path) -> None:
+    target = victim(outside)
+    plant(run, "metrics.jsonl", target)
+    with MetricsWriter(run, tensorboard=False) as metrics:
+        metrics.log({"step": 1, "loss": 2.5})
+    assert is_untouched(target)
+
+
+def test_the_metrics_writer_writes_no_tensorboard_files_through_a_link(
+    run: Path, outside: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    victim(outside)
+    plant(run, "tensorboard", outside)
+    with MetricsWriter(run, tensorboard=True) as metrics:
+        metrics.log({"step": 1, "loss": 2.5})
+    assert sorted(path.name for path in outside.iterdir()) == ["victim.txt"]
 
 
 # Files replaced whole: written under a new name and renamed over the link, which goes.
@@ -142,3 +234,28 @@ def test_removing_a_real_output_folder_unlinks_the_links_inside_it(
     assert not (run / "tensorboard").exists()
     assert sorted(path.name for path in outside.iterdir()) == ["victim.txt"]
     assert is_untouched(target)
+
+
+# The whole path once: a finished run's outputs swapped for links, then --resume.
+
+
+@pytest.mark.timeout(90)
+def test_resuming_a_run_dir_full_of_links_writes_through_none(
+    corpus: Path, tmp_path: Path, outside: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shardwise.run(quick_config(corpus, run, nproc=1, max_steps=2, checkpoint_every=2))
+    replaced = (*PLOTS, "summary.json", "report.md", "model.safetensors")
+    targets = {name: victim(outside, name) for name in (*replaced, "metrics.jsonl")}
+    for name, target in targets.items():
+        (run / name).unlink()
+        plant(run, name, target)
+    assert main(quick_flags(corpus, run, "--resume", str(run))) == 2
+    line = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"shardwise: error: .*{run / 'metrics.jsonl'} is a symbolic link.*", line)
+
+    (run / "metrics.jsonl").unlink()  # as the refusal says; the other links stay
+    result = shardwise.run(quick_config(corpus, run, nproc=1, max_steps=3, resume=run))
+    assert result.steps == 3
+    assert all(is_untouched(target) for target in targets.values())
+    assert all(is_replaced(run / name) for name in replaced)

@@ -11,6 +11,10 @@ run there refuses and names it; the kernel drops the lock when that process dies
 run never blocks the next one. A run dir that already holds a finished or crashed run is only
 reused with --resume (that run continues) or --overwrite (the files shardwise wrote are deleted
 first; anything else in the directory is left alone).
+
+A run dir may come from elsewhere and hold symbolic links. Nothing is written through one: files
+replaced whole go through safe_write.replace_file, a link where a file is written in place is
+refused before training, and --overwrite unlinks links without touching what they point to.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ WRITTEN_BY_RUNS = (
     "throughput.png",
     "rank_step_time.png",
 )
+# What a run writes in place rather than replacing it whole: appended to (metrics.jsonl, the
+# TensorBoard folder), locked, or written as it stands by train/worker.py (config.toml). A link
+# at one of these names would be written through, so it is refused before training starts.
+WRITTEN_IN_PLACE = (LOCK_FILE, METRICS_FILE, TENSORBOARD_DIR, CONFIG_FILE)
 # A preflight probe elsewhere holds the lock for microseconds; a real owner holds it for the
 # whole run. Retrying briefly keeps a probe from turning away the run it was checking for.
 _ACQUIRE_TRIES = 10
@@ -94,7 +102,8 @@ def rank_zero_holds_lock(config: TrainConfig) -> bool:
 
 
 def check_run_dir(config: TrainConfig, run_dir: Path) -> None:
-    """Refuse, in one line, a run dir that a live run holds or that holds a run already.
+    """Refuse, in one line, a run dir that a live run holds, that holds a run already, or that
+    holds a symbolic link where the run writes a file in place (WRITTEN_IN_PLACE).
 
     check_run_dir(config, Path("runs/a"))   # ShardwiseError if runs/a is in use or used
 
@@ -181,6 +190,24 @@ def _check_reuse(config: TrainConfig, run_dir: Path) -> None:
             f"--run-dir {run_dir} already holds a run ({', '.join(found)}); pass --resume "
             f"{run_dir} to continue it, --overwrite to replace it, or choose another --run-dir"
         )
+    _refuse_links(config, run_dir)
+
+
+def _refuse_links(config: TrainConfig, run_dir: Path) -> None:
+    for name in WRITTEN_IN_PLACE:
+        if name == TENSORBOARD_DIR and not config.tensorboard:
+            continue  # never written: a link to the user's own log folder is theirs to keep
+        if config.overwrite and name in WRITTEN_BY_RUNS:
+            continue  # --overwrite unlinks it before the run writes anything
+        if (run_dir / name).is_symlink():
+            raise ShardwiseError(_link_message(run_dir / name))
+
+
+def _link_message(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link, and shardwise never writes through one in a run dir: "
+        "delete the link (what it points to stays) or choose another --run-dir"
+    )
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -193,8 +220,11 @@ def _lock(run_dir: Path) -> int:
     # holding a lock on the unlinked file while a third run locks a fresh one at the same path.
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a link there would have us truncate and lock whatever it points to.
+        descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:
+        if (run_dir / LOCK_FILE).is_symlink():
+            raise ShardwiseError(_link_message(run_dir / LOCK_FILE)) from None
         raise ShardwiseError(
             f"--run-dir {run_dir}: cannot write there ({error.strerror}); choose a writable "
             "--run-dir"
@@ -222,11 +252,11 @@ def _lock(run_dir: Path) -> int:
 def _live_holder(run_dir: Path) -> dict | None:
     """Who holds `run_dir` now (None if nobody), by trying the lock and letting go at once."""
     try:
-        descriptor = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        descriptor = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError:
-        return None  # unreadable: hold_run_dir reports it when it tries for real
+        return None  # unreadable or a link: _check_reuse and hold_run_dir refuse it
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -87,10 +88,13 @@ class MetricsWriter:
     def _open_jsonl(self) -> Any:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            file = self.path.open("a", encoding="utf-8")
+            # O_NOFOLLOW: a link here (refused before training, see run_dir.py) is never
+            # appended through; opening it fails and metrics are not saved.
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            file = os.fdopen(os.open(self.path, flags, 0o644), "a+", encoding="utf-8")
             # A killed run can leave a last line without its newline; start a fresh line so
             # the resumed run's first row is not glued onto it.
-            if file.tell() > 0 and not _ends_with_newline(self.path):
+            if not _ends_with_newline(file.fileno()):
                 file.write("\n")
             return file
         except OSError as error:
@@ -105,9 +109,13 @@ class MetricsWriter:
         except Exception as error:  # a broken install (e.g. protobuf clash) must not stop a run
             log.warning("TensorBoard disabled: importing it failed: %s", error)
             return None
+        folder = self.run_dir / TENSORBOARD_DIR
+        if folder.is_symlink():  # refused before training (run_dir.py); never written through
+            log.warning("TensorBoard disabled: %s is a symbolic link", folder)
+            return None
         try:
             # A short flush interval so a killed run keeps nearly everything it logged.
-            return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), flush_secs=10)
+            return SummaryWriter(log_dir=str(folder), flush_secs=10)
         except OSError as error:
             log.warning("TensorBoard disabled: %s", error)
             return None
@@ -181,7 +189,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as file:
-        file.seek(-1, 2)
-        return file.read(1) == b"\n"
+def _ends_with_newline(descriptor: int) -> bool:
+    # Read through the open file, not its name: the name could be swapped for a link since.
+    size = os.fstat(descriptor).st_size
+    return size == 0 or os.pread(descriptor, 1, size - 1) == b"\n"
