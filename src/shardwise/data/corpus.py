@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data.topics import topics as _PYDOC_TOPICS
 
@@ -52,26 +53,60 @@ def _default_paragraphs() -> tuple[str, ...]:
     )
 
 
-def read_sequences(path: str | Path | None) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class CorpusSource:
+    """A corpus's bytes, read once: what is hashed for the cache is what gets tokenised."""
+
+    path: Path | None  # None: the default corpus
+    raw: bytes = b""
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the source: the file's bytes, or the default corpus's topics."""
+        digest = hashlib.sha256()
+        if self.path is None:
+            for key in sorted(_PYDOC_TOPICS):
+                # NUL separators keep ("ab", "c") and ("a", "bc") from hashing alike.
+                digest.update(f"{key}\0{_PYDOC_TOPICS[key]}\0".encode())
+        else:
+            digest.update(self.raw)
+        return digest.hexdigest()
+
+
+def read_source(path: str | Path | None) -> CorpusSource:
+    """The corpus's bytes as they are now, or the default corpus (None).
+
+        source = read_source("notes.txt")
+        source.digest, read_sequences(source)   # the hash and the tokens of the same bytes
+
+    Raises ShardwiseError if the file is missing, a directory, not a regular file or unreadable.
+    """
+    if path is None:
+        return CorpusSource(None)
+    return CorpusSource(Path(path), _read_bytes(Path(path)))
+
+
+def read_sequences(path: str | Path | CorpusSource | None) -> list[np.ndarray]:
     """Read a corpus as token sequences: uint8 arrays for text, int64 arrays for JSONL tokens.
 
         read_sequences("corpus.jsonl")   # [array([104, 105], dtype=uint8), array([5, 9]), ...]
         read_sequences(None)             # default_paragraphs(), encoded
+        read_sequences(read_source("corpus.jsonl"))   # the bytes read_source read, no others
 
     Raises ShardwiseError if the file is missing, a directory, unreadable, binary, holds no
     sequences, or (JSONL) has a line that is not an object with a valid `text` or `tokens`.
     """
-    if path is None:
+    source = path if isinstance(path, CorpusSource) else read_source(path)
+    if source.path is None:
         return [encode(paragraph) for paragraph in default_paragraphs()]
-    path = Path(path)
-    text = _decode(path, _read_bytes(path))
-    if path.suffix.lower() == ".jsonl":
-        sequences = _parse_jsonl(path, text)
+    text = _decode(source.path, source.raw)
+    if source.path.suffix.lower() == ".jsonl":
+        sequences = _parse_jsonl(source.path, text)
     else:
         sequences = [encode(paragraph) for paragraph in _split_paragraphs(text)]
     if not sequences:
         raise ShardwiseError(
-            f"{path}: no sequences found (it is empty or only blank lines); {_USE_INSTEAD}"
+            f"{source.path}: no sequences found (it is empty or only blank lines); {_USE_INSTEAD}"
         )
     return sequences
 
@@ -85,14 +120,7 @@ def corpus_fingerprint(path: str | Path | None) -> str:
     It hashes the raw input only; a cache that stores processed sequences should add its own
     processing settings (and a format version) to the key.
     """
-    digest = hashlib.sha256()
-    if path is None:
-        for key in sorted(_PYDOC_TOPICS):
-            # NUL separators keep ("ab", "c") and ("a", "bc") from hashing alike.
-            digest.update(f"{key}\0{_PYDOC_TOPICS[key]}\0".encode())
-    else:
-        digest.update(_read_bytes(Path(path)))
-    return digest.hexdigest()[:16]
+    return read_source(path).digest[:16]
 
 
 def _read_bytes(path: Path) -> bytes:
