@@ -17,17 +17,74 @@ from shardwise.config.rules import two_budgets
 from shardwise.config.train_config import TrainConfig
 from shardwise.errors import ShardwiseError
 
+# A config's settings are numbers, strings and lists of them; far deeper nesting is a mistake or
+# an attack, and at ~1,000 levels overflows the parser or whatever prints the value.
+MOST_NESTING = 16
+
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read a config file, accepting dashed keys (as on the command line) too."""
+    """Read a config file, accepting dashed keys (as on the command line) too.
+
+        read_toml(Path("run.toml"))   # {"batch_size": 32, ...}
+
+    A file that is missing, not a regular file, not UTF-8 TOML, or that nests values more
+    than MOST_NESTING levels deep is a ShardwiseError naming it (and the line, where known).
+    """
     if not path.is_file():  # missing, a directory, a pipe (reading would block) or a device
         problem = "not a regular file; pass a TOML file" if path.exists() else "file not found"
         raise ShardwiseError(f"--config {path}: {problem}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ShardwiseError(f"--config {path}: not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib recurses once per level of [ or {
+        raw = None
+    if raw is None or _nesting(raw) > MOST_NESTING:
+        raise ShardwiseError(
+            f"--config {path}, line {_first_too_deep_line(text)}: values nested more than "
+            f"{MOST_NESTING} levels deep (arrays, inline tables or dotted keys); settings are "
+            'flat, e.g. seed = 0 or split_points = ["blocks.1"]'
+        )
     return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
+def _nesting(value: Any) -> int:
+    """How many levels deep `value` nests lists and tables, counted without recursing (and
+    only as far as one level past the limit)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending and deepest <= MOST_NESTING:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            pending.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _first_too_deep_line(text: str) -> int:
+    """The first line by which the file nests too deeply: the shortest run of its first lines
+    that overflows the parser or parses too deep (a line that leaves an array open parses as
+    an error, so an array spread over lines is named where it closes)."""
+
+    def too_deep(count: int) -> bool:
+        try:
+            return _nesting(tomllib.loads("".join(lines[:count]))) > MOST_NESTING
+        except RecursionError:
+            return True
+        except tomllib.TOMLDecodeError:
+            return False
+
+    lines = text.splitlines(keepends=True)
+    low, high = 1, len(lines)  # too_deep(high) holds: it is the whole file
+    while low < high:
+        middle = (low + high) // 2
+        if too_deep(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -209,6 +209,11 @@ def _parse_jsonl_line(where: str, line: str) -> np.ndarray:
         raise ShardwiseError(
             f"{where}: not valid JSON ({error.msg}); write one object per line, like {example}"
         ) from None
+    except RecursionError:  # the parser recurses once per level: [[[[...]]]] overflows it
+        raise ShardwiseError(
+            f"{where}: nested too deeply for the JSON parser; write one object per line, "
+            f"like {example}"
+        ) from None
     if not isinstance(record, dict):
         raise ShardwiseError(
             f"{where}: expected a JSON object, got {type(record).__name__}; write {example}"
