@@ -41,6 +41,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from shardwise.config import TrainConfig
 from shardwise.distributed import ATTEMPT_ENV
 from shardwise.errors import ShardwiseError, WorkerFailedError, first_line
+from shardwise.signed_store import job_secret_in_environment
 from shardwise.stores import (
     bind_configs,
     free_port,
@@ -55,6 +56,7 @@ from shardwise.train.preemption import (
     stopped_run,
 )
 from shardwise.train.restarts import AGENT_LOGS, ATTEMPT_DIR, latest_attempt
+from shardwise.train.supervisor import LAUNCHER_PID_ENV
 from shardwise.train.worker import (
     ERROR_FILE_GLOB,
     LAUNCHED_FILE,
@@ -89,7 +91,11 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
         max_restarts=config.max_restarts,
         grace_s=config.preempt_grace_s,
     )
-    with _agent(launch_config, config.nnodes) as folder, launcher_signals(folder):
+    with (
+        job_secret_in_environment(config.job_secret_file, config.nnodes),
+        _agent(launch_config, config.nnodes) as folder,
+        launcher_signals(folder),
+    ):
         # -P: the working directory stays off the worker's path (see shardwise/__main__.py); the
         # worker then takes this process's sys.path from the folder, as a spawned one would.
         (folder / SYS_PATH_FILE).write_text(json.dumps(sys.path), encoding="utf-8")
@@ -142,7 +148,7 @@ def launch(fn: Callable[..., T], nproc: int, *args: object) -> T:
     in this process until then.
     """
     launch_config = _launch_config(nproc, f"localhost:{free_port()}", start_method=_start_method())
-    with _agent(launch_config, nnodes=1):
+    with job_secret_in_environment(None, nnodes=1), _agent(launch_config, nnodes=1):
         return elastic_launch(launch_config, fn)(*args)[0]
 
 
@@ -218,6 +224,8 @@ def _agent(launch_config: LaunchConfig, nnodes: int) -> Iterator[Path]:
         loopback_comms(nnodes),
         tempfile.TemporaryDirectory(prefix="shardwise-") as folder,
     ):
+        # Workers die with this process (train/supervisor.die_with_parent), even of SIGKILL.
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         # The agent's per-worker error files (what `@record` writes) go into the same temporary
         # folder, so they are removed with it rather than left in /tmp/torchelastic_* per run.
         launch_config.logs_specs = DefaultLogsSpecs(log_dir=str(Path(folder, _AGENT_LOGS)))
@@ -232,6 +240,7 @@ def _agent(launch_config: LaunchConfig, nnodes: int) -> Iterator[Path]:
             # The rendezvous numbered this job's attempts for its workers (stores.py); a later
             # run in this process, one without the agent above all, must not read them.
             os.environ.pop(ATTEMPT_ENV, None)
+            os.environ.pop(LAUNCHER_PID_ENV, None)
 
 
 def _after_restarts(error: ShardwiseError, restarts: int, limit: int) -> ShardwiseError:

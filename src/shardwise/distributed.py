@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.meeting import Meeting
+from shardwise.signed_store import job_secret, signed
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0, servers: in
     if launched and servers:
         return _init_with_servers(target, rank, world_size, servers, timeout_s)
     if launched and not dist.is_initialized():
-        _init_process_group(target, rank, world_size, timeout_s, _restarted_store(timeout_s))
+        _init_process_group(target, rank, world_size, timeout_s, _group_store(timeout_s))
     return DistEnv(rank, world_size, local_rank, local_world_size, target)
 
 
@@ -132,27 +133,41 @@ def attempt_number() -> int:
     return int(os.environ.get(ATTEMPT_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
-def _restarted_store(timeout_s: float) -> dist.Store | None:
-    """After an elastic restart: this attempt's own keys in the agent's store (else env://).
+def _group_store(timeout_s: float) -> dist.Store | None:
+    """The store this worker's process group meets in: the job's, this attempt's own keys.
 
-    The agent keeps one store across restarts, so a restarted group would read the dead
-    attempt's addresses there and dial peers that are gone.
+    None only for a first attempt without the job's secret (a torchrun of the user's own):
+    torch's env:// then does as it always does. The agent keeps one store across restarts, so a
+    restarted group would read the dead attempt's addresses there and dial peers that are gone.
     """
     attempt = attempt_number()
-    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if job_secret() is None and (
+        attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    ):
         return None
+    return dist.PrefixStore(f"shardwise/attempt{attempt}", _job_client(timeout_s, may_host=True))
+
+
+def _job_client(timeout_s: float, may_host: bool = False) -> dist.Store:
+    """The job's store at MASTER_ADDR:MASTER_PORT, read through the job's secret where it has one.
+
+    With `may_host`, rank 0 hosts it where no agent does (a hand-set environment, no torchrun).
+    """
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    client = dist.TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
-    return dist.PrefixStore(f"shardwise/attempt{attempt}", client)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    host = may_host and not agent and os.environ.get("RANK") == "0"
+    world = int(os.environ.get("WORLD_SIZE", "1")) if host else None
+    client = dist.TCPStore(address, port, world, host, timedelta(seconds=timeout_s))
+    return signed(client, f"{address}:{port}")
 
 
 def _init_with_servers(
     device: torch.device, rank: int, world: int, servers: int, timeout_s: float
 ) -> DistEnv:
     timeout = timedelta(seconds=timeout_s)
-    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     # Keys of this attempt only: the agent keeps its store across elastic restarts.
-    store = dist.PrefixStore(f"shardwise/attempt{attempt_number()}", store)
+    client = _job_client(timeout_s, may_host=True)
+    store = dist.PrefixStore(f"shardwise/attempt{attempt_number()}", client)
     workers, server_ranks = list(range(world - servers)), list(range(world - servers, world))
     server = rank in server_ranks
     links = _pair_links(store, rank, workers, server_ranks, timeout)
@@ -182,7 +197,10 @@ def job_store(namespace: str, timeout_s: float = 30.0) -> dist.Store:
         is_master=False,
         timeout=timedelta(seconds=timeout_s),
     )
-    return dist.PrefixStore(f"shardwise/{namespace}/attempt{attempt_number()}", client)
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    return dist.PrefixStore(
+        f"shardwise/{namespace}/attempt{attempt_number()}", signed(client, where)
+    )
 
 
 def _pair_links(

@@ -249,6 +249,34 @@ def _lock(run_dir: Path) -> int:
     return descriptor
 
 
+def holds_lease(run_dir: Path) -> bool:
+    """Whether this job still holds `run_dir`: its lock is held, here by us or an ancestor.
+
+        if not holds_lease(run_dir): stop without writing   # our launcher is gone
+
+    A worker whose launcher died would otherwise write checkpoints beside a new run that took
+    the freed lock. A holder on another machine is the job's node that took it (several nodes).
+    """
+    holder = _live_holder(run_dir)
+    if holder is None:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    return holder.get("pid") in _ancestry(os.getpid())
+
+
+def _ancestry(pid: int) -> list[int]:
+    """`pid` and its parents up to init, from /proc (only `pid` itself where there is none)."""
+    chain = [pid]
+    while chain[-1] > 1 and len(chain) < 64:
+        try:
+            stat = Path(f"/proc/{chain[-1]}/stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            break
+        chain.append(int(stat.rsplit(")", 1)[1].split()[1]))  # field 4, after the command name
+    return chain
+
+
 def _live_holder(run_dir: Path) -> dict | None:
     """Who holds `run_dir` now (None if nobody), by trying the lock and letting go at once."""
     try:

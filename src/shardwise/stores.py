@@ -5,10 +5,11 @@
 
 torch's own rendezvous handlers listen on every interface (`*:PORT`, IPv4 and IPv6), whatever
 host the endpoint names, and the agent opens a second such store for the workers (MASTER_PORT).
-The store has no authentication: whoever reaches it can join the rendezvous and read and write
-every key of the job. So we register torch's own handlers under our names (`rendezvous_backend`),
-handed a store we bound ourselves (TCPStore's `master_listen_fd`) on the one address
-`store_bind_address` picks, and point the workers at that same store, as clients.
+The store has no authentication of its own: whoever reaches it can read and write every key of
+the job. So every value is signed with the job's secret and checked on every read
+(shardwise.signed_store), and we register torch's own handlers under our names
+(`rendezvous_backend`), handed a store we bound ourselves (TCPStore's `master_listen_fd`) on
+the one address `store_bind_address` picks, and point the workers at that same store, as clients.
 `loopback_comms` keeps a one-node job's gloo sockets on loopback too.
 """
 
@@ -41,6 +42,7 @@ from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from shardwise.config import parse_endpoint
 from shardwise.distributed import ATTEMPT_ENV
 from shardwise.errors import ShardwiseError, first_line
+from shardwise.signed_store import signed
 from shardwise.waiting import waiting_for_nodes
 
 LOOPBACK = "127.0.0.1"
@@ -206,6 +208,7 @@ class _StaticStoreHandler(StaticTCPRendezvous):
         self.bind_address = str(params.config[_BIND_KEY])
         self.single_node = params.max_nodes == 1
         self._own_store: dist.TCPStore | None = None
+        self._signed_store: dist.Store  # the same, read through the job's secret
         self._store_address = host
 
     def get_backend(self) -> str:
@@ -216,8 +219,10 @@ class _StaticStoreHandler(StaticTCPRendezvous):
         if self._own_store is None:
             with waiting_for_nodes(None, self.endpoint, self.world_size):
                 self._own_store, self._store_address = self._open_store()
+            where = f"{self._store_address}:{self.master_port}"
+            self._signed_store = signed(self._own_store, where)
         return RendezvousInfo(
-            dist.PrefixStore(self.run_id, self._own_store),
+            dist.PrefixStore(self.run_id, self._signed_store),
             self.rank,
             self.world_size,
             RendezvousStoreInfo(self._store_address, self.master_port),
@@ -256,10 +261,12 @@ def _create_c10d_handler(params: RendezvousParameters) -> RendezvousHandler:
             # falls back to a client the same way.
     if store is None:
         store, address = _join_store(host, port, timeout)
+    # torch's rendezvous state is a pickle: it reads it only through the job's secret.
+    checked = signed(store, f"{address}:{port}")
     handler = _SharedStoreHandler.from_backend(
         params.run_id,
-        store,
-        C10dRendezvousBackend(store, params.run_id),
+        checked,
+        C10dRendezvousBackend(checked, params.run_id),
         params.min_nodes,
         params.max_nodes,
         params.local_addr,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch.distributed as dist
 
-from shardwise.train.heartbeat import Heartbeat
+from shardwise.train.heartbeat import Heartbeat, is_job_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,8 +67,24 @@ def test_a_neighbour_that_never_beat_counts_from_first_sight() -> None:
     )
 
 
-def test_a_silent_neighbour_on_this_machine_is_killed() -> None:
-    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+_JOB = {
+    "TORCHELASTIC_RUN_ID": "job1",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29999",
+    "SHARDWISE_JOB_SECRET": "s" * 64,
+}
+
+
+def job_worker(monkeypatch: pytest.MonkeyPatch, rank: int, **other: str) -> subprocess.Popen:
+    """A process standing in for the job's worker `rank`: the environment the agent gives one."""
+    for name, value in _JOB.items():
+        monkeypatch.setenv(name, value)
+    environment = {**os.environ, "RANK": str(rank), **other}
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=environment)
+
+
+def test_a_silent_neighbour_on_this_machine_is_killed(monkeypatch) -> None:
+    stopped = job_worker(monkeypatch, rank=1)
     try:
         store = dist.HashStore()
         clock = Clock()
@@ -104,8 +122,45 @@ def test_the_watch_passes_over_a_finished_rank_to_the_one_it_watched() -> None:
     assert watcher.watch() is None and not watcher.watching  # back round to itself
 
 
-def test_a_silent_expendable_rank_is_killed_and_not_reported() -> None:
-    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+@pytest.mark.parametrize(
+    "unlike",
+    [
+        {"SHARDWISE_JOB_SECRET": "another job's"},
+        {"TORCHELASTIC_RUN_ID": "job2"},
+        {"RANK": "2"},
+        {"MASTER_PORT": "1"},
+    ],
+    ids=["other-secret", "other-run", "other-rank", "other-store"],
+)
+def test_a_process_the_store_names_is_killed_only_when_it_proves_to_be_the_job_s(
+    monkeypatch, unlike: dict[str, str]
+) -> None:
+    bystander = job_worker(monkeypatch, rank=1, **unlike)
+    try:
+        store = dist.HashStore()
+        clock = Clock()
+        watcher = Heartbeat(store, 0, 2, 5.0, print, clock)
+        store.set("host/1", f"{socket.gethostname()} {bystander.pid}")
+        watcher.watch()
+        clock.now += 5.0
+        assert watcher.watch() is not None  # still reported as silent
+        time.sleep(0.5)
+        assert bystander.poll() is None, "killed on the store's word alone"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_the_watcher_never_kills_itself_or_init(monkeypatch) -> None:
+    for name, value in _JOB.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RANK", "1")
+    assert not is_job_worker(os.getpid(), 1)
+    assert not is_job_worker(1, 1)
+
+
+def test_a_silent_expendable_rank_is_killed_and_not_reported(monkeypatch) -> None:
+    stopped = job_worker(monkeypatch, rank=1)
     try:
         store = dist.HashStore()
         clock = Clock()

@@ -51,6 +51,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "bucket_mb",
         "timeout_s",
         "heartbeat_timeout_s",
+        "job_secret_file",
     ),
     "Optimisation": (
         "max_steps",

@@ -152,6 +152,11 @@ class TrainConfig(DataSettings):
         description="Seconds a rank may miss its heartbeat before it counts as hung and the "
         "group is restarted or stopped, however long a step takes (0: off).",
     )
+    job_secret_file: str | None = Field(
+        None,
+        description="File (yours, mode 600) holding the secret every node's processes sign the "
+        "job's store with; several nodes need it or SHARDWISE_JOB_SECRET. One node: made afresh.",
+    )
     # Optimisation.
     max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
     max_tokens: int | None = Field(

@@ -32,6 +32,8 @@ from shardwise.train.preemption import GIVE_UP_SIGNAL
 
 SUPERVISED_ENV = "SHARDWISE_SUPERVISED"
 _PR_SET_PDEATHSIG = 1
+_EXIT_ORPHANED = 3
+LAUNCHER_PID_ENV = "SHARDWISE_LAUNCHER_PID"
 
 
 def supervises(config: TrainConfig) -> bool:
@@ -50,7 +52,9 @@ def supervise(argv: list[str]) -> int:
     """Run `argv` as the worker, forward SIGTERM and SIGINT to it and its give-up signal to the
     launcher; its exit status, or 0 when it died of a signal nobody forwarded (it left)."""
     child = subprocess.Popen(
-        argv, env={**os.environ, SUPERVISED_ENV: "1"}, preexec_fn=_die_with_parent
+        argv,
+        env={**os.environ, SUPERVISED_ENV: "1", LAUNCHER_PID_ENV: str(os.getpid())},
+        preexec_fn=die_with_parent,
     )
     forwarded: list[int] = []
 
@@ -81,7 +85,17 @@ def _leave(why: str) -> None:
     )
 
 
-def _die_with_parent() -> None:
-    """In the child: if the supervisor is killed (the agent's last resort), take the worker too."""
+def die_with_parent(parent: int | None = None) -> None:
+    """This process gets SIGKILL when its parent dies (Linux); it exits at once if that happened.
+
+        die_with_parent(launcher_pid)   # first thing in a worker: never outlive the launcher
+
+    `parent`: the pid the parent must have; else a parent already gone shows as init (pid 1).
+    """
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # It may have died before the line above: then no signal comes, and our parent is another.
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
+        os._exit(_EXIT_ORPHANED)

@@ -28,8 +28,10 @@ from shardwise.data.batch import Batch
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.data.sampler import SamplerPosition
 from shardwise.distributed import all_gather_floats, all_reduce_sum, peak_memory_bytes
+from shardwise.errors import ShardwiseError
 from shardwise.partition import Plan
 from shardwise.report import MetricsWriter, TrainProgress
+from shardwise.run_dir import holds_lease
 from shardwise.session import Session
 from shardwise.train.accounting import RunTotals, Window
 from shardwise.train.build import step_groups, stream_identity
@@ -187,6 +189,11 @@ class Trainer:
             self.state, self.resumed_from, self.resume_notes = resume_training(self.session, *parts)
 
     def _save(self, background: bool = False) -> None:
+        if not holds_lease(self.run_dir):
+            raise ShardwiseError(
+                f"--run-dir {self.run_dir}: this run no longer holds the run dir's lock (its "
+                "launcher is gone); the worker stops without writing a checkpoint"
+            )
         check_finite_weights(self.model.parameters(), self.env, self.state.step)  # last defence
         self.state.scheduler = self.scheduler.state_dict()
         self.state.stream = stream_identity(self.config)

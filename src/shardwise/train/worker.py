@@ -53,7 +53,13 @@ from shardwise.train.restarts import (
     write_record,
 )
 from shardwise.train.serve import serve_parameters
-from shardwise.train.supervisor import expendable_ranks, supervise, supervises
+from shardwise.train.supervisor import (
+    LAUNCHER_PID_ENV,
+    die_with_parent,
+    expendable_ranks,
+    supervise,
+    supervises,
+)
 from shardwise.train.trainer import Trainer
 
 ERROR_FILE = "error-rank{rank}.txt"
@@ -80,8 +86,9 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
         with watch_signals(folder, enabled=preemptible(config)):
             env = init_distributed(config.device, config.timeout_s, servers=config.ps)
             # After joining: a rank 0 that hosts the store itself has it up by now.
-            hung = partial(_hung, folder)
-            with heartbeat(config.heartbeat_timeout_s, hung, expendable_ranks(config)):
+            hung, untrusted = partial(_hung, folder), partial(_untrusted, folder)
+            expendable = expendable_ranks(config)
+            with heartbeat(config.heartbeat_timeout_s, hung, expendable, untrusted):
                 serves = _serves(env)
                 summary = serve_parameters(config, env) if serves else train(config, env, folder)
     except Preempted:
@@ -116,6 +123,12 @@ def _hung(folder: Path | None, line: str) -> None:
     else:
         print(f"shardwise: error: {line}", file=sys.stderr, flush=True)
     os._exit(_EXIT_FAILED)  # from the heartbeat thread: the main one may be stuck in a collective
+
+
+def _untrusted(folder: Path | None, exc: ShardwiseError) -> None:
+    """The job's store holds a value nobody in the job signed: the run's end, with no restart."""
+    _report(exc, None if folder is None else str(folder))
+    os._exit(_EXIT_FAILED)  # from the heartbeat thread, as _hung
 
 
 def _serves(env: DistEnv) -> bool:
@@ -220,6 +233,9 @@ def main() -> None:
     exception to this worker's error file (TORCHELASTIC_ERROR_FILE) for the launcher to report.
     """
     config_json, folder = sys.argv[1:]
+    # Never train on, unsupervised, after the launcher is killed (SIGKILL leaves it no say).
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    die_with_parent(int(launcher) if launcher else None)
     sys.path[:] = json.loads(Path(folder, SYS_PATH_FILE).read_text(encoding="utf-8"))
     # For the launcher's abort at a second Ctrl-C: each worker leads its own process group.
     pid_file = Path(folder, PID_FILE_GLOB.replace("*", str(os.getpid())))
