@@ -12,6 +12,8 @@ from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
 from shardwise.train.health import (
+    DIVERGED_ROWS,
+    DivergedError,
     NonFiniteStepError,
     TrainingHealth,
     check_finite_weights,
@@ -171,3 +173,26 @@ def _trained_once() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     optimizer.step()
     optimizer.zero_grad()
     return model, optimizer
+
+
+def test_a_loss_that_explodes_and_stays_up_stops_the_run() -> None:
+    checks = health()
+    for step, loss in enumerate([5.0, 3.0, 2.5], start=1):
+        checks.close_window(loss, step)
+    for step in range(4, 4 + DIVERGED_ROWS - 1):
+        checks.close_window(2e14, step)  # --lr 1e6: astronomical, row after row
+    with pytest.raises(DivergedError, match=r"the loss diverged .* lower --lr"):
+        checks.close_window(2e14, 4 + DIVERGED_ROWS)
+
+
+def test_a_spike_the_run_recovers_from_does_not_stop_it_nor_does_warn() -> None:
+    checks = health()
+    losses = [5.0, 3.0, *[20.0] * (DIVERGED_ROWS - 1), 2.4, *[20.0] * (DIVERGED_ROWS - 1)]
+    for step, loss in enumerate(losses, start=1):
+        checks.close_window(loss, step)
+    warned = health(on_divergence="warn")
+    for step, loss in enumerate([5.0, 3.0, *[2e14] * (3 * DIVERGED_ROWS)], start=1):
+        assert warned.close_window(loss, step)["loss_spike"] == (step > 2)
+    below_a_guess = health()  # spikes, but still better than a uniform guess (log 256 = 5.5)
+    for step, loss in enumerate([1.0, 0.5, *[4.0] * (3 * DIVERGED_ROWS)], start=1):
+        below_a_guess.close_window(loss, step)

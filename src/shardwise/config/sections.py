@@ -62,6 +62,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "precision",
         "clip_norm",
         "on_nonfinite",
+        "on_divergence",
         "lr",
         "weight_decay",
         "warmup_steps",

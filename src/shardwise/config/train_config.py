@@ -192,6 +192,12 @@ class TrainConfig(DataSettings):
         "metrics.jsonl and summary.json. Under fp16 an inf gradient with a finite loss is the "
         "loss scaler's to skip.",
     )
+    on_divergence: Literal["stop", "warn"] = Field(
+        "stop",
+        description="A loss that stays a spike (3x its running level) for 5 metrics rows in a "
+        "row and ends above a uniform guess's (log vocabulary): stop ends the run with an error "
+        "naming the step; warn only says so once per spike, as every spike does.",
+    )
     lr: float = Field(
         RECURRENT_LR,
         gt=0,

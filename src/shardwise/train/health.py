@@ -48,6 +48,13 @@ SPIKE_RATIO = 3.0
 SPIKE_MARGIN = 1.0
 # Weight of a new row in the running level: it follows the falling loss within a few rows.
 LEVEL_WEIGHT = 0.3
+# A run has diverged when this many rows in a row are spikes and the last is worse than a
+# uniform guess: a model recovering from a bad batch is back within a row or two.
+DIVERGED_ROWS = 5
+
+
+class DivergedError(ShardwiseError):
+    """The loss exploded and stayed up (--on-divergence stop)."""
 
 
 class NonFiniteStepError(ShardwiseError):
@@ -147,6 +154,8 @@ class TrainingHealth:
         self.skipped = 0  # steps skipped over the run (since this start)
         self.level: float | None = None  # running level of the rows' losses
         self.in_spike = False
+        self.spike_rows = 0  # rows in a row that were spikes
+        self.on_divergence = config.on_divergence
         self._window_steps = 0
         self._window_skipped = 0
 
@@ -203,6 +212,17 @@ class TrainingHealth:
                 flush=True,
             )
         self.in_spike = spike
+        self.spike_rows = self.spike_rows + 1 if spike else 0
+        ceiling = spike_level(None, self.vocab_size)
+        worse_than_a_guess = ceiling is not None and loss > ceiling
+        if self.on_divergence == "stop" and self.spike_rows >= DIVERGED_ROWS and worse_than_a_guess:
+            assert level is not None
+            raise DivergedError(
+                f"step {step}: the loss diverged ({loss:.4g}, {loss / level:.3g}x its running "
+                f"level {level:.4g}, for {self.spike_rows} metrics rows): lower --lr"
+                f"{' or set --clip-norm 1.0' if self.clip_norm == 0 else ''}, or pass "
+                "--on-divergence warn to train on"
+            )
         if not spike:  # a spike must not drag the level up after it
             known = self.level if self.level is not None else loss
             self.level = known + LEVEL_WEIGHT * (loss - known)
