@@ -42,7 +42,8 @@ def run(config: TrainConfig) -> RunResult | None:
             summary = run_worker(config.model_dump_json())
         else:
             summary = launch_workers(config, nproc)
-    return None if summary is None else RunResult.from_summary(summary)
+    # The caller's own config names the model: loading it needs no second word from them.
+    return None if summary is None else RunResult.from_summary(summary, run_dir, model=config.model)
 
 
 def run_as_torchrun_worker(config: TrainConfig) -> RunResult | None:
@@ -62,7 +63,8 @@ def run_as_torchrun_worker(config: TrainConfig) -> RunResult | None:
     config = config.model_copy(update={"run_dir": run_dir})
     # Under `torchrun --max-restarts`, a restarted rank 0 continues the same run.
     with hold_run_dir(config, run_dir, restarted=restart_count() > 0):
-        return RunResult.from_summary(run_worker(config.model_dump_json()))
+        summary = run_worker(config.model_dump_json())
+        return RunResult.from_summary(summary, run_dir, model=config.model)
 
 
 def plan(config: TrainConfig) -> RunPlan:

@@ -215,11 +215,6 @@ def test_weights_that_do_not_fit_the_named_model_are_one_line(run_dir: Path) -> 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs api.run to pass its run dir and config.model to RunResult.from_summary "
-    "(api.py is outside this change); remove this mark once it does",
-)
 def test_the_model_the_caller_ran_loads_without_naming_it_again(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus.txt")
     config = quick_config(
