@@ -18,9 +18,9 @@ from train_cli import start_train, wait_for_step
 pytestmark = pytest.mark.timeout(120)
 
 
-def _session_members(session: int) -> list[int]:
-    """Every live process in `session` (the launcher's, made by start_train)."""
-    members = []
+def _descendants(root: int) -> list[int]:
+    """Every live process below `root` (workers, their data loaders), from /proc."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -28,9 +28,26 @@ def _session_members(session: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 @pytest.mark.distributed
@@ -39,17 +56,17 @@ def test_workers_die_with_a_launcher_killed_by_sigkill(corpus, tmp_path):
     run = start_train(corpus, run_dir, "--max-steps", "2000", "--checkpoint-every", "0")
     try:
         wait_for_step(run_dir, 2, run)
-        workers = [pid for pid in _session_members(run.pid) if pid != run.pid]
+        workers = _descendants(run.pid)
         assert len(workers) >= 2, workers
         os.kill(run.pid, signal.SIGKILL)
         run.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while _session_members(run.pid) and time.monotonic() < deadline:
+        while _alive(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _session_members(run.pid) == [], "workers trained on without their launcher"
+        assert _alive(workers) == [], "workers trained on without their launcher"
     finally:
-        if _session_members(run.pid):
-            os.killpg(run.pid, signal.SIGKILL)
+        for pid in _alive(workers if "workers" in locals() else []):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_the_lease_is_held_only_while_the_lock_is_ours(tmp_path):

@@ -31,6 +31,7 @@ from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv, attempt_number
 from shardwise.errors import ShardwiseError
 from shardwise.report.metrics import METRICS_FILE
+from shardwise.safe_write import replace_file
 
 ATTEMPT_DIR = "attempt{attempt}"
 AGENT_LOGS = "agent"  # where the launcher points the agent's per-worker logs and error files
@@ -240,7 +241,7 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    replace_file(path, "".join(line + "\n" for line in kept))  # a link there stays untouched
 
 
 def _resumed_step(config: TrainConfig) -> int:

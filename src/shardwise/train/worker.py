@@ -30,8 +30,10 @@ from shardwise.distributed import (
 )
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
+from shardwise.report.markdown import CONFIG_FILE
 from shardwise.report.summary import json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
+from shardwise.safe_write import replace_file
 from shardwise.session import Session
 from shardwise.train.build import load_corpus, seeded_model, stage_plan, with_step_budget
 from shardwise.train.export import export_model, whole_model
@@ -171,7 +173,7 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
     with hold_run_dir(config, run_dir, restarted) if owns_it else contextlib.nullcontext():
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(settings.to_toml(), encoding="utf-8")
+            replace_file(run_dir / CONFIG_FILE, settings.to_toml())  # never through a link
         barrier(env)
         restarts = record_restart(folder, env, config, run_dir) if folder else []
         check = PreemptionCheck.for_config(config, env, folder)
