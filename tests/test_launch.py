@@ -69,6 +69,26 @@ def test_only_a_lost_peer_is_reported_as_such(tmp_path: Path) -> None:
     assert str(error) == "rank 1 lost contact with its peers"
 
 
+def test_a_worker_killed_at_teardown_after_its_peer_timed_out_is_the_hung_one(
+    tmp_path: Path,
+) -> None:
+    # Rank 1 was stopped (SIGSTOP, heartbeat off): rank 0 timed out waiting for it and reported
+    # a lost peer; the agent then killed rank 1 (SIGKILL: a stopped process ignores SIGTERM).
+    peer_lost_report(tmp_path, 0)
+    timed_out = ProcessFailure(0, pid=1, exitcode=2, error_file=agent_error_file(tmp_path, 0, None))
+    killed = ProcessFailure(1, pid=2, exitcode=-9, error_file=agent_error_file(tmp_path, 1, None))
+    killed.timestamp = timed_out.timestamp + 30
+    error = _root_cause(ChildFailedError("run_worker", {0: timed_out, 1: killed}), tmp_path)
+    assert str(error) == (
+        "worker rank 1 stopped answering and was killed when the group was stopped: "
+        "rank 0 lost contact with its peers"
+    )
+    # Killed before its peer noticed anything (the OOM killer): a signal, as it was.
+    killed.timestamp = timed_out.timestamp - 5
+    error = _root_cause(ChildFailedError("run_worker", {0: timed_out, 1: killed}), tmp_path)
+    assert "exit code -9 (killed by a signal)" in str(error)
+
+
 # shardwise.launch from a script (workers spawned: the script needs its main guard) and from a
 # notebook or REPL, here `python -c` (no __main__.__file__: workers forked, `fn` defined inline).
 YOUR_OWN_LOOP = """

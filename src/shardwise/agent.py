@@ -284,6 +284,9 @@ def _root_cause(
     for rank, failure in failures:
         # The agent stops the surviving workers with SIGTERM; those are not the cause.
         stopped = failure.exitcode in (-signal.SIGTERM, EXIT_STOPPED)
+        hung = _hung_peer(rank, failure, failures, reports)
+        if hung is not None:
+            return hung
         if _recorded(failure) or (rank not in reports and not stopped):
             return _worker_failure(rank, failure)
     # The agent returns only the worker it saw fail first, which may be a rank that merely lost
@@ -294,6 +297,33 @@ def _root_cause(
     if reports:
         return ShardwiseError(next(iter(reports.values()))["message"])
     return _worker_failure(*exc.get_first_failure())
+
+
+def _hung_peer(
+    rank: int,
+    failure: ProcessFailure,
+    failures: list[tuple[int, ProcessFailure]],
+    reports: dict[int, dict],
+) -> ShardwiseError | None:
+    """A worker killed only at teardown, after a peer timed out waiting for it: the hung one.
+
+    A stopped (SIGSTOP) or hung worker cannot die by itself: its peers time out in their
+    collective (--timeout-s) and report a lost peer, then the agent kills it. It is the root
+    cause, and the peers' timeout is what happened to it, not "a signal".
+    """
+    if failure.exitcode != -signal.SIGKILL or _recorded(failure) or rank in reports:
+        return None
+    lost = [
+        (other.timestamp, reports[other_rank]["message"])
+        for other_rank, other in failures
+        if reports.get(other_rank, {}).get("peer_lost") and other.timestamp <= failure.timestamp
+    ]
+    if not lost:
+        return None  # it died first (the kernel's OOM killer, an operator): a signal it was
+    return ShardwiseError(
+        f"worker rank {rank} stopped answering and was killed when the group was stopped: "
+        f"{min(lost)[1]}"
+    )
 
 
 def _recorded(failure: ProcessFailure) -> dict | None:
