@@ -9,11 +9,17 @@ marker itself (`pytestmark = pytest.mark.distributed` or a decorator).
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from helpers import write_corpus
+from shardwise.signed_store import SECRET_ENV
+
+# The "nodes" of a test's multi-node job share one secret, as real nodes must (README: What is
+# trusted). tests/test_store_attacks.py takes it away to attack a launcher's own fresh secret.
+os.environ.setdefault(SECRET_ENV, secrets.token_hex(32))
 
 DISTRIBUTED_TESTS = Path(__file__).parent / "distributed"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shardwise.signed_store import SECRET_ENV
 from shardwise.stores import free_port
 from train_cli import start_train
 
@@ -39,6 +40,11 @@ _WHY_NOT = _can_become_nobody()
 pytestmark.append(pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT)))
 
 
+@pytest.fixture(autouse=True)
+def keep_the_suites_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, os.environ.get(SECRET_ENV, ""))
+
+
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A folder nobody can read (the attacker's script) but not write (the payload's marker)."""
@@ -52,7 +58,11 @@ def open_dir() -> Iterator[Path]:
 
 
 def _attack(corpus: Path, run_dir: Path, folder: Path, *attack: str) -> tuple[str, str, int]:
-    """Start a run, attack its store as nobody; (the attacker's output, the run's, its status)."""
+    """Start a run, attack its store as nobody; (the attacker's output, the run's, its status).
+
+    The run makes its own secret, as a one-node run does (conftest gives the suite one).
+    """
+    os.environ.pop(SECRET_ENV, None)  # restored by the fixture below
     port = free_port()
     run = start_train(
         corpus,

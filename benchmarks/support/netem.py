@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,10 @@ def train_on_nodes(
     host = "127.0.0.1" if net is None else net.addresses[0]
     port = free_port() if net is None else random.randint(20000, 60000)  # a fresh namespace
     processes = []
+    # The nodes of one job sign its store with one secret, as real nodes must.
+    secret = {
+        "SHARDWISE_JOB_SECRET": os.environ.get("SHARDWISE_JOB_SECRET") or secrets.token_hex(32)
+    }
     for node in range(nodes):
         argv = [sys.executable, "-m", "shardwise", "train", *train_args]
         argv += ["--run-dir", str(run_dir / f"node{node}"), "--overwrite"]
@@ -252,7 +257,7 @@ def train_on_nodes(
         processes.append(
             subprocess.Popen(
                 argv if net is None else net.command(node, argv),
-                env={**os.environ, **(env or {}), **({} if one_node else local)},
+                env={**os.environ, **secret, **(env or {}), **({} if one_node else local)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
