@@ -22,8 +22,8 @@ from shardwise.checkpoint import (
     take_snapshot,
     verify_checkpoint,
 )
-from shardwise.checkpoint.manifest import read_manifest
 from shardwise.checkpoint.metadata import read_metadata
+from shardwise.checkpoint.verified import read_manifest
 from shardwise.distributed import DistEnv
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))

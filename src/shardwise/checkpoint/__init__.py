@@ -13,8 +13,12 @@ every file's SHA-256, written last. What is trusted and how each check works:
 - `save.py`: written under `.partial`, sealed by the manifest, swapped in atomically.
 - `manifest.py`: integrity (a flipped byte, a truncated, missing or extra file) — not
   authenticity: whoever can write the directory can rewrite the manifest too.
+- `verified.py`: every file read once, without following links, and checked against the
+  manifest as it is read: what is loaded is what was checked, not a file swapped since.
 - `metadata.py`: DCP's pickled metadata through an exact allow-list of (module, name) pairs,
-  checked before anything is resolved; tensor items only, so no shard is ever unpickled.
+  checked before anything is resolved, then rebuilt from checked plain values (no unpickled
+  object reaches DCP); tensor items only, so no shard is ever unpickled.
+- `reader.py`: tensors loaded only from those checked bytes, of the dtype the model holds.
 - `state.py`: the JSON state against a strict schema.
 - `find.py`: a run directory resumes from its newest checkpoint that verifies.
 - `background.py`: the same save written by a thread while training goes on (DCP async_save).
@@ -34,11 +38,12 @@ from shardwise.checkpoint.find import (
     latest_checkpoint,
 )
 from shardwise.checkpoint.load import load_checkpoint, load_model_weights, verify_checkpoint
-from shardwise.checkpoint.manifest import MANIFEST_FILE, verify_manifest
+from shardwise.checkpoint.manifest import MANIFEST_FILE
 from shardwise.checkpoint.metadata import METADATA_FILE, read_metadata
 from shardwise.checkpoint.retention import Retention
 from shardwise.checkpoint.save import SyncState, checkpoint_name, save_checkpoint, take_snapshot
 from shardwise.checkpoint.state import STATE_FILE, TrainerState, read_state
+from shardwise.checkpoint.verified import VerifiedFiles, verify_manifest
 
 __all__ = [
     "MANIFEST_FILE",
@@ -50,6 +55,7 @@ __all__ = [
     "Retention",
     "SyncState",
     "TrainerState",
+    "VerifiedFiles",
     "agree_on_checkpoint",
     "candidates",
     "checkpoint_name",

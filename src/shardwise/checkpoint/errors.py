@@ -21,6 +21,10 @@ class CheckpointRejected(ShardwiseError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple:
+        # DCP swaps each rank's error between ranks by pickling it: rebuild from both fields.
+        return (type(self), (self.path, self.reason))
+
 
 def describe(exc: BaseException) -> str:
     """One line for a parse or validation error: where, and what was wrong."""

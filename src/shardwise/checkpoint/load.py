@@ -4,7 +4,9 @@
     model = load_model_weights(path, build_model("lstm"))     # the whole model, one process
 
 Nothing here unpickles: the metadata goes through the allow-list reader, shards yield tensors
-only, the trainer state is schema-checked JSON and RNG states are safetensors.
+only, the trainer state is schema-checked JSON and RNG states are safetensors. Every file is
+read once and checked against the manifest as it is read (`verified.py`): what is loaded is
+what was checked, whoever checked the checkpoint before and however long ago.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from shardwise.checkpoint.errors import CheckpointRejected
-from shardwise.checkpoint.manifest import check_regular_file, verify_manifest
-from shardwise.checkpoint.metadata import SafeFileSystemReader, read_metadata
+from shardwise.checkpoint.metadata import METADATA_FILE, parse_metadata
+from shardwise.checkpoint.reader import VerifiedReader
 from shardwise.checkpoint.save import (
     SyncState,
     checkpoint_name,
@@ -31,7 +33,8 @@ from shardwise.checkpoint.save import (
     rng_file,
     split_optimizer_state,
 )
-from shardwise.checkpoint.state import TrainerState, read_state
+from shardwise.checkpoint.state import TrainerState, state_of
+from shardwise.checkpoint.verified import VerifiedFiles
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError, first_line
 
@@ -41,12 +44,8 @@ _MISFIT = (CheckpointException, RuntimeError, KeyError, ValueError, AssertionErr
 
 def verify_checkpoint(path: Path) -> TrainerState:
     """Every file against the manifest, then the state's schema and the metadata's allow-list."""
-    verify_manifest(path)
-    state = read_state(path)
-    if path.name.split(".")[0] != checkpoint_name(state.step):
-        raise CheckpointRejected(path, f"its trainer state says step {state.step}")
-    read_metadata(path)
-    return state
+    with VerifiedFiles(path) as files:
+        return _read_checked(files, verify=True)[0]
 
 
 def load_checkpoint(
@@ -59,36 +58,23 @@ def load_checkpoint(
 ) -> TrainerState:
     """Restore model, optimizer and this rank's RNG from `path`; returns the trainer state.
 
-    `verify=False` when another rank already verified the same files moments ago. `sync`'s
-    tensors are filled in place; with `sync.replica` set, the model and optimizer come from
-    that replica's own copy (see `SyncState`).
+    `verify=False` when another rank already verified the same files moments ago: each file
+    this rank reads is still checked against the manifest as it is read. `sync`'s tensors are
+    filled in place; with `sync.replica` set, the model and optimizer come from that replica's
+    own copy (see `SyncState`).
     """
-    state = verify_checkpoint(path) if verify else read_state(path)
-    # Through the allow-list before any shard is opened, whoever verified the files.
-    metadata = read_metadata(path)
-    tensors, _ = split_optimizer_state(model, optimizer)
     sync = sync or SyncState()
-    wanted: dict = dict(tensors)
-    if sync.replica is not None:
-        _require_replica(path, metadata.state_dict_metadata, sync.replica)
-        wanted = {"replica": {replica_key(sync.replica): tensors}}
-    if sync.tensors:
-        _require_sync(path, metadata.state_dict_metadata, sync.tensors)
-        wanted["sync"] = sync.tensors
-    try:
-        _dcp_load(wanted, path)
-    except _MISFIT as exc:
-        raise ShardwiseError(
-            f"--resume {path}: does not fit this model and optimizer ({_root_cause(exc)})"
-        ) from None
-    groups = _merge_groups(path, optimizer_groups(model, optimizer), state.optimizer_groups)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=tensors["model"],
-        optim_state_dict={"state": tensors["optim"]["state"], "param_groups": groups},
-    )
-    _load_rng(path, env.rank, required=env.rank < state.world_size)
+    tensors, _ = split_optimizer_state(model, optimizer)
+    with VerifiedFiles(path) as files:
+        state, metadata = _read_checked(files, verify)
+        wanted = _wanted(path, metadata, tensors, sync)
+        _dcp_load(wanted, files, metadata)
+        groups = _merge_groups(path, optimizer_groups(model, optimizer), state.optimizer_groups)
+        optim_state = {"state": tensors["optim"]["state"], "param_groups": groups}
+        set_state_dict(
+            model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state
+        )
+        _load_rng(files, env.rank, required=env.rank < state.world_size)
     return state
 
 
@@ -99,11 +85,41 @@ def load_model_weights(path: Path, model: nn.Module) -> nn.Module:
 
     DCP reassembles pipeline stages and tensor-parallel shards, whatever layout saved them.
     """
-    verify_checkpoint(path)
-    state = {"model": model.state_dict()}
-    _dcp_load(state, path, no_dist=True)
+    with VerifiedFiles(path) as files:
+        _, metadata = _read_checked(files, verify=True)
+        state = {"model": model.state_dict()}
+        _dcp_load(state, files, metadata, no_dist=True)
     model.load_state_dict(state["model"])
     return model
+
+
+def _read_checked(files: VerifiedFiles, verify: bool) -> tuple[TrainerState, Metadata]:
+    """The state and the metadata (`verify`: every file first, and the state's step)."""
+    path = files.root
+    if verify:
+        files.verify_all()
+    state = state_of(files)
+    if verify and path.name.split(".")[0] != checkpoint_name(state.step):
+        raise CheckpointRejected(path, f"its trainer state says step {state.step}")
+    metadata = parse_metadata(path, files.read(METADATA_FILE))
+    for info in metadata.storage_data.values():
+        if info.relative_path not in files.manifest.files:
+            raise CheckpointRejected(
+                path, f"{METADATA_FILE} names {info.relative_path!r}, which is not one of its files"
+            )
+    return state, metadata
+
+
+def _wanted(path: Path, metadata: Metadata, tensors: dict, sync: SyncState) -> dict:
+    """What DCP fills: model and optimizer (a replica's own, where kept), the strategy's state."""
+    wanted: dict = dict(tensors)
+    if sync.replica is not None:
+        _require_replica(path, metadata.state_dict_metadata, sync.replica)
+        wanted = {"replica": {replica_key(sync.replica): tensors}}
+    if sync.tensors:
+        _require_sync(path, metadata.state_dict_metadata, sync.tensors)
+        wanted["sync"] = sync.tensors
+    return wanted
 
 
 def _require_replica(path: Path, keys: Iterable[str], dp_rank: int) -> None:
@@ -131,12 +147,21 @@ def optimizer_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     return get_state_dict(model, optimizer)[1]["param_groups"]
 
 
-def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
+def _dcp_load(state: dict, files: VerifiedFiles, metadata: Metadata, no_dist: bool = False) -> None:
+    path = files.root
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(
-            state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), no_dist=no_dist
-        )
+        try:
+            reader = VerifiedReader(files, metadata)
+            dcp.load(state, checkpoint_id=path, storage_reader=reader, no_dist=no_dist)
+        except _MISFIT as exc:
+            cause = _root_cause(exc)
+            if isinstance(cause, CheckpointRejected):  # on whichever rank read the bad bytes
+                raise CheckpointRejected(path, cause.reason) from None
+            raise ShardwiseError(
+                f"--resume {path}: does not fit this model and optimizer "
+                f"({first_line(cause, with_type=True)})"
+            ) from None
 
 
 def _merge_groups(path: Path, live: list[dict], saved: list[dict]) -> list[dict]:
@@ -158,34 +183,37 @@ def _merge_groups(path: Path, live: list[dict], saved: list[dict]) -> list[dict]
     return merged
 
 
-def _load_rng(path: Path, rank: int, required: bool) -> None:
-    file = path / rng_file(rank)
-    if not file.exists() and not file.is_symlink():
+def _load_rng(files: VerifiedFiles, rank: int, required: bool) -> None:
+    path, name = files.root, rng_file(rank)
+    if name not in files.manifest.files:
         # A rank that did not exist at save time keeps its seeded state.
         if required:
-            raise CheckpointRejected(path, f"{rng_file(rank)} is missing")
+            raise CheckpointRejected(path, f"{name} is missing")
         return
-    check_regular_file(path, rng_file(rank))
     try:
-        states = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
+        states = load_safetensors(files.read(name))
+    except CheckpointRejected:
+        raise
+    except Exception as exc:  # the safetensors parser's, about these bytes
         raise CheckpointRejected(
-            path, f"{rng_file(rank)} is not a safetensors file ({exc})"
+            path, f"{name} is not a safetensors file ({first_line(exc)})"
         ) from None
     cpu = states.get("cpu")
     expected = torch.get_rng_state()
     if set(states) - {"cpu", "cuda"} or cpu is None or cpu.dtype != expected.dtype:
-        raise CheckpointRejected(path, f"{rng_file(rank)} does not hold RNG states")
+        raise CheckpointRejected(path, f"{name} does not hold RNG states")
     if cpu.shape != expected.shape:
-        raise CheckpointRejected(path, f"{rng_file(rank)} holds a CPU RNG state of another size")
+        raise CheckpointRejected(path, f"{name} holds a CPU RNG state of another size")
     torch.set_rng_state(cpu)
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def _root_cause(exc: BaseException) -> str:
-    # DCP wraps each rank's error, with its traceback, in a CheckpointException: the first
-    # rank's own exception is the one that says what did not fit.
-    if isinstance(exc, CheckpointException) and exc.failures:
-        exc = next(iter(exc.failures.values()))[0]
-    return first_line(exc, with_type=True)
+def _root_cause(exc: BaseException) -> BaseException:
+    # DCP wraps each rank's error, with its traceback, in a CheckpointException: a refusal of
+    # the files on any rank comes first, else the first rank's own exception says what did
+    # not fit.
+    if not isinstance(exc, CheckpointException) or not exc.failures:
+        return exc
+    causes = [cause for cause, _ in exc.failures.values()]
+    return next((c for c in causes if isinstance(c, CheckpointRejected)), causes[0])

@@ -2,19 +2,19 @@
 
     digests = digest_files(root, ["__0_0.distcp", "rng/rank0.safetensors"])
     write_manifest(root, digests)      # the checkpoint is complete once this file exists
-    verify_manifest(root)              # raises CheckpointRejected naming the first bad file
+    VerifiedFiles(root).verify_all()   # raises CheckpointRejected naming the first bad file
 
 The manifest proves the files are the ones written (no flipped byte, truncation, missing or
 extra file); it is not a signature. Whoever can write the directory can rewrite it, so the
-loader's safety never rests on it: see `metadata.py` and `state.py`.
+loader's safety never rests on it: see `metadata.py` and `state.py`. Reading a checkpoint
+checks each file against it as it is read: `verified.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import stat
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,7 +24,7 @@ from shardwise.checkpoint.files import write_durably
 
 MANIFEST_FILE = "manifest.json"
 Record = TypeVar("Record", bound=BaseModel)
-_MAX_MANIFEST_BYTES = 16 << 20
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class FileDigest(BaseModel):
@@ -93,65 +93,9 @@ def is_sealed(root: Path) -> bool:
     return (root / MANIFEST_FILE).is_file()
 
 
-def verify_manifest(root: Path) -> Manifest:
-    """Check every file of `root` against its manifest; the manifest if all match."""
-    manifest = read_manifest(root)
-    for name, expected in manifest.files.items():
-        _check_name(root, name)
-        path = root / name
-        if not path.exists() and not path.is_symlink():
-            raise CheckpointRejected(root, f"{name} is missing (listed in {MANIFEST_FILE})")
-        check_regular_file(root, name)
-        found = digest_file(path)
-        if found.bytes != expected.bytes:
-            raise CheckpointRejected(
-                root, f"{name} has {found.bytes} bytes, {MANIFEST_FILE} says {expected.bytes}"
-            )
-        if found.sha256 != expected.sha256:
-            raise CheckpointRejected(
-                root, f"{name} does not match its digest in {MANIFEST_FILE} (corrupted or edited)"
-            )
-    present = listed_files(root)
-    for name in present:
-        check_regular_file(root, name)
-    extra = sorted(set(present) - set(manifest.files))
-    if extra:
-        raise CheckpointRejected(root, f"{extra[0]} is not listed in {MANIFEST_FILE}")
-    return manifest
-
-
-def read_manifest(root: Path) -> Manifest:
-    """The parsed manifest of `root`, or CheckpointRejected saying what is wrong with it."""
-    path = root / MANIFEST_FILE
-    if not path.is_file():
-        raise CheckpointRejected(
-            root, f"no {MANIFEST_FILE}: the save did not finish, or an older shardwise wrote it"
-        )
-    return read_record(root, MANIFEST_FILE, Manifest, _MAX_MANIFEST_BYTES)
-
-
-def read_record(root: Path, name: str, schema: type[Record], max_bytes: int) -> Record:
-    """JSON file `name` of checkpoint `root`, validated by `schema`; one-line refusal if not."""
-    check_regular_file(root, name)
-    if (root / name).stat().st_size > max_bytes:
-        raise CheckpointRejected(root, f"{name} is implausibly large")
+def parse_record(root: Path, name: str, data: bytes, schema: type[Record]) -> Record:
+    """JSON `data` of file `name` in checkpoint `root`, validated by `schema`; one-line refusal."""
     try:
-        return schema.model_validate_json((root / name).read_bytes())
+        return schema.model_validate_json(data)
     except (ValueError, ValidationError, RecursionError) as exc:
         raise CheckpointRejected(root, f"{name} is malformed ({describe(exc)})") from None
-
-
-def check_regular_file(root: Path, name: str) -> None:
-    """Refuse links, pipes, sockets and devices: opening one could block, or read elsewhere."""
-    try:
-        mode = os.lstat(root / name).st_mode
-    except OSError:
-        raise CheckpointRejected(root, f"{name} is missing") from None
-    if not stat.S_ISREG(mode):
-        raise CheckpointRejected(root, f"{name} is not a regular file")
-
-
-def _check_name(root: Path, name: str) -> None:
-    relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-        raise CheckpointRejected(root, f"{MANIFEST_FILE} names a path outside it ({name!r})")

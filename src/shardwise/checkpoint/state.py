@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shardwise.checkpoint.manifest import read_record
+from shardwise.checkpoint.manifest import parse_record
+from shardwise.checkpoint.verified import VerifiedFiles
 from shardwise.data.sampler import SamplerPosition
 
 STATE_FILE = "trainer_state.json"
@@ -61,5 +62,12 @@ class TrainerState(BaseModel):
 
 
 def read_state(path: Path) -> TrainerState:
-    """The trainer state of checkpoint `path`, validated against the schema."""
-    return read_record(path, STATE_FILE, TrainerState, _MAX_STATE_BYTES)
+    """The trainer state of checkpoint `path`, as its manifest seals it, against the schema."""
+    with VerifiedFiles(path) as files:
+        return state_of(files)
+
+
+def state_of(files: VerifiedFiles) -> TrainerState:
+    """The trainer state among `files`, checked against its digest, then against the schema."""
+    data = files.read(STATE_FILE, max_bytes=_MAX_STATE_BYTES)
+    return parse_record(files.root, STATE_FILE, data, TrainerState)
