@@ -20,7 +20,8 @@ every file's SHA-256, written last. What is trusted and how each check works:
   object reaches DCP); tensor items only, so no shard is ever unpickled.
 - `reader.py`: tensors loaded only from those checked bytes, of the dtype the model holds.
 - `state.py`: the JSON state against a strict schema.
-- `find.py`: a run directory resumes from its newest checkpoint that verifies.
+- `find.py`: a run directory resumes from its newest checkpoint that verifies and loads, on
+  every rank alike (`agreement.py`); the others are skipped with a line each.
 - `background.py`: the same save written by a thread while training goes on (DCP async_save).
 - `disk.py`: a full disk or read-only directory is one agreed line on every rank.
 - `retention.py`: `--keep-checkpoints K` deletes older sealed ones, never the newest.
@@ -36,6 +37,7 @@ from shardwise.checkpoint.find import (
     find_checkpoint,
     is_checkpoint_dir,
     latest_checkpoint,
+    load_newest,
 )
 from shardwise.checkpoint.load import load_checkpoint, load_model_weights, verify_checkpoint
 from shardwise.checkpoint.manifest import MANIFEST_FILE
@@ -65,6 +67,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_model_weights",
+    "load_newest",
     "read_metadata",
     "read_state",
     "save_checkpoint",

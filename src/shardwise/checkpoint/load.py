@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from shardwise.checkpoint.agreement import Ranks, attempt
 from shardwise.checkpoint.errors import CheckpointRejected
 from shardwise.checkpoint.metadata import METADATA_FILE, parse_metadata
 from shardwise.checkpoint.reader import VerifiedReader
@@ -61,20 +63,34 @@ def load_checkpoint(
     `verify=False` when another rank already verified the same files moments ago: each file
     this rank reads is still checked against the manifest as it is read. `sync`'s tensors are
     filled in place; with `sync.replica` set, the model and optimizer come from that replica's
-    own copy (see `SyncState`).
+    own copy (see `SyncState`). Any rank's failure raises on every rank.
     """
+    ranks = Ranks(env)
     sync = sync or SyncState()
     tensors, _ = split_optimizer_state(model, optimizer)
-    with VerifiedFiles(path) as files:
-        state, metadata = _read_checked(files, verify)
-        wanted = _wanted(path, metadata, tensors, sync)
-        _dcp_load(wanted, files, metadata)
-        groups = _merge_groups(path, optimizer_groups(model, optimizer), state.optimizer_groups)
-        optim_state = {"state": tensors["optim"]["state"], "param_groups": groups}
-        set_state_dict(
-            model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state
-        )
-        _load_rng(files, env.rank, required=env.rank < state.world_size)
+    with ExitStack() as stack:
+
+        def prepare() -> tuple[VerifiedFiles, TrainerState, Metadata, dict]:
+            files = stack.enter_context(VerifiedFiles(path))
+            state, metadata = _read_checked(files, verify)
+            return files, state, metadata, _wanted(path, metadata, tensors, sync)
+
+        # Agreed before DCP's collectives: a rank that gave up alone would leave them waiting.
+        prepared, failure, error = attempt(prepare, env.rank)
+        ranks.settle(failure, error, path)
+        assert prepared is not None
+        files, state, metadata, wanted = prepared
+        _dcp_load(wanted, files, metadata)  # DCP agrees on its own errors
+
+        def restore() -> None:
+            groups = _merge_groups(path, optimizer_groups(model, optimizer), state.optimizer_groups)
+            optim_state = {"state": tensors["optim"]["state"], "param_groups": groups}
+            set_state_dict(
+                model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state
+            )
+            _load_rng(files, env.rank, required=env.rank < state.world_size)
+
+        ranks.settle(*attempt(restore, env.rank)[1:], path)
     return state
 
 
@@ -204,9 +220,14 @@ def _load_rng(files: VerifiedFiles, rank: int, required: bool) -> None:
         raise CheckpointRejected(path, f"{name} does not hold RNG states")
     if cpu.shape != expected.shape:
         raise CheckpointRejected(path, f"{name} holds a CPU RNG state of another size")
-    torch.set_rng_state(cpu)
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+    try:
+        torch.set_rng_state(cpu)
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+    except RuntimeError as exc:  # "Invalid mt19937 state": torch checks what it is given
+        raise CheckpointRejected(
+            path, f"{name} holds an invalid RNG state ({first_line(exc)})"
+        ) from None
 
 
 def _root_cause(exc: BaseException) -> BaseException:

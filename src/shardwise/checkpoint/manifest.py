@@ -89,8 +89,14 @@ def write_manifest(root: Path, digests: dict[str, FileDigest]) -> None:
 
 
 def is_sealed(root: Path) -> bool:
-    """Whether `root` has a manifest: a save that finished (not yet verified)."""
-    return (root / MANIFEST_FILE).is_file()
+    """Whether `root` has a manifest: a save that finished (not yet verified).
+
+    False where `root` cannot be looked into: verification says why, when it is tried.
+    """
+    try:
+        return (root / MANIFEST_FILE).is_file()
+    except OSError:  # Python < 3.12 raises EACCES here rather than answering False
+        return False
 
 
 def parse_record(root: Path, name: str, data: bytes, schema: type[Record]) -> Record:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from shardwise.checkpoint import CheckpointRejected, TrainerState, agree_on_checkpoint, read_state
+from shardwise.checkpoint import CheckpointRejected, TrainerState, load_newest
 from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.errors import ShardwiseError
@@ -281,17 +281,24 @@ def resume_training(
 
     state, path, notes = resume_training(session, model, optimizer, scheduler, corpus, print_)
 
-    `model_print` is the whole model's fingerprint, taken before it was cut into stages.
+    `model_print` is the whole model's fingerprint, taken before it was cut into stages. From a
+    run directory, a checkpoint that fails a check or its load is skipped for an older one.
     """
     fingerprints = Fingerprints(model_print, data_fingerprint(corpus))
     config, env = session.config, session.env
     assert config.resume is not None
-    path, skipped = agree_on_checkpoint(config.resume, env)
-    state = read_state(path)  # rank 0 verified every file moments ago
+    # Taken before any load: a checkpoint that fails half-way has changed the optimizer.
     live = LiveState([dict(group) for group in optimizer.param_groups], scheduler.state_dict())
-    changes = check_resume(path, state, config, corpus, fingerprints, live)
-    _check_error_feedback(path, state, session.layout.dp)
-    state = session.load(path, model, optimizer, verified=True)
+
+    def check_and_load(path: Path, state: TrainerState) -> tuple[TrainerState, list[str]]:
+        changes = check_resume(path, state, config, corpus, fingerprints, live)
+        _check_error_feedback(path, state, session.layout.dp)
+        loaded = session.load(path, model, optimizer, verified=True)
+        if loaded != state:  # the state checked above is the one training goes on from
+            raise CheckpointRejected(path, "its trainer state changed while it was loaded")
+        return loaded, changes
+
+    path, (state, changes), skipped = load_newest(config.resume, env, check_and_load)
     scheduler.load_state_dict(state.scheduler)
     factor = lr_factor(state.step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     follow_schedule(optimizer, scheduler, factor)
