@@ -1,8 +1,9 @@
 """`--resume RUN_DIR` skips, in one line each, every checkpoint it cannot check or load.
 
 Whatever is wrong with the newest checkpoint - a file it cannot read, data that trips the
-loader, weights of another dtype - the resume names it ("step_00000003 skipped: <reason>"),
-takes the next older one, and still ends exactly where the uninterrupted run did. Named directly, the same checkpoint is refused in one
+loader, a state that claims what the run could not have reached, weights of another dtype - the
+resume names it ("step_00000003 skipped: <reason>"), takes the next older one, and still ends
+exactly where the uninterrupted run did. Named directly, the same checkpoint is refused in one
 line: the user asked for that one, so nothing else is taken instead.
 """
 
@@ -35,6 +36,11 @@ Lie = Callable[[Path], Path]
 LIES: list[Lie] = [
     lies.plant_unknown_layout,
     lies.plant_invalid_rng_state,
+    lies.plant_empty_model_fingerprint,
+    lies.plant_empty_data_fingerprint,
+    lies.plant_far_step,
+    lies.plant_far_epoch,
+    lies.plant_far_tokens,
     lies.plant_int64_weights,
     lies.plant_int64_shard_only,
 ]

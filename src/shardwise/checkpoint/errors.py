@@ -30,7 +30,10 @@ def describe(exc: BaseException) -> str:
     """One line for a parse or validation error: where, and what was wrong."""
     errors = getattr(exc, "errors", None)
     if callable(errors):  # pydantic: the first problem, located
-        first = errors()[0]
+        found = errors()
+        # A value that fits no member of a union fails once per member: the one that is not
+        # merely "not of my type" says what is wrong with it (NaN: "a finite number").
+        first = next((e for e in found if not e["type"].endswith("_type")), found[0])
         where = ".".join(str(part) for part in first["loc"]) or "top level"
         return f"{where}: {first['msg']}"
     lines = str(exc).strip().splitlines()

@@ -31,7 +31,8 @@ GroupValue = bool | int | float | str | None | list[float]
 class TrainerState(BaseModel):
     """Where training stands, and what produced it; `trainer_state.json` on disk."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: a NaN or infinite scale, rate or setting is never a state a run reached.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     step: int = Field(0, ge=0)
     position: SamplerPosition = Field(default_factory=SamplerPosition)

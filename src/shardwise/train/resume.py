@@ -114,6 +114,7 @@ def check_resume(
     changes = _setting_changes(path, saved, config)
     _check_fingerprints(path, state, fingerprints)
     _check_position(path, state, corpus)
+    _check_progress(path, state, saved, corpus)
     _check_optimizer(path, state, live.optimizer_groups)
     _check_same_shape(path, "scheduler", state.scheduler, live.scheduler)
     _check_schedule(path, state, saved)
@@ -227,13 +228,46 @@ def _check_position(path: Path, state: TrainerState, corpus: PreparedCorpus) -> 
         )
 
 
+def _check_progress(
+    path: Path, state: TrainerState, saved: TrainConfig, corpus: PreparedCorpus
+) -> None:
+    """Step, epoch and tokens within what the run that wrote them could have reached.
+
+    A step ends inside one epoch, or just into the next (token batches at an epoch's end), so
+    epochs never outrun steps; and it reads at most one epoch and that next epoch's first
+    samples, so at most twice the training tokens. Neither bound depends on batch sizes, which
+    a resume may change.
+    """
+    if state.step > saved.max_steps:
+        raise CheckpointRejected(
+            path, f"its step {state.step} is past the {saved.max_steps} steps its run planned"
+        )
+    if state.position.epoch > state.step:
+        raise CheckpointRejected(
+            path,
+            f"its data position is in epoch {state.position.epoch}, further than {state.step} "
+            "steps reach",
+        )
+    most = 2 * state.step * sum(len(sequence) for sequence in corpus.train)
+    if state.tokens > most:
+        raise CheckpointRejected(
+            path,
+            f"it counts {state.tokens} tokens trained, more than {state.step} steps can hold "
+            f"({most} at most)",
+        )
+
+
 def _check_fingerprints(path: Path, state: TrainerState, found: Fingerprints) -> None:
-    if state.model_fingerprint and state.model_fingerprint != found.model:
+    # Every run records both: one missing would switch its check off, so it is refused.
+    for what, recorded in (("model", state.model_fingerprint), ("data", state.data_fingerprint)):
+        if not recorded:
+            raise CheckpointRejected(path, f"it records no {what} fingerprint (every run does)")
+    if state.model_fingerprint != found.model:
         raise ShardwiseError(
             f"--resume {path}: the checkpoint was written for a model of another shape "
             "(parameter names, shapes or dtypes differ); resume with the same --model"
         )
-    if state.data_fingerprint and state.data_fingerprint != found.data:
+    if state.data_fingerprint != found.data:
         raise ShardwiseError(
             f"--resume {path}: this run's data differs from the checkpoint's (another --data "
             "file, or the file changed); resume on the same data, or start a new run"
