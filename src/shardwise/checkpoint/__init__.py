@@ -25,6 +25,7 @@ every file's SHA-256, written last. What is trusted and how each check works:
 - `background.py`: the same save written by a thread while training goes on (DCP async_save).
 - `disk.py`: a full disk or read-only directory is one agreed line on every rank.
 - `retention.py`: `--keep-checkpoints K` deletes older sealed ones, never the newest.
+- `listing.py`: which checkpoints a folder holds; `check_no_links` refuses a link among them.
 """
 
 from shardwise.checkpoint.background import CheckpointWriter
@@ -39,6 +40,7 @@ from shardwise.checkpoint.find import (
     latest_checkpoint,
     load_newest,
 )
+from shardwise.checkpoint.listing import check_no_links
 from shardwise.checkpoint.load import load_checkpoint, load_model_weights, verify_checkpoint
 from shardwise.checkpoint.manifest import MANIFEST_FILE
 from shardwise.checkpoint.metadata import METADATA_FILE, read_metadata
@@ -60,6 +62,7 @@ __all__ = [
     "VerifiedFiles",
     "agree_on_checkpoint",
     "candidates",
+    "check_no_links",
     "checkpoint_name",
     "choose_checkpoint",
     "find_checkpoint",

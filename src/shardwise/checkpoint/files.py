@@ -3,8 +3,10 @@
     write_durably(path, text)          # on disk before it returns (a file nobody reads yet)
     replace_file(path, text)           # readers see the old text or the new, never a part
     replace_directory(new, final)      # `final` is always one whole checkpoint or the other
+    remove_tree(path)                  # a folder and all in it; a link as a link
 
-Checkpoints use them, and so do the run's own files (summary.json, report.md).
+Checkpoints use them, and so do the run's own files (summary.json, report.md). Nothing here
+deletes or writes through a symbolic link: a link where a checkpoint goes is replaced itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -68,19 +71,38 @@ def replace_directory(new: Path, final: Path) -> None:
     cannot, the old directory moves aside to `<final>.old` first and is removed last; a reader
     that finds no `final` falls back to that `.old` copy (see `find.candidates`).
     """
-    if not final.exists():
+    if not os.path.lexists(final):  # a dangling link is still an entry to replace
         os.replace(new, final)
     elif _exchange(new, final):
-        shutil.rmtree(new)  # now holds the old checkpoint
+        remove_tree(new)  # now holds the old checkpoint (or a link that stood there)
     else:
         aside = final.with_name(final.name + OLD_SUFFIX)
-        shutil.rmtree(aside, ignore_errors=True)
+        remove_tree(aside, ignore_errors=True)
         os.replace(final, aside)
         fsync_directory(final.parent)
         os.replace(new, final)
         fsync_directory(final.parent)
-        shutil.rmtree(aside)
+        remove_tree(aside)
     fsync_directory(final.parent)
+
+
+def remove_tree(path: Path, ignore_errors: bool = False) -> None:
+    """Delete folder `path` and all in it, or a file or link `path` itself; absent: nothing.
+
+        remove_tree(checkpoints / "step_00000100.partial")   # a link there: only the link goes
+
+    Never follows a link: shutil.rmtree refuses one at the top (and unlinks those inside).
+    """
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -12,15 +12,12 @@ mid-delete never leaves a half-deleted checkpoint under a name `--resume` would 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardwise.checkpoint.files import fsync_directory
-from shardwise.checkpoint.listing import candidates, step_of
+from shardwise.checkpoint.files import fsync_directory, remove_tree
+from shardwise.checkpoint.listing import DELETING_SUFFIX, candidates, step_of
 from shardwise.checkpoint.manifest import is_sealed
-
-DELETING_SUFFIX = ".deleting"
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ def prune(newest: Path, retention: Retention) -> list[Path]:
     """Delete what `retention` does not keep beside `newest` (just sealed); returns them."""
     directory = newest.parent
     for stale in directory.glob(f"step_*{DELETING_SUFFIX}"):  # a delete cut short
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale, ignore_errors=True)
     if retention.keep <= 0:
         return []
     protected = {newest.resolve()}
@@ -49,7 +46,7 @@ def prune(newest: Path, retention: Retention) -> list[Path]:
     doomed = [path for path in older[retention.keep - 1 :] if path.resolve() not in protected]
     for path in doomed:
         aside = path.with_name(path.name + DELETING_SUFFIX)
-        path.rename(aside)
+        path.rename(aside)  # a linked checkpoint: the link moves, and goes; its target stays
         fsync_directory(directory)
-        shutil.rmtree(aside)
+        remove_tree(aside)
     return doomed

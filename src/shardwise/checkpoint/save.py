@@ -12,7 +12,6 @@ background (`background.py`) takes the same snapshot and seals it the same way, 
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from shardwise.checkpoint.disk import SAVE_ERRORS, CheckpointWriteError, run_agreed, settle
-from shardwise.checkpoint.files import replace_directory, write_durably
+from shardwise.checkpoint.files import remove_tree, replace_directory, write_durably
+from shardwise.checkpoint.listing import PARTIAL_SUFFIX
 from shardwise.checkpoint.manifest import FileDigest, digest_files, write_manifest
 from shardwise.checkpoint.retention import Retention, prune
 from shardwise.checkpoint.state import STATE_FILE, TrainerState
 from shardwise.distributed import DistEnv
-
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass
@@ -128,7 +126,8 @@ def start_partial(snapshot: Snapshot, env: DistEnv) -> None:
     """Rank 0 makes an empty `.partial` directory; every rank learns whether it could."""
 
     def make() -> None:
-        shutil.rmtree(snapshot.partial, ignore_errors=True)  # left by a run killed mid-save
+        # Left by a run killed mid-save, or a link planted there: removed as itself.
+        remove_tree(snapshot.partial, ignore_errors=True)
         snapshot.partial.mkdir(parents=True)
 
     run_agreed(make if env.is_main else None, snapshot.final, env)
@@ -161,7 +160,7 @@ def seal(
         run_agreed(finish, snapshot.final, env, group)
     except CheckpointWriteError:
         if env.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_tree(partial, ignore_errors=True)
         raise
     return snapshot.final
 
