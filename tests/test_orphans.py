@@ -13,6 +13,7 @@ import pytest
 
 from shardwise.config import TrainConfig
 from shardwise.run_dir import hold_run_dir, holds_lease
+from shardwise.signed_store import SECRET_ENV
 from train_cli import start_train, wait_for_step
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,6 +91,7 @@ def test_the_lease_is_held_only_while_the_lock_is_ours(tmp_path):
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, SECRET_ENV: "another job's secret"},
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

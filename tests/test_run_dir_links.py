@@ -259,3 +259,17 @@ def test_resuming_a_run_dir_full_of_links_writes_through_none(
     assert result.steps == 3
     assert all(is_untouched(target) for target in targets.values())
     assert all(is_replaced(run / name) for name in replaced)
+
+
+@pytest.mark.parametrize("name", ["step_00000002", "step_00000004.partial"])
+def test_a_link_where_a_checkpoint_belongs_is_refused_before_training(
+    run: Path, outside: Path, name: str
+) -> None:
+    link = used(run) / "checkpoints" / name
+    link.symlink_to(outside, target_is_directory=True)
+    config = TrainConfig(run_dir=run, resume=run)
+    with pytest.raises(ShardwiseError) as refused:
+        check_run_dir(config, run)
+    message = str(refused.value)
+    assert "\n" not in message and str(link) in message and "link" in message, message
+    assert sorted(path.name for path in outside.iterdir()) == []

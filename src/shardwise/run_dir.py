@@ -30,12 +30,13 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from shardwise.checkpoint import is_checkpoint_dir
+from shardwise.checkpoint import check_no_links, is_checkpoint_dir
 from shardwise.config import TrainConfig
 from shardwise.errors import ShardwiseError
 from shardwise.report.markdown import CONFIG_FILE, REPORT_FILE
 from shardwise.report.metrics import METRICS_FILE, TENSORBOARD_DIR
 from shardwise.report.summary import SUMMARY_FILE
+from shardwise.signed_store import job_tag
 
 LOCK_FILE = ".shardwise.lock"
 CHECKPOINTS_DIR = "checkpoints"
@@ -191,6 +192,8 @@ def _check_reuse(config: TrainConfig, run_dir: Path) -> None:
             f"{run_dir} to continue it, --overwrite to replace it, or choose another --run-dir"
         )
     _refuse_links(config, run_dir)
+    if not config.overwrite:  # --overwrite deletes checkpoints/ first, links and all
+        check_no_links(run_dir)
 
 
 def _refuse_links(config: TrainConfig, run_dir: Path) -> None:
@@ -242,6 +245,7 @@ def _lock(run_dir: Path) -> int:
     record = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "job": job_tag(),
         "since": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     os.ftruncate(descriptor, 0)
@@ -260,6 +264,9 @@ def holds_lease(run_dir: Path) -> bool:
     holder = _live_holder(run_dir)
     if holder is None:
         return False
+    mine = job_tag()
+    if mine is not None and holder.get("job") == mine:
+        return True  # another node of this job (two "nodes" may share a machine)
     if holder.get("host") != socket.gethostname():
         return True
     return holder.get("pid") in _ancestry(os.getpid())

@@ -57,6 +57,16 @@ def job_secret() -> bytes | None:
     return value.encode() if value else None
 
 
+def job_tag() -> str | None:
+    """A public name for this job (a hash of its secret), the same on every node; None without one.
+
+    >>> job_tag() is None or len(job_tag()) == 16
+    True
+    """
+    secret = job_secret()
+    return None if secret is None else hashlib.sha256(b"shardwise job " + secret).hexdigest()[:16]
+
+
 def read_secret_file(path: str | Path) -> str:
     """The secret in `path`, a file only its owner may read (0600 or 0400), for several nodes.
 
