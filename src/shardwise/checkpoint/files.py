@@ -1,11 +1,10 @@
 """Filesystem steps that survive a crash at any instant: the one home of durable writes.
 
     write_durably(path, text)          # on disk before it returns (a file nobody reads yet)
-    replace_file(path, text)           # readers see the old text or the new, never a part
     replace_directory(new, final)      # `final` is always one whole checkpoint or the other
     remove_tree(path)                  # a folder and all in it; a link as a link
 
-Checkpoints use them, and so do the run's own files (summary.json, report.md). Nothing here
+Checkpoints use them; the run's own files are replaced by shardwise.safe_write. Nothing here
 deletes or writes through a symbolic link: a link where a checkpoint goes is replaced itself.
 """
 
@@ -16,7 +15,6 @@ import ctypes.util
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 _AT_FDCWD = -100
@@ -30,29 +28,6 @@ def write_durably(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def replace_file(path: Path, text: str) -> Path:
-    """Replace `path` with `text` atomically and durably; returns `path`.
-
-        replace_file(run_dir / "summary.json", json.dumps(summary))
-
-    The text goes to a temporary file beside `path` (os.replace is atomic only within one
-    filesystem), reaches the disk, then takes the name; the directory entry is synced last.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-    )
-    os.close(descriptor)
-    try:
-        write_durably(Path(temporary), text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-    return path
 
 
 def fsync_directory(path: Path) -> None:
