@@ -8,6 +8,8 @@ Everything it builds comes from train/build.py, the builder the workers use.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +18,7 @@ from shardwise.checkpoint import find_checkpoint
 from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
+from shardwise.errors import ShardwiseError
 from shardwise.models import check_model_spec
 from shardwise.models.contract import ModelContract
 from shardwise.parallel.mesh import Layout
@@ -98,6 +101,8 @@ def preflight(config: TrainConfig) -> RunPlan:
     """Check devices, model, data, batches, cut, resume path, run dir and port; the run's plan."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
+    if device.type == "cpu":
+        check_cores(nproc + config.ps, config.nproc is None)
     layout = config.layout(nproc * config.nnodes)
     Precision(config.precision, device)
     check_model_spec(config.model)
@@ -113,6 +118,37 @@ def preflight(config: TrainConfig) -> RunPlan:
         check_port_free(config.rdzv_endpoint)
     budget = _budget(config, corpus)
     return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps, budget, contract, split)
+
+
+# Past this many processes per core a CPU job spends its time switching between them (and
+# holds a process's baseline memory per rank, ~0.4 GB each): refused rather than crawled.
+MAX_RANKS_PER_CORE = 4
+
+
+def check_cores(processes: int, derived: bool) -> None:
+    """More processes than this process's cores: a warning line; far more: refused in one.
+
+        check_cores(16, derived=False)   # on 2 cores: ShardwiseError naming --nproc 2
+
+    Each rank gets its share of the cores (distributed.init_distributed), so oversubscribed
+    ranks do not go faster together, and every rank adds its batch to the global one.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if processes <= cores:
+        return
+    why = "the layout needs them" if derived else f"--nproc {processes}"
+    line = (
+        f"{processes} processes on {cores} CPU core(s) ({why}): each rank gets a share of a "
+        f"core, so the run is no faster than on {cores} and each rank still adds its batch to "
+        "the global one"
+    )
+    if processes > MAX_RANKS_PER_CORE * cores:
+        raise ShardwiseError(
+            f"{line}; use --nproc {cores} or fewer on this machine (more than "
+            f"{MAX_RANKS_PER_CORE} per core is refused), or run on more cores or nodes"
+        )
+    print(f"shardwise: warning: {line}", file=sys.stderr, flush=True)
 
 
 def _budget(config: TrainConfig, corpus: PreparedCorpus) -> str:

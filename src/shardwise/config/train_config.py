@@ -53,7 +53,10 @@ class TrainConfig(DataSettings):
 
     # Where and how wide.
     nproc: int | None = Field(
-        None, ge=1, description="Worker processes on this machine. Default: every GPU, else 2."
+        None,
+        ge=1,
+        description="Worker processes on this machine. Default: every GPU; on CPU the ranks "
+        "--dp x --pp x --tp need, else 2.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks CUDA when a GPU is present."
