@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from shardwise.agent import launch_workers
 from shardwise.config import TrainConfig
-from shardwise.preflight import RunPlan, preflight
+from shardwise.distributed import resolve_device
+from shardwise.preflight import RunPlan, default_nproc, preflight
 from shardwise.report.result import RunResult
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
 from shardwise.train.restarts import restart_count
@@ -34,6 +36,7 @@ def run(config: TrainConfig) -> RunResult | None:
     # Fixed first so that the preflight, the lock and every worker agree on one path.
     run_dir = resolve_run_dir(config)
     config = config.model_copy(update={"run_dir": run_dir})
+    _say_what_starts(config)
     nproc = preflight(config).nproc + config.ps  # parameter servers beside the workers
     # This process outlives every worker it starts, so its lock covers the whole run.
     held = launcher_holds_lock(config)
@@ -44,6 +47,20 @@ def run(config: TrainConfig) -> RunResult | None:
             summary = launch_workers(config, nproc)
     # The caller's own config names the model: loading it needs no second word from them.
     return None if summary is None else RunResult.from_summary(summary, run_dir, model=config.model)
+
+
+def _say_what_starts(config: TrainConfig) -> None:
+    """One line before the checks (which read the data and build the model, seconds)."""
+    nproc = default_nproc(config)
+    device = resolve_device(config.device, nproc).type
+    nodes = f" on each of {config.nnodes} nodes" if config.nnodes > 1 else ""
+    servers = f" and {config.ps} parameter server(s)" if config.ps else ""
+    print(
+        f"shardwise: run dir {config.run_dir}: {nproc} worker(s){servers} on {device}{nodes}; "
+        "checking the model and data",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_as_torchrun_worker(config: TrainConfig) -> RunResult | None:
