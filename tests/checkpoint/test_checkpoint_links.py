@@ -135,12 +135,18 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
 
 
 def test_a_resume_whose_final_save_meets_a_planted_link_keeps_its_checkpoint(
-    base: Base, tmp_path: Path, outside: Path
+    base: Base, tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = copy_run(base, tmp_path / "copy")
     shutil.rmtree(step_dir(run, 3))
     step_dir(run, 3).symlink_to(outside)  # where the final save goes
     (run / "checkpoints" / "step_00000003.partial").symlink_to(outside)
+    # Planted before the run: refused in one line before training, nothing written.
+    with pytest.raises(ShardwiseError, match="is a symbolic link where shardwise writes"):
+        resume(base, run, resume_from=step_dir(run, 2))
+    assert untouched(outside) and step_dir(run, 3).is_symlink()
+    # Planted after that check (here: the check skipped): the saves still never write through.
+    monkeypatch.setattr("shardwise.run_dir.check_no_links", lambda run_dir: None)
     summary = resume(base, run, resume_from=step_dir(run, 2))
     assert summary["steps"] == 3
     assert is_real_checkpoint(step_dir(run, 3))
