@@ -114,10 +114,23 @@ def test_flags_and_config_file_win(tmp_path: Path, capsys: pytest.CaptureFixture
     assert capsys.readouterr().err == "SLURM: 4 nodes, this is node 2\n"
 
 
-def test_own_node_count_takes_no_place_among_slurm_nodes() -> None:
+def test_own_node_count_takes_no_place_among_slurm_nodes(monkeypatch) -> None:
+    monkeypatch.setattr("shardwise.slurm._cuda_visible", lambda: True)
     env = srun_env(nodes=4, node_id=2, SLURM_GPUS_ON_NODE="2")
     assert apply_slurm(env, {"nnodes": 1}) == {"nnodes": 1, "nproc": 2}
     assert apply_slurm(env, {"nnodes": 4})["node_rank"] == 2  # the same count: still taken
+
+
+def test_gpus_slurm_names_but_torch_cannot_see_are_not_taken_nor_claimed(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("shardwise.slurm._cuda_visible", lambda: False)
+    env = srun_env(nodes=4, node_id=2, SLURM_GPUS_ON_NODE="4")
+    assert "nproc" not in apply_slurm(env, {})
+    line = capsys.readouterr().err
+    assert "4 GPUs named but none used here" in line and "one worker each" not in line
+    monkeypatch.setattr("shardwise.slurm._cuda_visible", lambda: True)
+    assert "nproc" not in apply_slurm(env, {"device": "cpu"})
 
 
 def test_says_what_it_took(capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,12 +110,25 @@ def apply_slurm(
     if given.get("nnodes", settings.get("nnodes")) != settings.get("nnodes"):
         # The user's own node count: this node's place among SLURM's nodes would not fit it.
         taken = {key: value for key, value in taken.items() if key == "nproc"}
-    print(_describe(taken), file=sys.stderr, flush=True)
+    unseen = None
+    if "nproc" in taken and (given.get("device") == "cpu" or not _cuda_visible()):
+        # GPUs SLURM allotted that torch cannot use: a worker count for them would mislead.
+        unseen = taken.pop("nproc")
+    print(_describe(taken, unseen), file=sys.stderr, flush=True)
     return {**taken, **overrides}
 
 
-def _describe(taken: Mapping[str, Any]) -> str:
-    """`SLURM: 4 nodes, this is node 2, rendezvous at node01:29517, 4 GPUs`, of what was taken."""
+def _cuda_visible() -> bool:
+    import torch  # here: the CLI's --help and SLURM parsing stay free of it otherwise
+
+    return torch.cuda.is_available()
+
+
+def _describe(taken: Mapping[str, Any], unseen: int | None = None) -> str:
+    """`SLURM: 4 nodes, this is node 2, rendezvous at node01:29517, 4 GPUs`, of what was taken.
+
+    `unseen`: GPUs SLURM names that this run will not use (none visible, or --device cpu).
+    """
     parts = []
     if "nnodes" in taken:
         parts.append(f"{taken['nnodes']} nodes")
@@ -125,6 +138,8 @@ def _describe(taken: Mapping[str, Any]) -> str:
         parts.append(f"rendezvous at {taken['rdzv_endpoint']}")
     if "nproc" in taken:
         parts.append(f"{taken['nproc']} GPUs, one worker each")
+    if unseen is not None:
+        parts.append(f"{unseen} GPUs named but none used here (workers as on CPU)")
     return "SLURM: " + (", ".join(parts) if parts else "nothing taken, every value set by the user")
 
 

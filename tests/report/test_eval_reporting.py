@@ -79,3 +79,20 @@ def test_summary_and_report_say_how_many_held_out_tokens_were_evaluated(tmp_path
     assert "eval_tokens" not in report  # shown once, by its label
     alone = format_summary({**summary, "eval_tokens_available": 200_000})
     assert alone.endswith("eval tokens  200,000")
+
+
+def test_the_end_of_run_evaluation_is_on_the_loss_plot_and_a_short_run_draws_points(
+    tmp_path,
+) -> None:
+    from matplotlib.figure import Figure
+
+    from shardwise.report.plots import plot_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3, "loss": 3.1, "tokens_per_s": 10.0}\n')
+    assert {path.name for path in plot_metrics(tmp_path, (3, 2.8))} >= {"loss.png"}
+    rows = [{"step": 3, "loss": 3.1}, {"step": 3, "eval_loss": 2.8}]
+    figure = Figure()
+    assert _draw_loss(figure, rows)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert list(lines["held-out loss"].get_ydata()) == [2.8]
+    assert lines["train loss"].get_marker() == "o"  # one row: a point, not an empty axis

@@ -29,19 +29,22 @@ RANK_STEP_TIME_KEY = "rank_step_time_s"
 Series = tuple[list[float], list[float]]
 
 
-def plot_metrics(run_dir: Path) -> list[Path]:
+def plot_metrics(run_dir: Path, final_eval: tuple[int, float] | None = None) -> list[Path]:
     """Draw the plots the metrics allow into `run_dir`; return the paths written.
 
         paths = plot_metrics(Path("runs/exp1"))
         assert all(path.suffix == ".png" for path in paths)
 
     A plot whose metric was never logged is skipped; no rows means no plots ([]). A plot that
-    cannot be saved is logged and skipped.
+    cannot be saved is logged and skipped. `final_eval`: (step, held-out loss) of the end-of-run
+    evaluation, which metrics.jsonl does not hold, drawn on the loss plot.
     """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
         return []
+    if final_eval is not None and final_eval[1] is not None:
+        rows = [*rows, {"step": final_eval[0], EVAL_LOSS_KEY: final_eval[1]}]
     # Imported here: matplotlib takes most of a second to import, and every rank imports
     # this package while only rank 0 at the end of a run draws.
     from matplotlib.figure import Figure
@@ -75,7 +78,8 @@ def _draw_loss(figure: Any, rows: Sequence[dict[str, Any]]) -> bool:
     if not any(LOSS_KEY in row for row in rows):
         return False
     axes = figure.add_subplot()
-    axes.plot(*_series(rows, LOSS_KEY), label="train loss", color="tab:blue")
+    steps, losses = _series(rows, LOSS_KEY)
+    axes.plot(steps, losses, label="train loss", color="tab:blue", marker=_few(steps))
     eval_steps, eval_losses = _series(rows, EVAL_LOSS_KEY)  # --eval-every's points
     if eval_steps:
         axes.plot(eval_steps, eval_losses, "o-", label="held-out loss", color="tab:orange")
@@ -100,7 +104,7 @@ def _draw_throughput(figure: Any, rows: Sequence[dict[str, Any]]) -> bool:
     if not steps:
         return False
     axes = figure.add_subplot()
-    axes.plot(steps, rates)
+    axes.plot(steps, rates, marker=_few(steps))
     axes.set_xlabel("step")
     axes.set_ylabel("tokens / s")
     axes.set_title("Throughput")
@@ -114,7 +118,7 @@ def _draw_rank_step_time(figure: Any, rows: Sequence[dict[str, Any]]) -> bool:
     axes = figure.add_subplot()
     for rank, (steps, times) in enumerate(per_rank):
         if steps:
-            axes.plot(steps, times, label=f"rank {rank}")
+            axes.plot(steps, times, label=f"rank {rank}", marker=_few(steps))
     axes.set_xlabel("step")
     axes.set_ylabel("step time (s)")
     axes.set_title("Step time per rank")
@@ -122,6 +126,11 @@ def _draw_rank_step_time(figure: Any, rows: Sequence[dict[str, Any]]) -> bool:
     if len(per_rank) <= 12:
         axes.legend(loc="best", ncols=2 if len(per_rank) > 4 else 1)
     return True
+
+
+def _few(steps: Sequence[float]) -> str | None:
+    """A marker where a line alone would draw nothing: one point (a run shorter than a row)."""
+    return "o" if len(steps) < 3 else None
 
 
 def _series(rows: Sequence[dict[str, Any]], key: str) -> Series:

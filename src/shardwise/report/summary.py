@@ -122,12 +122,15 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         add("eval loss", f"{_loss(eval_loss)}  (perplexity {format_perplexity(eval_loss)})")
     held_out = _held_out(get("eval_tokens"), get("eval_tokens_available"))
     seconds = get("eval_s")
-    add("eval tokens", held_out and (held_out + (f" in {seconds:.1f}s" if seconds else "")))
+    # eval_s sums every evaluation's time; eval_tokens is one evaluation's count.
+    spent = f" each; {seconds:.1f}s evaluating in all" if seconds else ""
+    add("eval tokens", held_out and held_out + spent)
     add("peak memory", _per_rank_bytes(get("peak_rss_bytes")))
     add("padding", _percent(get("padding_fraction")))
     add("imbalance", _number(get("imbalance")))
-    add("wait", _percent(get("wait_fraction")))
-    add("sync", _sync(summary))
+    wait = _percent(get("wait_fraction"))
+    add("wait", wait and f"{wait} of step time waiting for peers")
+    add("sync", _sync(summary, wait))
     add("staleness", _histogram(get("sync_staleness_histogram")))
     lost = get("sync_workers_lost")
     if lost:
@@ -257,15 +260,19 @@ def _notes(value: Any) -> str | None:
     return value if isinstance(value, str) else "; ".join(map(str, value))
 
 
-def _sync(summary: Mapping[str, Any]) -> str | None:
-    # The strategy, then the mean rank's payload per step and the share of all ranks' time.
+def _sync(summary: Mapping[str, Any], wait: str | None = None) -> str | None:
+    # The strategy, then the mean rank's payload per step and the share of all ranks' time
+    # (left out where it is the wait share just printed: under DDP the two are one wait).
     sent, sync = summary.get("sync_bytes_per_step"), summary.get("sync_time_s")
+    if sent and not any(sent) and (summary.get("world_size") or 1) > 1:
+        return "none: one replica (stages and split layers exchange activations, not gradients)"
     compute = summary.get("compute_time_s") or []
     total = sum(sync or []) + sum(compute)
+    share = f"{sum(sync or []) / total:.1%}" if total > 0 else None
     return _joined(
         _text(summary.get("sync")),
         f"{format_traffic(sum(sent) / len(sent))}/step a rank" if sent else None,
-        f"{sum(sync or []) / total:.1%} of step time" if total > 0 else None,
+        f"{share} of step time" if share is not None and share != wait else None,
         sep=", ",
     )
 
