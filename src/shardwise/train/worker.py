@@ -190,7 +190,8 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
             summary["restarts"] = restarts
             summary["wall_time_s_since_launch"] = _since_launch(folder)
             write_summary(run_dir, summary)
-            write_report(run_dir, summary, plot_metrics(run_dir))
+            final_eval = (trainer.state.step, summary.get("eval_loss"))
+            write_report(run_dir, summary, plot_metrics(run_dir, final_eval))
             print(format_summary(summary), flush=True)
     return summary
 
