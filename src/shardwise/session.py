@@ -62,7 +62,8 @@ SESSION_KEYS = (
     "dp", "pp", "tp", "microbatches", "schedule", "split_points", "sync", "precision", "device",
     "seed", "timeout_s", "sync_every", "sync_warmup_steps", "outer_lr", "outer_momentum",
     "outer_bf16", "grad_compression", "powersgd_rank", "powersgd_warmup_steps", "bucket_mb",
-    "sync_groups",
+    "sync_groups", "keep_checkpoints", "resume", "vocab_size", "input_layout", "model_output",
+    "model",
 )  # fmt: skip
 
 
@@ -377,8 +378,9 @@ def setup(config: TrainConfig | str | Path | None = None, **settings: Any) -> Se
     session = shardwise.setup(pp=2, microbatches=4)          # or tp=2, dp=2, precision="bf16"
     session = shardwise.setup("run.toml")                    # the keys `shardwise train` reads
 
-    Keywords are TrainConfig fields (dp, pp, tp, microbatches, schedule, split_points, sync,
-    precision, device, seed, timeout_s); they override the file's values.
+    Keywords are the TrainConfig fields a Session reads (SESSION_KEYS: the layout, the sync
+    strategy and its settings, precision, device, seed, timeout_s, keep_checkpoints, the model
+    call's settings); they override the file's values.
     """
     config = _session_config(config, settings)
     env = init_distributed(config.device, config.timeout_s)

@@ -110,7 +110,8 @@ class Layout:
             raise ShardwiseError(
                 f"--dp {dp} x --pp {pp} x --tp {tp} = {n} ranks, but the job has "
                 f"{world_size}; choose degrees whose product is {world_size}, or launch "
-                f"{n} processes (--nproc {n})"
+                f"{n} processes (shardwise train --nproc {n}; your own loop: torchrun "
+                f"--nproc-per-node {n})"
             )
 
     def build(self, env: DistEnv, timeout_s: float = 300.0) -> Layout:
