@@ -1,7 +1,7 @@
 """The end of a run on rank 0: the whole trained model as `model.safetensors`, and a sample.
 
-    result = trainer.fit()
-    summary = {**result.summary, **export_model(config, trainer.engine, result.checkpoint, run_dir)}
+    whole = whole_model(trainer.model, result.checkpoint, config, vocab_size)
+    summary = {**result.summary, **export_model(config, whole, run_dir, trainer.model.contract)}
 
 Kept apart from the loop: rebuilding the whole model (from the final checkpoint when the model
 was cut over ranks) and sampling text are the report's business, not training's.

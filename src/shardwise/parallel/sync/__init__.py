@@ -85,7 +85,7 @@ SYNC_STRATEGIES: dict[str, type[SyncStrategy]] = {
 def sync_strategy(name: str, options: SyncOptions | None = None) -> SyncStrategy:
     """A fresh strategy named `name` (see SYNC_STRATEGIES) with `options`.
 
-    >>> sync_strategy("local-sgd", SyncOptions(every=4)).options.sync_every
+    >>> sync_strategy("local-sgd", SyncOptions(sync_every=4)).options.sync_every
     4
     """
     if name not in SYNC_STRATEGIES:
