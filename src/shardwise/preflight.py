@@ -16,6 +16,7 @@ import torch
 
 from shardwise.checkpoint import find_checkpoint
 from shardwise.config import TrainConfig
+from shardwise.config.train_config import DEFAULT_BATCH_SIZE
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
@@ -30,6 +31,7 @@ from shardwise.stores import check_port_free
 from shardwise.train.build import (
     build_sampler,
     load_corpus,
+    seeded_model,
     sequence_lengths,
     stage_plan,
     tensor_parallel_split,
@@ -67,18 +69,24 @@ class RunPlan:
     budget: str = ""  # what --max-tokens or --epochs comes to, when given
     contract: ModelContract | None = None  # how a user's model is called (None: a built-in)
     split: SplitPlan | None = None  # what --tp splits; None without it
+    config: TrainConfig | None = field(default=None, repr=False)  # as the workers get it
 
     @property
     def cuts(self) -> list[str]:
         return self.stages.cuts if self.stages else []
 
     def describe(self) -> str:
-        """The layout and, with stages, the planned cut."""
+        """What the run will do: model, data and steps, batches, schedule, layout, cut, run dir.
+
+        Step times are not predicted here: the cut planner's profile ranks the stages against
+        each other (its shares), but its absolute times were 12-22x off a measured step.
+        """
+        lines = [*self._what_and_how_long()]
         dp, pp, tp = self.layout.dp, self.layout.pp, self.layout.tp
-        lines = [
+        lines.append(
             f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
             f"{self.layout.world_size} ranks ({self.nproc} per node on {self.nnodes} node(s))"
-        ]
+        )
         if self.servers:
             lines.append(
                 f"plus {self.servers} parameter server(s) holding the parameters and optimizer "
@@ -88,13 +96,42 @@ class RunPlan:
             lines.append(self.budget)
         if self.contract is not None:
             lines.append(self.contract.describe())
-        if self.stages is None:
-            lines.append("one stage: every rank of a replica holds the whole model")
-        else:
+        if self.stages is not None:
             lines.append(self.stages.describe())
+        elif self.split is not None:
+            lines.append(
+                f"one stage: every rank holds the model with its large layers split {tp} ways:"
+            )
+        else:
+            lines.append("one stage: every rank holds the whole model")
         if self.split is not None:
             lines.append(self.split.describe())
+        if self.config is not None:
+            lines.append(f"run dir: {self.config.run_dir or resolve_run_dir(self.config)}")
         return "\n".join(lines)
+
+    def _what_and_how_long(self) -> list[str]:
+        config = self.config
+        if config is None:
+            return []
+        model = seeded_model(config, self.corpus.vocab_size)
+        params = sum(p.numel() for p in model.parameters())
+        if config.batching == "tokens":
+            rank = f"{config.tokens_per_batch:,} token slots"
+            whole = f"{config.tokens_per_batch * self.layout.dp * config.grad_accum:,} token slots"
+        else:
+            batch = config.batch_size or DEFAULT_BATCH_SIZE
+            rank = f"{batch} sequences of up to {config.max_len} tokens"
+            whole = f"{batch * self.layout.dp * config.grad_accum} sequences"
+        accum = f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else ""
+        low = config.lr * config.min_lr_ratio
+        return [
+            f"model: {config.model}, {params:,} parameters; data: {config.data or 'embedded'} "
+            f"({self.corpus.vocab_size} token ids)",
+            f"steps: {config.max_steps}; batch: {rank} a rank{accum}, {whole} a step in all",
+            f"learning rate: {config.lr:g} peak after {config.warmup_steps} warmup steps, cosine "
+            f"to {low:g} at step {config.max_steps}",
+        ]
 
 
 def preflight(config: TrainConfig) -> RunPlan:
@@ -117,7 +154,10 @@ def preflight(config: TrainConfig) -> RunPlan:
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
     budget = _budget(config, corpus)
-    return RunPlan(nproc, config.nnodes, layout, stages, corpus, config.ps, budget, contract, split)
+    planned = with_step_budget(config, corpus, nproc * config.nnodes)
+    return RunPlan(
+        nproc, config.nnodes, layout, stages, corpus, config.ps, budget, contract, split, planned
+    )
 
 
 # Past this many processes per core a CPU job spends its time switching between them (and

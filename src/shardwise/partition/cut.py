@@ -71,15 +71,16 @@ class Plan:
             f"{_plural(self.microbatches, 'micro-batch', 'micro-batches')}, "
             f"{self.schedule} schedule"
         )
-        rows = [("stage", "layers", "params", "time/step", "memory")]
+        rows = [("stage", "layers", "params", "compute", "memory")]
+        total_s = sum(stage.time_s for stage in self.stages) or 1.0
         for index, stage in enumerate(self.stages):
             rows.append(
                 (
                     str(index),
                     _layer_span(stage.layer_names),
                     _count(stage.param_count),
-                    f"{stage.time_s * 1e3:.1f} ms",
-                    f"{stage.memory_bytes / 2**20:.1f} MiB",
+                    f"{stage.time_s / total_s:.0%}",  # a share: profiled times balance the cut,
+                    f"{stage.memory_bytes / 2**20:.1f} MiB",  # but are no step-time forecast
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -88,8 +89,8 @@ class Plan:
             for row in rows
         ]
         footer = (
-            f"predicted step time {self.step_time_s * 1e3:.1f} ms; bubble bound "
-            f"{self.bubble_bound:.0%} ((K-1)/(M+K-1)); split points: {', '.join(self.cuts) or '-'}"
+            f"bubble bound {self.bubble_bound:.0%} ((K-1)/(M+K-1)); "
+            f"split points: {', '.join(self.cuts) or '-'}"
         )
         return "\n".join([header, *table, footer])
 
