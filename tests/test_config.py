@@ -50,6 +50,7 @@ def test_a_config_that_is_a_directory_or_a_pipe_is_a_one_line_error(tmp_path: Pa
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("a file config.toml names must be there to load\n")
     config = TrainConfig(batching="fixed", batch_size=7, data=tmp_path / "x.txt", precision="bf16")
     path = tmp_path / "config.toml"
     path.write_text(config.to_toml())

@@ -7,9 +7,17 @@
 `files` reading TOML and flags into a checked config, `sections` the help's grouping.
 """
 
-from shardwise.config.files import build_config, load_config, read_toml
+from shardwise.config.files import Record, build_config, load_config, read_toml
 from shardwise.config.rules import parse_endpoint
 from shardwise.config.sections import SECTIONS
 from shardwise.config.train_config import TrainConfig
 
-__all__ = ["SECTIONS", "TrainConfig", "build_config", "load_config", "parse_endpoint", "read_toml"]
+__all__ = [
+    "SECTIONS",
+    "Record",
+    "TrainConfig",
+    "build_config",
+    "load_config",
+    "parse_endpoint",
+    "read_toml",
+]

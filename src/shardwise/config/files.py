@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,22 @@ from shardwise.config.rules import two_budgets
 from shardwise.config.train_config import TrainConfig
 from shardwise.errors import ShardwiseError
 
+# The settings that say how long to train: one is given, and one given now replaces a record's.
+BUDGETS = ("max_steps", "max_tokens", "epochs")
+# Settings that name files (TrainConfig.to_toml records them absolute).
+PATH_SETTINGS = ("data", "job_secret_file")
 # A config's settings are numbers, strings and lists of them; far deeper nesting is a mistake or
 # an attack, and at ~1,000 levels overflows the parser or whatever prints the value.
 MOST_NESTING = 16
+
+
+@dataclass(frozen=True)
+class Record:
+    """A run's own settings (`TrainConfig.settings()`), and where they were read: what a
+    resumed run starts from."""
+
+    source: str  # "--resume runs/a", for messages
+    values: dict[str, Any]
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -97,11 +111,49 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
         raise ShardwiseError(_describe_validation_error(exc, source)) from None
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Values from the TOML file at `path` (if any), with `overrides` (flags) taking precedence."""
+def load_config(
+    path: Path | None,
+    overrides: dict[str, Any] | None = None,
+    record: Record | None = None,
+) -> TrainConfig:
+    """Values from the TOML file at `path` (if any), with `overrides` (flags) taking precedence.
+
+        load_config(None, {"max_steps": 400}, Record("--resume runs/a", saved))  # saved, but 400
+
+    With a `record` (a run's own settings, when --resume continues it), every setting the file
+    and the flags do not give is the record's: nothing reverts to a default. A budget given now
+    (--max-steps, --max-tokens, --epochs) replaces the record's. Files named by the file or the
+    flags are taken relative to the working directory and kept absolute from here on (a run
+    records them so); one that is missing is refused naming where its path came from.
+    """
     values = read_toml(path) if path is not None else {}
     source = f"--config {path}" if path is not None else "config"
-    return build_config({**values, **(overrides or {})}, source)
+    given = {**values, **(overrides or {})}
+    recorded = record.values if record is not None else {}
+    if given.keys() & set(BUDGETS):
+        recorded = {key: value for key, value in recorded.items() if key not in BUDGETS}
+    for name in PATH_SETTINGS:
+        if name in values and (overrides or {}).get(name) is None:
+            _require_file(source, name, values[name])
+        elif given.get(name) is None and record is not None and name in recorded:
+            _require_file(record.source, name, recorded[name])
+        if given.get(name) is not None:
+            given[name] = str(Path(given[name]).absolute())
+    return build_config({**recorded, **given}, source)
+
+
+def _require_file(source: str, name: str, value: object) -> None:
+    """A path taken from a file or a run's record that names nothing: say where it came from."""
+    path = Path(str(value))
+    if path.exists():
+        return
+    where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    fix = f"; give {_flag(name)} PATH" if source.startswith("--resume") else ""
+    raise ShardwiseError(f"{source}: {name} '{value}'{where}: file not found{fix}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _reject_unknown_keys(values: dict[str, Any], source: str) -> None:
@@ -116,7 +168,7 @@ def _reject_unknown_keys(values: dict[str, Any], source: str) -> None:
 def _reject_two_budgets(values: dict[str, Any], source: str) -> None:
     # Here as well as in the config's rules, which let a --max-steps of the default pass (every
     # recorded config holds one): of what the user wrote, even --max-steps 300 is refused.
-    given = [key for key in ("max_steps", "max_tokens", "epochs") if values.get(key) is not None]
+    given = [key for key in BUDGETS if values.get(key) is not None]
     if message := two_budgets(given):
         raise ShardwiseError(f"{source}: {message}")
 

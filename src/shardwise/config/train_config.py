@@ -43,6 +43,8 @@ OTHER_LR = 3e-3
 DEFAULT_BATCH_SIZE = 16  # --batching fixed's sequences per rank when --batch-size is not given
 # Validation context of a run's recorded settings (TrainConfig.from_record).
 _RECORDED = "recorded"
+# Settings that name files: relative to the working directory, so recorded absolute.
+_PATHS = ("data", "job_secret_file")
 
 
 class TrainConfig(DataSettings):
@@ -388,14 +390,26 @@ class TrainConfig(DataSettings):
         """Ranks that share one model replica (pp x tp)."""
         return Layout(pp=self.pp, tp=self.tp).replica_size
 
-    def to_toml(self) -> str:
-        """The resolved configuration as TOML (unset optional values, --overwrite and the
-        settings this run never reads left out)."""
-        # --overwrite is an order about the directory at start, not part of the run: a copy of
-        # a run's config.toml given as --config must not delete the next run's results unasked.
-        # With a token or epoch budget, the steps are derived from it (train/build.py). The
-        # settings of other modes are left out: the file lists what this run used.
+    def settings(self) -> dict[str, Any]:
+        """What makes this run what it is, as JSON values: the keys config.toml records.
+
+            TrainConfig(model="gru").settings()["model"]   # "gru"; no "run_dir", "resume"
+
+        Left out: unset optional values; the orders about where the run lives and how it
+        starts (--run-dir, --resume, --overwrite), so a run's config.toml given as --config
+        starts a new run rather than being refused as one that already holds a run, and never
+        deletes one unasked; a --max-steps derived from a token or epoch budget
+        (train/build.py); and the settings of other modes, which this run never reads.
+        """
         derived = {"max_steps"} if self.max_tokens or self.epochs else set()
-        left_out = {"overwrite", *derived, *unread_settings(self)}
-        values = self.model_dump(mode="json", exclude_none=True, exclude=left_out)
+        left_out = {"overwrite", "run_dir", "resume", *derived, *unread_settings(self)}
+        return self.model_dump(mode="json", exclude_none=True, exclude=left_out)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML: `settings()`, with its paths made absolute so
+        that the file reruns the same run from any working directory."""
+        values = self.settings()
+        for name in _PATHS:
+            if name in values:
+                values[name] = str(Path(values[name]).absolute())
         return tomli_w.dumps(values)
