@@ -13,7 +13,7 @@ import torch
 import shardwise
 from shardwise import cli
 from shardwise.cli import main
-from shardwise.config import SECTIONS, TrainConfig
+from shardwise.config import SECTIONS, Record, TrainConfig
 from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
 
@@ -183,9 +183,19 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture) -> No
     assert capsys.readouterr().out.strip() == f"shardwise {shardwise.__version__}"
 
 
+def without_a_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume continues with the run's own settings; these runs need none of theirs."""
+    import shardwise.train.resume
+
+    monkeypatch.setattr(
+        shardwise.train.resume, "recorded_settings", lambda path: Record(f"--resume {path}", {})
+    )
+
+
 def test_bare_resume_continues_the_run_dir(
     corpus: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    without_a_record(monkeypatch)
     launched: list[TrainConfig] = []
     monkeypatch.setattr(cli, "_launch", lambda config, dry=False: launched.append(config) or 0)
     code = main(["train", "--data", str(corpus), "--run-dir", str(run_dir), "--resume"])
@@ -198,6 +208,7 @@ def test_bare_resume_takes_the_run_dir_from_the_config_file(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "run.toml").write_text(f"run_dir = '{tmp_path / 'from-file'}'\n")
+    without_a_record(monkeypatch)
     launched: list[TrainConfig] = []
     monkeypatch.setattr(cli, "_launch", lambda config, dry=False: launched.append(config) or 0)
     main(["train", "--data", str(corpus), "--config", str(tmp_path / "run.toml"), "--resume"])

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 
 import shardwise
-from shardwise.config import SECTIONS, TrainConfig, load_config
+from shardwise.config import SECTIONS, Record, TrainConfig, load_config, read_toml
 from shardwise.errors import ShardwiseError, WorkerFailedError
 from shardwise.train.preemption import EXIT_INTERRUPTED, Preempted
 
@@ -92,13 +92,27 @@ def _train(args: argparse.Namespace) -> int:
         overrides["resume"] = _run_dir_to_resume(args.config, overrides)
     from shardwise.slurm import apply_slurm  # inside an srun step: nodes, rank and rendezvous
 
-    config = load_config(args.config, apply_slurm(os.environ, overrides, args.config))
+    overrides = apply_slurm(os.environ, overrides, args.config)
+    config = load_config(args.config, overrides, _record(args.config, overrides))
     if "RANK" in os.environ:  # started by the user's torchrun: this process is one worker
         from shardwise.api import run_as_torchrun_worker
 
         run_as_torchrun_worker(config)
         return 0
     return _launch(config, dry=args.dry_run)
+
+
+def _record(config_file: Path | None, overrides: dict[str, typing.Any]) -> Record | None:
+    """The settings of the run that --resume continues (from the flag or the file), if any:
+    what the flags and the file given now change, and nothing else."""
+    resume = overrides.get("resume")
+    if resume is None and config_file is not None:
+        resume = read_toml(config_file).get("resume")
+    if resume is None:
+        return None
+    from shardwise.train.resume import recorded_settings
+
+    return recorded_settings(Path(resume))
 
 
 def _launch(config: TrainConfig, dry: bool = False) -> int:

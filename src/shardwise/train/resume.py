@@ -23,8 +23,16 @@ from pydantic import ValidationError
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from shardwise.checkpoint import CheckpointRejected, TrainerState, load_newest
-from shardwise.config import TrainConfig
+from shardwise.checkpoint import (
+    CheckpointRejected,
+    TrainerState,
+    candidates,
+    find_checkpoint,
+    is_checkpoint_dir,
+    load_newest,
+    read_state,
+)
+from shardwise.config import Record, TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.model import ParallelModel
@@ -76,6 +84,46 @@ IGNORED = {
     "preempt_grace_s",
     "heartbeat_timeout_s",
 }
+
+# Where this node sits in a job, not what the run is: a continued run takes them from its own
+# command line (TrainConfig.settings() already leaves out run_dir, resume and overwrite).
+NOT_CONTINUED = {"node_rank", "rdzv_endpoint"}
+
+
+def recorded_settings(path: Path) -> Record:
+    """The settings the run at `path` trained with: what `--resume path` continues from.
+
+        load_config(None, {"max_steps": 400}, recorded_settings(Path("runs/a")))
+
+    `path` is a run dir (its newest checkpoint whose trainer state verifies speaks for it) or
+    one checkpoint. The checkpoint's own record is the one `check_resume` compares this run
+    against, and a start that was refused never rewrites it, as it does config.toml.
+    """
+    source = f"--resume {path}"
+    if not path.is_dir():
+        problem = "not a directory" if path.exists() else "no such directory"
+        raise ShardwiseError(
+            f"{source}: {problem}; pass a run directory or one of its checkpoints/step_XXXXXXXX"
+        )
+    named = is_checkpoint_dir(path)
+    listed = [path] if named else candidates(path / "checkpoints") or candidates(path)
+    if not listed:
+        find_checkpoint(path)  # its one line: no complete checkpoint there
+    reasons = []
+    for checkpoint in listed:
+        try:
+            saved = saved_config(checkpoint, read_state(checkpoint))
+        except CheckpointRejected as rejected:
+            if named:
+                raise
+            reasons.append(f"{checkpoint.name}: {rejected.reason}")
+            continue
+        values = {k: v for k, v in saved.settings().items() if k not in NOT_CONTINUED}
+        return Record(source, values)
+    raise ShardwiseError(
+        f"{source}: no checkpoint there records the run's settings ({reasons[0]}); resume from "
+        "a checkpoint the run wrote, or start a new run"
+    )
 
 
 @dataclass(frozen=True)
