@@ -35,3 +35,19 @@ def test_the_preflight_reaches_no_train_module_but_the_builder() -> None:
     ).stdout
     train_modules = {m for m in eval(loaded) if m.startswith("shardwise.train.")}
     assert train_modules == {"shardwise.train.build"}
+
+
+def test_the_launcher_loads_no_train_module() -> None:
+    # What the launcher and its workers share is handoff.py's; the launcher never needs train/.
+    probe = "import sys, shardwise.agent; print(sorted(m for m in sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "shardwise.agent" in eval(loaded)
+    train_modules = [m for m in eval(loaded) if m.startswith("shardwise.train")]
+    assert train_modules == []
+
+
+def test_the_handoff_imports_nothing_of_either_side() -> None:
+    shardwise = {m for m in imported_modules(SRC / "handoff.py") if m.startswith("shardwise")}
+    assert shardwise <= {"shardwise.distributed"}, shardwise

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 import torch
@@ -38,30 +40,32 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from torch.distributed.elastic.rendezvous import RendezvousError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from shardwise.checkpoint import latest_checkpoint
 from shardwise.config import TrainConfig
 from shardwise.distributed import ATTEMPT_ENV
 from shardwise.errors import ShardwiseError, WorkerFailedError, first_line
+from shardwise.handoff import (
+    AGENT_LOGS,
+    ATTEMPT_DIR,
+    ERROR_FILE_GLOB,
+    EXIT_STOPPED,
+    GIVE_UP_SIGNAL,
+    LAUNCHED_FILE,
+    LAUNCHER_PID_ENV,
+    PID_FILE_GLOB,
+    PREEMPT_FILE,
+    PREEMPTED_FILE,
+    SYS_PATH_FILE,
+    Preempted,
+    latest_attempt,
+    rank_zero_summary,
+)
 from shardwise.signed_store import job_secret_in_environment
 from shardwise.stores import (
     bind_configs,
     free_port,
     loopback_comms,
     rendezvous_backend,
-)
-from shardwise.train.preemption import (
-    EXIT_STOPPED,
-    GiveUp,
-    launcher_signal_settings,
-    launcher_signals,
-    stopped_run,
-)
-from shardwise.train.restarts import AGENT_LOGS, ATTEMPT_DIR, latest_attempt
-from shardwise.train.supervisor import LAUNCHER_PID_ENV
-from shardwise.train.worker import (
-    ERROR_FILE_GLOB,
-    LAUNCHED_FILE,
-    LAUNCHER_SUMMARY_FILE,
-    SYS_PATH_FILE,
 )
 
 T = TypeVar("T")
@@ -111,22 +115,17 @@ def launch_workers(config: TrainConfig, nproc: int) -> dict | None:
                 "node with the same --nnodes and --rdzv-endpoint"
             ) from None
         except SignalException as exc:  # ours (see launcher_signals), or SIGHUP or SIGQUIT
-            if _rank_zero_summary(folder) is None:  # else it finished within the grace period
+            if rank_zero_summary(folder) is None:  # else it finished within the grace period
                 raise stopped_run(folder, exc.sigval, config.run_dir) from None
         except GiveUp:
             raise _user_error(folder) from None
         # A command returns nothing through the agent: each worker left its summary here.
-        summary = _rank_zero_summary(folder)
+        summary = rank_zero_summary(folder)
         if summary is None:  # a node without rank 0, or workers stopped by a signal to them
             stop = stopped_run(folder, signal.SIGINT, config.run_dir)
             if stop.checkpoint is not None:
                 raise stop
         return summary
-
-
-def _rank_zero_summary(folder: Path) -> dict | None:
-    rank_zero = folder / LAUNCHER_SUMMARY_FILE.format(rank=0)
-    return json.loads(rank_zero.read_text(encoding="utf-8")) if rank_zero.exists() else None
 
 
 def launch(fn: Callable[..., T], nproc: int, *args: object) -> T:
@@ -150,6 +149,80 @@ def launch(fn: Callable[..., T], nproc: int, *args: object) -> T:
     launch_config = _launch_config(nproc, f"localhost:{free_port()}", start_method=_start_method())
     with job_secret_in_environment(None, nnodes=1), _agent(launch_config, nnodes=1):
         return elastic_launch(launch_config, fn)(*args)[0]
+
+
+# Signals: a preemption, a second Ctrl-C, a worker's user error (see train/preemption.py).
+
+
+class GiveUp(Exception):
+    """A worker reported a user error (GIVE_UP_SIGNAL): retrying cannot cure that."""
+
+
+def launcher_signal_settings(grace_s: float) -> dict[str, object]:
+    """LaunchConfig settings: SIGTERM and SIGINT are ours; stopped workers get `grace_s`."""
+    # The agent would install its own SIGTERM and SIGINT handlers at every (re)start of the
+    # workers, over ours; it keeps handling SIGHUP and SIGQUIT.
+    return {"signals_to_handle": "SIGHUP,SIGQUIT", "shutdown_timeout": math.ceil(grace_s)}
+
+
+@contextlib.contextmanager
+def launcher_signals(folder: Path) -> Iterator[None]:
+    """While the agent runs: SIGTERM and the first Ctrl-C preempt the run, a second Ctrl-C
+    kills the workers at once (KeyboardInterrupt), and a worker's user error raises GiveUp.
+
+    with launcher_signals(folder):
+        elastic_launch(launch_config, sys.executable)(*command)   # SignalException: preempted
+
+    A preemption leaves PREEMPT_FILE for the workers and raises the agent's own SignalException,
+    on which the agent sends the workers SIGTERM and waits up to its shutdown timeout
+    (--preempt-grace-s) before it kills them.
+    """
+    received: list[int] = []
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            name = signal.Signals(signum).name
+            (folder / PREEMPT_FILE).write_text(name, encoding="ascii")
+            raise SignalException(f"shardwise got {name}", sigval=signal.SIGTERM)
+        if signum == signal.SIGINT:  # a second Ctrl-C: abort; SIGTERM again changes nothing
+            kill_workers(folder)
+            raise KeyboardInterrupt
+
+    def on_give_up(signum: int, frame: FrameType | None) -> None:
+        raise GiveUp
+
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, GIVE_UP_SIGNAL: on_give_up}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def kill_workers(folder: Path) -> None:
+    """SIGKILL every worker still running, with its data-loading processes (its group)."""
+    for path in folder.glob(PID_FILE_GLOB):
+        pid = int(path.stem.removeprefix("worker-"))
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:  # still a worker: each leads its own process group
+                os.killpg(pid, signal.SIGKILL)
+
+
+def stopped_run(folder: Path, signum: int, run_dir: Path | None) -> Preempted:
+    """What a signal did to the run: the checkpoint the workers agreed on, or none.
+
+    Every rank of a preempted group leaves a note with the step and checkpoint it saved.
+    """
+    word = folder / PREEMPT_FILE
+    name = word.read_text(encoding="ascii") if word.exists() else signal.Signals(signum).name
+    attempt = folder / ATTEMPT_DIR.format(attempt=latest_attempt(folder))
+    for note in sorted(attempt.glob(PREEMPTED_FILE.format(rank="*"))):
+        saved = json.loads(note.read_text(encoding="utf-8"))
+        return Preempted(saved["step"], Path(saved["checkpoint"]), name)
+    saved_before = run_dir is not None and latest_checkpoint(run_dir / "checkpoints")
+    return Preempted(None, None, name, run_dir if saved_before else None)
 
 
 def _start_method() -> str:
@@ -185,7 +258,7 @@ def _launch_config(
     node restart without it, and a node that arrives later makes the agents restart the group
     with it (that restart does not count against `max_restarts`). A failed group is restarted
     `max_restarts` times, then the run fails, reported by its root cause. With `grace_s`
-    SIGTERM and SIGINT are left to the launcher (see preemption.launcher_signals), and a
+    SIGTERM and SIGINT are left to the launcher (see launcher_signals), and a
     stopped worker gets that long before it is killed.
     """
     rdzv_configs: dict[str, object] = dict(bind_configs(endpoint, nnodes))

@@ -26,14 +26,13 @@ from types import FrameType
 
 from shardwise.config import TrainConfig
 from shardwise.distributed import job_store
+from shardwise.handoff import GIVE_UP_SIGNAL, LAUNCHER_PID_ENV
 from shardwise.meeting import mark_left
 from shardwise.train.heartbeat import mark_done
-from shardwise.train.preemption import GIVE_UP_SIGNAL
 
 SUPERVISED_ENV = "SHARDWISE_SUPERVISED"
 _PR_SET_PDEATHSIG = 1
 _EXIT_ORPHANED = 3
-LAUNCHER_PID_ENV = "SHARDWISE_LAUNCHER_PID"
 
 
 def supervises(config: TrainConfig) -> bool:
