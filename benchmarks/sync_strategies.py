@@ -13,12 +13,12 @@ diloco (H = 8) and async (--ps 1, when `shardwise train --help` offers it; as on
 on loopback while it refuses --nnodes). Conditions, changed between jobs:
 - clean: the veth unshaped;
 - straggler: rank 1's compute 2x slower (SHARDWISE_TESTING_SLOW_RANK=1:2, a testing aid
-  in train/timing.py);
+  in train/faults.py);
 - slow_link: each node's egress capped (`tc` netem, or tbf where the kernel has no netem) at
   the rate at which one all-reduce of the model's gradients costs about one step's compute,
   calibrated by a clean allreduce run at the start and printed. Without network namespaces
   (not root, no iproute2) both nodes run on loopback and the slow link is an injected sleep
-  per collective instead (SHARDWISE_TESTING_COLLECTIVE_DELAY_S); the output says which.
+  per exchange instead (SHARDWISE_TESTING_COLLECTIVE_DELAY_S); the output says which.
 Every round runs, per condition, allreduce, its A/A twin (allreduce_again) and the condition's
 strategies (SIDES; --every-strategy: all), in an order rotated each round (support/rounds.py).
 Per strategy: tokens/s over allreduce's (median of per-round ratios, min-max, A/A band,
@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from shardwise.train.timing import SLOW_RANK_ENV
+from shardwise.train.faults import SLOW_RANK_ENV
 from support.netem import (
     Link,
     Namespaces,

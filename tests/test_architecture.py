@@ -51,3 +51,13 @@ def test_the_launcher_loads_no_train_module() -> None:
 def test_the_handoff_imports_nothing_of_either_side() -> None:
     shardwise = {m for m in imported_modules(SRC / "handoff.py") if m.startswith("shardwise")}
     assert shardwise <= {"shardwise.distributed"}, shardwise
+
+
+def test_only_the_fault_module_reads_the_testing_variables() -> None:
+    # Fault injection is read once, at the worker's entry, and handed in (STYLE.md).
+    readers = [
+        str(path.relative_to(SRC))
+        for path in sorted(SRC.rglob("*.py"))
+        if "SHARDWISE_TESTING_" in path.read_text(encoding="utf-8")
+    ]
+    assert readers == ["train/faults.py"]

@@ -11,9 +11,9 @@ else a token bucket (`tbf rate R`) without the delay, which `Namespaces.shaping`
 context removes every namespace (and with them every link), also after an error.
 
 Needs root and iproute2 (`ip`, `tc`); `unavailable()` says why not. Where namespaces cannot be
-made, the fallback is an injected sleep per collective in the workers:
+made, the fallback is an injected sleep per exchange in the workers:
 `fallback_environment(link)` sets SHARDWISE_TESTING_COLLECTIVE_DELAY_S, which
-shardwise.distributed honours (not for plain DDP's C++ all-reduce: see its docstring).
+shardwise/train/faults.py honours (its `SlowLink`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from shardwise.distributed import COLLECTIVE_DELAY_ENV
 from shardwise.stores import free_port
+from shardwise.train.faults import COLLECTIVE_DELAY_ENV
 
 SUBNET = "10.213.0"
 
@@ -197,8 +197,8 @@ def remove_namespaces(net: Namespaces) -> None:
 def fallback_environment(link: Link) -> dict[str, str]:
     """The injected-delay stand-in for `link`: SHARDWISE_TESTING_COLLECTIVE_DELAY_S=S:MBIT.
 
-    Every collective then sleeps a round trip (2 x the delay) plus its bytes at the link's rate
-    before it starts (see shardwise.distributed).
+    After each step a rank then sleeps a round trip (2 x the delay) per exchange its sync
+    strategy started plus their bytes at the link's rate (see shardwise/train/faults.py).
     """
     rate = f":{link.rate_mbit:g}" if link.rate_mbit else ""
     return {COLLECTIVE_DELAY_ENV: f"{2 * link.delay_ms / 1000:g}{rate}"}

@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import os
 import resource
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -236,41 +233,6 @@ def _init_process_group(
             f"rank {rank}: could not join the {world}-process group within {timeout_s:g}s "
             f"({first_line(exc)}); check that every peer started and can reach MASTER_ADDR"
         ) from None
-    _delay_collectives_for_testing()
-
-
-COLLECTIVE_DELAY_ENV = "SHARDWISE_TESTING_COLLECTIVE_DELAY_S"
-
-
-def _delay_collectives_for_testing() -> None:
-    """Testing aid, the slow-link fallback where network namespaces cannot be made: with
-    SHARDWISE_TESTING_COLLECTIVE_DELAY_S=SECONDS[:MBIT], every all_reduce, all_gather and
-    broadcast called through `torch.distributed` first sleeps SECONDS plus its bytes at MBIT.
-
-    That reaches DDP's comm hooks (fp16, PowerSGD), local SGD, DiLoCo and our helpers, but not
-    plain DDP's bucket all-reduce, which its C++ reducer issues: prefer benchmarks/support/netem.
-    """
-    setting = os.environ.get(COLLECTIVE_DELAY_ENV, "")
-    if not setting or getattr(dist.all_reduce, "delay_s", None) is not None:
-        return
-    seconds, _, mbit = setting.partition(":")
-    delay_s, bytes_per_s = float(seconds), float(mbit or "inf") * 1e6 / 8
-
-    def delayed(collective: Callable[..., Any]) -> Callable[..., Any]:
-        def call(tensor: Any, *args: Any, **kwargs: Any) -> Any:  # torch's signature, unchanged
-            size = sum(t.numel() * t.element_size() for t in _tensors(tensor))
-            time.sleep(delay_s + size / bytes_per_s)
-            return collective(tensor, *args, **kwargs)
-
-        call.delay_s = delay_s  # type: ignore[attr-defined]  # marks dist as patched already
-        return call
-
-    for name in ("all_reduce", "all_gather", "broadcast"):
-        setattr(dist, name, delayed(getattr(dist, name)))
-
-
-def _tensors(value: object) -> list[torch.Tensor]:
-    return [value] if isinstance(value, torch.Tensor) else [t for t in value if torch.is_tensor(t)]
 
 
 def shutdown_distributed() -> None:

@@ -18,8 +18,8 @@ PREEMPTED = re.compile(
     r"shardwise: preempted at step (\d+) \((SIGTERM|SIGINT)\); checkpoint saved to (\S+); "
     r"continue with --resume (\S+)"
 )
-# Each collective sleeps first (distributed.py's testing aid): steps slow enough for a second
-# Ctrl-C to land while the first one's step and checkpoint are still under way.
+# Each step's gradient exchange costs 0.3 s more (train/faults.py's slow link): steps slow enough
+# for a second Ctrl-C to land while the first one's step and checkpoint are still under way.
 SLOW_STEPS = {"SHARDWISE_TESTING_COLLECTIVE_DELAY_S": "0.3"}
 
 

@@ -13,18 +13,16 @@ stops all of them after the same one, where the trainer saves a checkpoint and r
 nothing. Asynchronous runs (--sync async) keep the default handling: their workers step apart
 and their servers' state is not checkpointed.
 
-Under our launcher (the second half of this module) the elastic agent also sends SIGTERM when
-it stops a worker group after a failure (to restart it, or for good). That is no preemption:
-the launcher writes PREEMPT_FILE into its folder before it passes a signal on, and a SIGTERM
-without it ends the worker at once, as SIGTERM's default would.
+Under our launcher (agent.py: its side of this) the elastic agent also sends SIGTERM when it
+stops a worker group after a failure (to restart it, or for good). That is no preemption: the
+launcher writes PREEMPT_FILE into its folder before it passes a signal on, and a SIGTERM without
+it ends the worker at once, as SIGTERM's default would.
 """
 
 from __future__ import annotations
 
 import _thread
 import contextlib
-import json
-import math
 import os
 import signal
 import threading
@@ -34,75 +32,26 @@ from pathlib import Path
 from types import FrameType
 
 import torch
-from torch.distributed.elastic.multiprocessing import SignalException
 
-from shardwise.checkpoint import latest_checkpoint
 from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv, all_reduce_sum
-from shardwise.train.restarts import (
-    ATTEMPT_DIR,
-    kill_for_testing,
-    latest_attempt,
-    note_progress,
-    pause_for_testing,
+from shardwise.handoff import (
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    PREEMPT_FILE,
     write_record,
 )
 
-# The launcher's word that its signal is a preemption (see the module docstring).
-PREEMPT_FILE = "preempting"
+# Where the CLI and older callers look for them; they are the hand-off's (handoff.py).
+from shardwise.handoff import EXIT_PREEMPTED as EXIT_PREEMPTED
+from shardwise.handoff import GIVE_UP_SIGNAL as GIVE_UP_SIGNAL
+from shardwise.handoff import Preempted as Preempted
+from shardwise.train.restarts import note_progress
+
 STOPPED_FILE = "stopped-rank{rank}.json"
-PREEMPTED_FILE = "preempted-rank{rank}.json"
-PID_FILE_GLOB = "worker-*.pid"
-# What a worker with a user error sends its launcher: retrying cannot cure that, so the launcher
-# stops the group at once rather than let the agent restart it.
-GIVE_UP_SIGNAL = signal.SIGUSR1
-# Exit statuses of `shardwise train` (the README's "Exit status" table).
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped with a checkpoint; --resume continues
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: aborted (a second Ctrl-C), nothing saved just now
-EXIT_STOPPED = 128 + signal.SIGTERM  # a worker the agent stopped: what SIGTERM's death reports
 # How long a worker's SIGTERM waits for the launcher's word: SLURM signals every process of a
 # job at once, so the launcher may still be writing it.
 _WORD_WAIT_S = 0.5
-
-
-class Preempted(Exception):  # a way for a run to end, not an error
-    """The run stopped on a signal after `step`; `checkpoint` holds it (None: nothing saved).
-
-    raise Preempted(37, Path("runs/a/checkpoints/step_00000037"), "SIGTERM")
-    """
-
-    def __init__(
-        self,
-        step: int | None,
-        checkpoint: Path | None,
-        signal_name: str,
-        resume_from: Path | None = None,
-    ) -> None:
-        self.step = step
-        self.checkpoint = checkpoint
-        self.signal_name = signal_name
-        self.resume_from = resume_from  # without a checkpoint now: a run dir with an earlier one
-        super().__init__(self.describe())
-
-    @property
-    def exit_status(self) -> int:
-        """75 with a checkpoint; else 128 + the signal's number, as a shell reports a kill."""
-        if self.checkpoint is not None:
-            return EXIT_PREEMPTED
-        number = getattr(signal.Signals, self.signal_name, signal.SIGTERM)
-        return 128 + int(number)
-
-    def describe(self) -> str:
-        if self.checkpoint is None:
-            resume = f"; continue from its newest checkpoint with --resume {self.resume_from}"
-            return f"stopped by {self.signal_name} before a checkpoint was saved" + (
-                resume if self.resume_from else ""
-            )
-        run_dir = self.checkpoint.parent.parent
-        return (
-            f"preempted at step {self.step} ({self.signal_name}); checkpoint saved to "
-            f"{self.checkpoint}; continue with --resume {run_dir}"
-        )
 
 
 def preemptible(config: TrainConfig) -> bool:
@@ -229,86 +178,9 @@ class PreemptionCheck:
 
         False at the last step: the run then simply finishes.
         """
-        if self.folder is not None:
-            kill_for_testing(step)
-            pause_for_testing(step)
-            if self.env.is_main:
-                note_progress(self.folder, step)
+        if self.folder is not None and self.env.is_main:
+            note_progress(self.folder, step)
         if step >= max_steps or not self.enabled:
             return False
         flag = torch.tensor([1.0 if _Watch.requested else 0.0], dtype=torch.float64)
         return bool(all_reduce_sum(flag, self.env).item() > 0)
-
-
-# The launcher's side.
-
-
-class GiveUp(Exception):
-    """A worker reported a user error (GIVE_UP_SIGNAL): retrying cannot cure that."""
-
-
-def launcher_signal_settings(grace_s: float) -> dict[str, object]:
-    """LaunchConfig settings: SIGTERM and SIGINT are ours; stopped workers get `grace_s`."""
-    # The agent would install its own SIGTERM and SIGINT handlers at every (re)start of the
-    # workers, over ours; it keeps handling SIGHUP and SIGQUIT.
-    return {"signals_to_handle": "SIGHUP,SIGQUIT", "shutdown_timeout": math.ceil(grace_s)}
-
-
-@contextlib.contextmanager
-def launcher_signals(folder: Path) -> Iterator[None]:
-    """While the agent runs: SIGTERM and the first Ctrl-C preempt the run, a second Ctrl-C
-    kills the workers at once (KeyboardInterrupt), and a worker's user error raises GiveUp.
-
-    with launcher_signals(folder):
-        elastic_launch(launch_config, sys.executable)(*command)   # SignalException: preempted
-
-    A preemption leaves PREEMPT_FILE for the workers and raises the agent's own SignalException,
-    on which the agent sends the workers SIGTERM and waits up to its shutdown timeout
-    (--preempt-grace-s) before it kills them.
-    """
-    received: list[int] = []
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            name = signal.Signals(signum).name
-            (folder / PREEMPT_FILE).write_text(name, encoding="ascii")
-            raise SignalException(f"shardwise got {name}", sigval=signal.SIGTERM)
-        if signum == signal.SIGINT:  # a second Ctrl-C: abort; SIGTERM again changes nothing
-            kill_workers(folder)
-            raise KeyboardInterrupt
-
-    def on_give_up(signum: int, frame: FrameType | None) -> None:
-        raise GiveUp
-
-    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, GIVE_UP_SIGNAL: on_give_up}
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def kill_workers(folder: Path) -> None:
-    """SIGKILL every worker still running, with its data-loading processes (its group)."""
-    for path in folder.glob(PID_FILE_GLOB):
-        pid = int(path.stem.removeprefix("worker-"))
-        with contextlib.suppress(OSError):
-            if os.getpgid(pid) == pid:  # still a worker: each leads its own process group
-                os.killpg(pid, signal.SIGKILL)
-
-
-def stopped_run(folder: Path, signum: int, run_dir: Path | None) -> Preempted:
-    """What a signal did to the run: the checkpoint the workers agreed on, or none.
-
-    Every rank of a preempted group leaves a note with the step and checkpoint it saved.
-    """
-    word = folder / PREEMPT_FILE
-    name = word.read_text(encoding="ascii") if word.exists() else signal.Signals(signum).name
-    attempt = folder / ATTEMPT_DIR.format(attempt=latest_attempt(folder))
-    for note in sorted(attempt.glob(PREEMPTED_FILE.format(rank="*"))):
-        saved = json.loads(note.read_text(encoding="utf-8"))
-        return Preempted(saved["step"], Path(saved["checkpoint"]), name)
-    saved_before = run_dir is not None and latest_checkpoint(run_dir / "checkpoints")
-    return Preempted(None, None, name, run_dir if saved_before else None)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,19 +28,14 @@ from shardwise.checkpoint import find_checkpoint, latest_checkpoint, read_state
 from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv, attempt_number
 from shardwise.errors import ShardwiseError
+from shardwise.handoff import attempt_dir
 from shardwise.report.metrics import METRICS_FILE
 from shardwise.safe_write import replace_file
 
-ATTEMPT_DIR = "attempt{attempt}"
-AGENT_LOGS = "agent"  # where the launcher points the agent's per-worker logs and error files
 RESTARTS_FILE = "restarts.json"
 _PROGRESS_FILE = "progress.json"
 _WORLD_FILE = "world_size.txt"  # each node's copy: the node that held rank 0 may be gone
 _RECORD = re.compile(r"^(?P<kind>[a-z]+)-rank(?P<rank>\d+)\.(json|txt)$")
-# A testing aid, not a feature: "RANK:STEP" SIGKILLs that rank once it finished that step, on
-# the first attempt only (tests/distributed/test_recovery.py). Read here and nowhere else.
-_TESTING_KILL = "SHARDWISE_TESTING_KILL"
-_TESTING_PAUSE = "SHARDWISE_TESTING_PAUSE"
 
 
 def restart_count() -> int:
@@ -53,64 +46,9 @@ def restart_count() -> int:
     return attempt_number()
 
 
-def attempt_dir(folder: Path, attempt: int | None = None) -> Path:
-    """Where attempt `attempt` (default: this one) leaves its notes; created on first use."""
-    path = folder / ATTEMPT_DIR.format(attempt=restart_count() if attempt is None else attempt)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def latest_attempt(folder: Path) -> int:
-    """The launcher's last attempt so far: the number of restarts it took.
-
-    Counted from our notes and from the agent's own per-attempt log folders
-    (agent/<run_id>/attempt_N/), which exist even for an attempt that died before any note.
-    """
-    ours = [path.name.removeprefix("attempt") for path in folder.glob("attempt*")]
-    agents = [
-        path.name.removeprefix("attempt_") for path in folder.glob(f"{AGENT_LOGS}/*/attempt_*")
-    ]
-    return max((int(n) for n in ours + agents if n.isdigit()), default=0)
-
-
-def write_record(folder: Path, name: str, payload: dict) -> None:
-    """This rank's note `name` ('kind-rank{rank}.json') for this attempt."""
-    path = attempt_dir(folder) / name.format(rank=os.environ.get("RANK", "0"))
-    # Whole or absent: the launcher may read the folder while another rank is still writing.
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload), encoding="utf-8")
-    partial.replace(path)
-
-
 def note_progress(folder: Path, step: int) -> None:
     """Rank 0, after each step: how far this attempt got (a restart counts the steps lost)."""
     (attempt_dir(folder) / _PROGRESS_FILE).write_text(str(step), encoding="ascii")
-
-
-def kill_for_testing(step: int) -> None:
-    """SIGKILL this rank after `step` when the testing aid SHARDWISE_TESTING_KILL=RANK:STEP asks."""
-    if _testing_aid_at(_TESTING_KILL, step) is not None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def pause_for_testing(step: int) -> None:
-    """Testing aid: with SHARDWISE_TESTING_PAUSE=RANK:STEP:SECONDS, rank RANK sleeps SECONDS
-    after `step` in the first attempt only, as a slow step would (its heartbeat beats on).
-
-    It keeps a lone node training until a late node has joined, however fast the machine.
-    """
-    if seconds := _testing_aid_at(_TESTING_PAUSE, step):
-        time.sleep(float(seconds))
-
-
-def _testing_aid_at(variable: str, step: int) -> str | None:
-    """What follows RANK:STEP in testing aid `variable` ("" if nothing) when it names this rank
-    and `step`, in the first attempt only (a restarted group must not be hit again); else None.
-    """
-    rank, _, rest = os.environ.get(variable, "").partition(":")
-    wanted_step, _, extra = rest.partition(":")
-    here = (os.environ.get("RANK", "0"), str(step))
-    return extra if restart_count() == 0 and (rank, wanted_step) == here else None
 
 
 def config_for_attempt(config: TrainConfig, run_dir: Path) -> TrainConfig:

@@ -36,6 +36,7 @@ from shardwise.session import Session
 from shardwise.train.accounting import RunTotals, Window
 from shardwise.train.build import step_groups, stream_identity
 from shardwise.train.evaluation import Evaluations
+from shardwise.train.faults import Faults
 from shardwise.train.health import TrainingHealth, check_finite_weights, skip_step
 from shardwise.train.preemption import Preempted, PreemptionCheck
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
@@ -64,6 +65,7 @@ class Trainer:
         run_dir: Path,
         stages: Plan | None = None,
         preemption: PreemptionCheck | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.config = config
         self.session = session
@@ -86,6 +88,8 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.resume_notes: list[str] = []
         self.clock = StepClock(self.model.parameters())
+        # Empty lists unless a test asked this run for faults (train/faults.py).
+        self.hooks = (faults or Faults()).step_hooks(self.clock, self.model.strategy.traffic)
         self.preemption = preemption or PreemptionCheck.for_config(config, self.env)
         meets = session.meets_between_steps(self.model)  # async workers judge their own steps
         self.health = TrainingHealth(config, self.env, corpus.vocab_size, agree=meets)
@@ -116,6 +120,8 @@ class Trainer:
                     if main:
                         metrics.log(row)
                 progress.update(self.state.step, self.last_loss, self.totals.tokens_per_s)
+                for hook in self.hooks.after_step:
+                    hook(self.state.step)
                 stop = self.preemption.agreed(self.state.step, self.config.max_steps)
                 if stop or self._due(self.config.checkpoint_every):
                     saving = time.perf_counter()
@@ -130,6 +136,8 @@ class Trainer:
 
     def _train_step(self, micro_batches: list[Batch], window: Window) -> None:
         self.clock.start()
+        for hook in self.hooks.before_forward:
+            hook()
         last = len(micro_batches) - 1
         session, model, device = self.session, self.model, self.env.device
         losses = []

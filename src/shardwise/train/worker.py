@@ -5,7 +5,7 @@
 This is the single worker entry point: our own launcher starts it in each worker process, a
 user's `torchrun -m shardwise train ...` reaches it through the CLI, and a single process calls it
 directly. A user error is written to the launcher's error folder as one line (ERROR_FILE); the
-launcher (launch.py) reads it back and prints it.
+launcher (agent.py) reads it back and prints it; handoff.py holds what the two share.
 """
 
 from __future__ import annotations
@@ -29,6 +29,18 @@ from shardwise.distributed import (
     shutdown_distributed,
 )
 from shardwise.errors import ShardwiseError, first_line
+from shardwise.handoff import (
+    ERROR_FILE,
+    GIVE_UP_SIGNAL,
+    LAUNCHED_FILE,
+    LAUNCHER_PID_ENV,
+    PID_FILE_GLOB,
+    PREEMPTED_FILE,
+    SYS_PATH_FILE,
+    Preempted,
+    write_rank_summary,
+    write_record,
+)
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
 from shardwise.report.markdown import CONFIG_FILE
 from shardwise.report.summary import json_value
@@ -37,13 +49,10 @@ from shardwise.safe_write import replace_file
 from shardwise.session import Session
 from shardwise.train.build import load_corpus, seeded_model, stage_plan, with_step_budget
 from shardwise.train.export import export_model, whole_model
+from shardwise.train.faults import Faults, read_faults
 from shardwise.train.health import NonFiniteStepError
 from shardwise.train.heartbeat import heartbeat
 from shardwise.train.preemption import (
-    GIVE_UP_SIGNAL,
-    PID_FILE_GLOB,
-    PREEMPTED_FILE,
-    Preempted,
     PreemptionCheck,
     preemptible,
     watch_signals,
@@ -52,11 +61,9 @@ from shardwise.train.restarts import (
     config_for_attempt,
     record_restart,
     restart_count,
-    write_record,
 )
 from shardwise.train.serve import serve_parameters
 from shardwise.train.supervisor import (
-    LAUNCHER_PID_ENV,
     die_with_parent,
     expendable_ranks,
     supervise,
@@ -64,11 +71,6 @@ from shardwise.train.supervisor import (
 )
 from shardwise.train.trainer import Trainer
 
-ERROR_FILE = "error-rank{rank}.txt"
-ERROR_FILE_GLOB = "error-rank*.txt"
-SYS_PATH_FILE = "sys_path.json"
-LAUNCHED_FILE = "launched_at.txt"
-LAUNCHER_SUMMARY_FILE = "summary-rank{rank}.json"
 RAISED_FILE = "raised-rank{rank}.json"
 _EXIT_FAILED = 2
 _ROOT_CAUSE_GRACE_S = 1.0
@@ -85,6 +87,7 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
     config = TrainConfig.model_validate_json(config_json)
     folder = Path(error_dir) if error_dir is not None else None
     try:
+        faults = read_faults(os.environ, restart_count())  # what a test asked for; else none
         with watch_signals(folder, enabled=preemptible(config)):
             env = init_distributed(config.device, config.timeout_s, servers=config.ps)
             # After joining: a rank 0 that hosts the store itself has it up by now.
@@ -92,7 +95,10 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
             expendable = expendable_ranks(config)
             with heartbeat(config.heartbeat_timeout_s, hung, expendable, untrusted):
                 serves = _serves(env)
-                summary = serve_parameters(config, env) if serves else train(config, env, folder)
+                if serves:
+                    summary = serve_parameters(config, env)
+                else:
+                    summary = train(config, env, folder, faults)
     except Preempted:
         shutdown_distributed()  # every rank stopped after the same step
         raise
@@ -153,10 +159,13 @@ class PeerLostError(ShardwiseError):
     """This rank is fine, but a collective failed because a peer died or stopped answering."""
 
 
-def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict:
+def train(
+    config: TrainConfig, env: DistEnv, folder: Path | None = None, faults: Faults | None = None
+) -> dict:
     """Train as described by `config` on this rank; rank 0 writes the report and prints it.
 
-    `folder` is the launcher's: where a restarted group learns what ended the last attempt.
+    `folder` is the launcher's: where a restarted group learns what ended the last attempt;
+    `faults`: what a test asked this rank for (train/faults.py).
     """
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
     # The run's own settings for config.toml; a restarted attempt resumes (restarts.py).
@@ -177,7 +186,9 @@ def train(config: TrainConfig, env: DistEnv, folder: Path | None = None) -> dict
         barrier(env)
         restarts = record_restart(folder, env, config, run_dir) if folder else []
         check = PreemptionCheck.for_config(config, env, folder)
-        trainer = Trainer(config, session, corpus, model, run_dir, stages, preemption=check)
+        trainer = Trainer(
+            config, session, corpus, model, run_dir, stages, preemption=check, faults=faults
+        )
         try:
             result = trainer.fit()
         except NonFiniteStepError:  # every rank stops at the same step: finish a save in flight
@@ -222,9 +233,6 @@ def _is_peer_failure(exc: RuntimeError) -> bool:
 # Below: launch_workers starts each worker as the command `python -P -m shardwise.train.worker`.
 
 
-# What that command reads from the launcher's folder, and leaves there for it.
-
-
 @record
 def main() -> None:
     """`python -P -m shardwise.train.worker CONFIG_JSON FOLDER`: one worker of launch_workers.
@@ -253,9 +261,7 @@ def main() -> None:
         return  # a clean exit: preemption is no failure, and must not cost a restart
     finally:
         pid_file.unlink(missing_ok=True)
-    rank = os.environ.get("RANK", "0")
-    text = json.dumps(summary, default=json_value)
-    Path(folder, LAUNCHER_SUMMARY_FILE.format(rank=rank)).write_text(text, encoding="utf-8")
+    write_rank_summary(Path(folder), json.dumps(summary, default=json_value))
 
 
 if __name__ == "__main__":
