@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -85,3 +86,25 @@ def test_an_effect_within_the_aa_noise_is_not_resolved() -> None:
 def test_a_comparison_needs_rounds_and_aa_rounds() -> None:
     with pytest.raises(ValueError):
         rounds.Comparison.of([1.0], aa_ratios=[])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    rounds.add_rounds_flag(parser, default=5)
+    parser.add_argument("--steps", type=int, default=40)
+    return parser
+
+
+def test_tiny_swaps_the_defaults_and_a_flag_given_still_wins() -> None:
+    tiny = {"rounds": 1, "steps": 2}
+    full = rounds.parse_with_tiny(_parser(), tiny, [])
+    assert (full.tiny, full.rounds, full.steps) == (False, 5, 40)
+    small = rounds.parse_with_tiny(_parser(), tiny, ["--tiny"])
+    assert (small.tiny, small.rounds, small.steps) == (True, 1, 2)
+    chosen = rounds.parse_with_tiny(_parser(), tiny, ["--tiny", "--steps", "3"])
+    assert (chosen.rounds, chosen.steps) == (1, 3)
+
+
+def test_tiny_sizes_must_name_the_parsers_flags() -> None:
+    with pytest.raises(ValueError, match="stepz"):
+        rounds.parse_with_tiny(_parser(), {"stepz": 2}, [])

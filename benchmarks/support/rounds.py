@@ -170,3 +170,28 @@ def add_rounds_flag(parser: argparse.ArgumentParser, default: int) -> None:
         default=default,
         help=f"interleaved rounds of every side (default {default}; fewer only to smoke-test)",
     )
+
+
+def parse_with_tiny(
+    parser: argparse.ArgumentParser, tiny: Mapping[str, object], argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """Parse with a --tiny flag, which swaps the defaults for `tiny`'s (flags given still win).
+
+    args = parse_with_tiny(parser, {"rounds": 1, "steps": 2})  # `script.py --tiny`: 1 round
+
+    --tiny runs the script's own path at its smallest sizes, one round and its A/A twin, in
+    seconds: a check that the script still runs to its JSON line, never a measurement.
+    """
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smallest sizes, 1 round and its A/A twin, seconds a side: a check, not a result",
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(tiny) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"tiny sizes for flags the parser lacks: {unknown}")
+    if args.tiny:
+        parser.set_defaults(**tiny)
+        args = parser.parse_args(argv)
+    return args
