@@ -3,13 +3,17 @@ the manifest's digests.
 
     python benchmarks/checkpoint_verify.py                 # 6 interleaved rounds
     python benchmarks/checkpoint_verify.py --rounds 5 --dim 512
+    python benchmarks/checkpoint_verify.py --tiny            # a small model: does it still run?
 
 The TransformerLM of `pipeline_memory.py` (95M parameters; parameters, gradients and AdamW
 moments 1.5 GB, of which a checkpoint holds parameters and moments) is saved and loaded in one
 process through `shardwise.checkpoint`. "Verified" is the real code path: every file hashed as
-it is sealed, every file checked against the manifest before a load. "Plain" is the same code
-with the digests switched off (the hashing replaced by a stub for this comparison only), so the
-ratio isolates what verification adds. Each round runs verified, plain, verified again (the A/A
+it is sealed, every file checked against the manifest before a load. "Plain" saves through the
+same code with the digests switched off (the hashing replaced by a stub for this comparison
+only); a plain load is `verify=False`, the path of a rank whose files another rank just
+verified (a load needs the manifest, and still checks each file it reads against it: the load
+ratio is the up-front pass over every file). So the ratios isolate what verification adds.
+Each round runs verified, plain, verified again (the A/A
 pair that shows the noise floor) for save, then the same for load, in an order rotated every
 round (support/rounds.py); the files are still in the page cache when they are read back, as
 they are when a run resumes right after a crash. The last line is JSON: per-round ratios
@@ -35,7 +39,14 @@ import shardwise.checkpoint.save as save_module
 from shardwise.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from shardwise.checkpoint.manifest import FileDigest
 from shardwise.distributed import DistEnv
-from support.rounds import Comparison, add_rounds_flag, again, round_line, round_orders
+from support.rounds import (
+    Comparison,
+    add_rounds_flag,
+    again,
+    parse_with_tiny,
+    round_line,
+    round_orders,
+)
 from support.transformer_job import build_transformer, fixed_batch, model_flags
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
@@ -69,7 +80,8 @@ def parse_args() -> argparse.Namespace:
     model_flags(parser, dim=992, layers=8, heads=8, batch=4, length=64)
     add_rounds_flag(parser, default=6)
     parser.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
-    return parser.parse_args()
+    tiny = {"dim": 64, "layers": 2, "heads": 2, "batch": 2, "length": 16}
+    return parse_with_tiny(parser, tiny | {"rounds": 1})
 
 
 def trained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -87,9 +99,8 @@ def measure(op: str, side: str, directory: Path, model, optimizer) -> float:
     """Seconds for one save (or one load of a fresh save) on `side`."""
     verified = side != "plain"
     path = directory / "step_00000001"
-    if op == "load":
-        with digests(verified):
-            save_checkpoint(directory, model, optimizer, TrainerState(step=1), ENV)
+    if op == "load":  # every load reads a manifest: the save before it is a verified one
+        save_checkpoint(directory, model, optimizer, TrainerState(step=1), ENV)
     started = time.perf_counter()
     with digests(verified):
         if op == "save":
