@@ -2,6 +2,7 @@
 
     python benchmarks/dp_overhead.py [--steps 40] [--rounds 6]    # ~9 min on 2 cores
     python benchmarks/dp_overhead.py --steps 4 --rounds 2 --batch-size 4   # smoke test
+    python benchmarks/dp_overhead.py --tiny            # smallest sizes: does it still run?
 
 On identical fixed-length data (no padding) and the same model, each round runs in one 2-rank
 gloo job: shardwise's Trainer for `--steps` optimizer steps, a hand-written DDP loop doing the
@@ -44,6 +45,7 @@ from shardwise.data.fit import FitReport
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import init_distributed, shutdown_distributed
 from shardwise.models import build_model
+from shardwise.run_dir import hold_run_dir
 from shardwise.session import Session
 from shardwise.train.schedule import warmup_cosine
 from shardwise.train.trainer import Trainer
@@ -52,6 +54,7 @@ from support.rounds import (
     add_rounds_flag,
     again,
     base_side,
+    parse_with_tiny,
     ratios,
     round_line,
     round_orders,
@@ -74,8 +77,10 @@ def run_shardwise(config: TrainConfig, corpus: PreparedCorpus) -> float:
     torch.set_num_threads(1)
     torch.manual_seed(config.seed)
     model = build_model(config.model, 256)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Session(env, config), corpus, model, Path(run_dir))
+    # Each rank its own run dir, held as `shardwise train`'s launcher holds one: the Trainer
+    # writes no checkpoint into a run dir nobody holds.
+    with tempfile.TemporaryDirectory() as scratch, hold_run_dir(config, Path(scratch)) as run_dir:
+        trainer = Trainer(config, Session(env, config), corpus, model, run_dir)
         trainer.fit()
         return trainer.totals.train_s / config.max_steps
 
@@ -165,7 +170,7 @@ def main() -> None:
     add_rounds_flag(parser, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default="lstm")
-    args = parser.parse_args()
+    args = parse_with_tiny(parser, {"steps": 2, "rounds": 1, "batch_size": 2})
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     config = TrainConfig(
         model=args.model,
