@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline_memory.py              # single vs pp 2 vs pp 4: ~8 min, 2 cores
     python benchmarks/pipeline_memory.py --rounds 2 --dim 128 --layers 4 --heads 4   # smoke
+    python benchmarks/pipeline_memory.py --tiny       # smallest sizes: does it still run?
 
 A TransformerLM whose parameters, gradients and AdamW moments take about 1.5 GB trains for a
 few steps, once in a single process and once cut into 2 and into 4 pipeline stages (one gloo
@@ -36,7 +37,7 @@ from shardwise.loss import token_loss_sum
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.parallelize import parallelize
 from shardwise.stores import free_port
-from support.rounds import Comparison, add_rounds_flag, interleave, round_line
+from support.rounds import Comparison, add_rounds_flag, interleave, parse_with_tiny, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
 MIB = 2**20
@@ -77,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     add_rounds_flag(parser, default=5)
-    return parser.parse_args()
+    tiny = {"dim": 64, "layers": 4, "heads": 2, "batch": 4, "length": 16}  # a block per stage
+    return parse_with_tiny(parser, tiny | {"rounds": 1, "steps": 1})
 
 
 def count_parameters(args: argparse.Namespace) -> int:

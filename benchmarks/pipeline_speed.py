@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline_speed.py                      # ~4 minutes on 2 cores
     python benchmarks/pipeline_speed.py --rounds 2 --steps 3 --dim 64 --layers 2   # smoke test
+    python benchmarks/pipeline_speed.py --tiny               # smallest sizes: does it still run?
 
 Two measurements, in one 2-process job (one thread per process, one stage each), each in
 interleaved rounds (support/rounds.py) of `--steps` steps per side:
@@ -48,7 +49,7 @@ from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
 from shardwise.parallel.stages import split_into_stages
 from shardwise.stores import free_port
-from support.rounds import Comparison, add_rounds_flag, interleave, round_line
+from support.rounds import Comparison, add_rounds_flag, interleave, parse_with_tiny, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
 
 STAGES = 2
@@ -130,7 +131,8 @@ def parse_args() -> argparse.Namespace:
     model_flags(parser, dim=256, layers=4, heads=4, batch=16, length=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side and round")
     add_rounds_flag(parser, default=5)
-    return parser.parse_args()
+    tiny = {"dim": 64, "layers": 2, "heads": 2, "batch": 8, "length": 16}  # 8: M up to 8
+    return parse_with_tiny(parser, tiny | {"rounds": 1, "steps": 2})
 
 
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
