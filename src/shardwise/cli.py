@@ -13,6 +13,7 @@ through the elastic agent.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import types
@@ -35,7 +36,10 @@ _METAVARS: dict[object, str] = {int: "INT", float: "FLOAT", str: "TEXT", Path: "
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unknown_argument(unknown[0], _flags(parser)))
     # The working directory is deliberately not put on sys.path: a stray rich.py there would
     # replace the library. --model 'my_module:factory' still finds one (models.import_user_module).
     try:
@@ -56,14 +60,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with every usage error as one line (`shardwise: error: ...`), exit status 2.
+
+    A mistyped flag or value gets a suggestion instead of a usage dump; `--help` is unchanged.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"shardwise: error: {message.removeprefix('argument ')}", file=sys.stderr)
+        raise SystemExit(_EXIT_USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shardwise", description="Train sequence models across devices and processes."
+    # allow_abbrev=False: --max-step is a mistake to name, not --max-steps to guess.
+    parser = _Parser(
+        prog="shardwise",
+        description="Train sequence models across devices and processes.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {shardwise.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
+        allow_abbrev=False,
         help="train a model (defaults: byte-level LSTM on Python's documentation text)",
         description="Train a model. Every flag can also be set in the --config TOML file; "
         "flags override the file.",
@@ -153,12 +172,73 @@ def _add_config_flag(group: typing.Any, name: str, field: typing.Any) -> None:
         options["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is typing.Literal:
         options["choices"] = typing.get_args(kind)
+        options["type"] = _choice_of("--" + name.replace("_", "-"))  # a refusal that suggests
     else:
         options["metavar"] = _metavar(kind)
     if name == "resume":
         options.update(nargs="?", const=_LATEST)
         options["help"] += " Bare --resume: the newest verified checkpoint of --run-dir."
     group.add_argument("--" + name.replace("_", "-"), dest=name, **options)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Every flag that takes one of a few values, and those values."""
+    found = {}
+    for name, field in TrainConfig.model_fields.items():
+        kind = _base_type(field.annotation)
+        if typing.get_origin(kind) is typing.Literal:
+            found["--" + name.replace("_", "-")] = typing.get_args(kind)
+    return found
+
+
+def _choice_of(flag: str) -> typing.Callable[[str], str]:
+    """The type of a flag with choices: the value itself, or a refusal naming the flag it
+    belongs to (`--sync powersgd`: a value of --grad-compression) or the value meant."""
+
+    def check(value: str) -> str:
+        choices = _choices()
+        if value in choices[flag]:
+            return value
+        listed = ", ".join(choices[flag])
+        owners = [other for other, values in choices.items() if value in values]
+        if owners:
+            uses = " or ".join(f"{other} {value}" for other in owners)
+            hint = f"; {value} is a value of {' and '.join(owners)}: {uses}"
+        else:
+            close = difflib.get_close_matches(value, choices[flag], n=1)
+            hint = f" (did you mean {flag} {close[0]}?)" if close else ""
+        raise argparse.ArgumentTypeError(f"'{value}' is not one of {listed}{hint}")
+
+    check.__name__ = "choice"  # what argparse would call it in a message
+    return check
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag of the parser and its commands."""
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers.extend(action.choices.values())
+    return [flag for each in parsers for action in each._actions for flag in action.option_strings]
+
+
+def _unknown_argument(argument: str, flags: list[str]) -> str:
+    """One line for the first argument nothing took, with the flag (or flag and value) it is
+    closest to among every flag and every value of a flag with choices."""
+    name = argument.split("=", 1)[0]
+    owners = {}  # value -> the flags taking it
+    for flag, values in _choices().items():
+        for value in values:
+            owners.setdefault(value, []).append(flag)
+    if not name.startswith("-"):
+        hint = f" ({name} is a value of {' and '.join(owners[name])})" if name in owners else ""
+        return f"unexpected argument '{argument}'{hint}"
+    meant = {flag.lstrip("-"): [flag] for flag in flags}
+    for value, its_flags in owners.items():
+        meant.setdefault(value, [f"{flag} {value}" for flag in its_flags])
+    close = difflib.get_close_matches(name.lstrip("-"), meant, n=1)
+    hint = f" (did you mean {' or '.join(meant[close[0]])}?)" if close else "; see --help"
+    return f"unknown flag {name}{hint}"
 
 
 def _metavar(kind: object) -> str:
