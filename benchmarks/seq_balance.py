@@ -2,6 +2,7 @@
 
     python benchmarks/seq_balance.py               # ~10-12 minutes on 2 CPU cores
     python benchmarks/seq_balance.py --quick       # a smoke run (tiny data, 2 short rounds)
+    python benchmarks/seq_balance.py --tiny        # smaller still: 1 round, does it still run?
 
 Two ranks (gloo, CPU, one thread each, started by torch's elastic launcher) train the same
 model on the same samples through shardwise's public path (`parallelize`, then
@@ -84,7 +85,14 @@ from support.batching_plans import (
     methods_for,
     plan,
 )
-from support.rounds import Comparison, add_rounds_flag, again, interleave, round_line
+from support.rounds import (
+    Comparison,
+    add_rounds_flag,
+    again,
+    interleave,
+    parse_with_tiny,
+    round_line,
+)
 
 TWIN = again("shardwise")  # shardwise run a second time in every round: the A/A noise floor
 
@@ -132,7 +140,9 @@ def parse_args() -> argparse.Namespace:
         help="sequences sorted together (default: shardwise train's)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny data, 2 short rounds")
-    args = parser.parse_args()
+    tiny = {"rounds": 1, "side_seconds": 0.0, "synthetic": 64, "lstm_sequences": 32}
+    tiny |= {"transformer_sequences": 16, "tokens_per_batch": 256}
+    args = parse_with_tiny(parser, tiny | {"transformer_tokens_per_batch": 256})
     if args.quick:
         args.rounds, args.side_seconds = 2, 0.5
         args.synthetic, args.transformer_sequences = 200, 60
