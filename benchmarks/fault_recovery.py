@@ -2,6 +2,7 @@
 
     python benchmarks/fault_recovery.py                      # every section, 6 rounds
     python benchmarks/fault_recovery.py --only checkpoint_overhead --rounds 2   # a smoke test
+    python benchmarks/fault_recovery.py --tiny               # every section, smallest sizes
 
 checkpoint_overhead: the step-time cost of checkpointing every --every steps against not
 checkpointing, with the saves written in the foreground (`sync`) and in the background
@@ -41,7 +42,14 @@ from shardwise.checkpoint import CheckpointWriter, TrainerState, take_snapshot
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv
 from support.recovery import add_recovery_flags, recovery
-from support.rounds import Comparison, add_rounds_flag, again, interleave, round_line
+from support.rounds import (
+    Comparison,
+    add_rounds_flag,
+    again,
+    interleave,
+    parse_with_tiny,
+    round_line,
+)
 from support.transformer_job import build_transformer, fixed_batch, model_flags
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
@@ -155,7 +163,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
     parser.add_argument("--dir", default=None, help="where checkpoints go (default: temp dir)")
     add_recovery_flags(parser)
-    return parser.parse_args()
+    tiny = {"dim": 64, "layers": 2, "heads": 2, "batch": 2, "length": 16, "rounds": 1}
+    tiny |= {"steps": 4, "every": 2, "kill_at": 2, "recovery_every": 1}
+    return parse_with_tiny(parser, tiny)
 
 
 if __name__ == "__main__":

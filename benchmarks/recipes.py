@@ -4,6 +4,7 @@
     python benchmarks/recipes.py --heavy-tailed           # a corpus of heavy-tailed lengths
     python benchmarks/recipes.py --recipes default old    # some of them
     python benchmarks/recipes.py --set sync --steps 192   # sync strategies' loss at equal tokens
+    python benchmarks/recipes.py --tiny                   # the set's first recipe, a few steps
 
 Each recipe is `shardwise train` with the same seed, model and token budget (`--max-tokens`)
 and a few flags of its own; the figure is the final held-out loss, which the seed makes
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from support.heavy_tailed import write_heavy_tailed
+from support.rounds import parse_with_tiny
 
 # name: flags beyond the shared ones. "default" is the CLI's own recipe (no flags).
 RECIPES: dict[str, list[str]] = {
@@ -66,7 +68,7 @@ SETS = {"defaults": RECIPES, "sync": SYNC_RECIPES}
 def main() -> None:
     args = parse_args()
     recipes = SETS[args.set]
-    chosen = args.recipes or list(recipes)
+    chosen = args.recipes or list(recipes)[: 1 if args.tiny else None]
     with tempfile.TemporaryDirectory(prefix="recipes-") as root:
         data = write_heavy_tailed(Path(root) / "heavy.txt") if args.heavy_tailed else None
         losses = {name: run(name, recipes[name], Path(root), args, data) for name in chosen}
@@ -116,7 +118,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=192, help="--set sync: steps of each run")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--heavy-tailed", action="store_true", help="a heavy-tailed corpus")
-    return parser.parse_args()
+    return parse_with_tiny(parser, {"tokens": 8192, "steps": 4})
 
 
 if __name__ == "__main__":
