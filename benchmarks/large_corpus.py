@@ -2,6 +2,7 @@
 
     python benchmarks/large_corpus.py                  # 200 MB, 5 rounds of the default run
     python benchmarks/large_corpus.py --megabytes 20 --rounds 1 --max-steps 20   # a smoke test
+    python benchmarks/large_corpus.py --tiny           # 1 MB, 2 steps: does it still run?
 
 The file is the embedded corpus's paragraphs, shuffled and repeated up to the size asked (about
 a million paragraphs for 200 MB). Each round runs `shardwise train --data FILE` with its
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from shardwise.data.corpus import default_paragraphs
-from support.rounds import add_rounds_flag, again, interleave, ratios, round_line
+from support.rounds import add_rounds_flag, again, interleave, parse_with_tiny, ratios, round_line
 
 SIDE = "default"
 
@@ -122,7 +123,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--megabytes", type=float, default=200.0, help="size of the text file")
     parser.add_argument("--max-steps", type=int, default=300, help="training steps a run")
     add_rounds_flag(parser, default=5)
-    return parser.parse_args()
+    return parse_with_tiny(parser, {"megabytes": 1.0, "max_steps": 2, "rounds": 1})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/peers.py                # 5 rounds of ~0.8M tokens: over an hour here
     python benchmarks/peers.py --rounds 1 --tokens 100000          # a smoke run, ~4-6 minutes
     python benchmarks/peers.py --cli-flags "--lr 2e-3 --warmup-steps 10"   # try a CLI recipe
+    python benchmarks/peers.py --tiny                          # 1 round of 20k tokens: a check
 
 One job, five ways, on 2 CPU ranks (gloo, one intra-op thread per rank in every contender:
 `shardwise train` picks it from the cores per worker, the others call torch.set_num_threads(1)):
@@ -70,7 +71,14 @@ from shardwise.checkpoint.load import load_model_weights
 from support.heavy_tailed import write_heavy_tailed
 from support.peers.cli_run import CliPlan
 from support.peers.job import DATA_ENV, Job, held_out_loss, initial_model, job_sequences, state_hash
-from support.rounds import Comparison, add_rounds_flag, again, interleave, round_line
+from support.rounds import (
+    Comparison,
+    add_rounds_flag,
+    again,
+    interleave,
+    parse_with_tiny,
+    round_line,
+)
 
 SCRIPTS = Path(__file__).parent / "support" / "peers"
 CLI, OWN, ACCELERATE, FABRIC = "cli", "own_loop", "accelerate", "fabric"
@@ -374,7 +382,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--heavy-tailed", action="store_true", help="every contender on a heavy-tailed corpus"
     )
-    return parser.parse_args()
+    return parse_with_tiny(parser, {"rounds": 1, "tokens": 20_000, "dump_every": 5_000})
 
 
 def main() -> None:

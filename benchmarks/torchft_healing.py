@@ -2,6 +2,7 @@
 
     python benchmarks/torchft_healing.py                  # 3 + 1 kill/heal scenarios, < 3 min
     python benchmarks/torchft_healing.py --scenarios 1 --ddp-scenarios 0   # a smoke run
+    python benchmarks/torchft_healing.py --tiny     # 1 short scenario: does it still run?
 
 Each scenario starts a torchft lighthouse on loopback (min_replicas 1) and two replica groups
 of one process each (support/torchft_replica.py: a small RecurrentLM on random tokens, torchft's
@@ -48,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from support.rounds import parse_with_tiny
 
 REPLICA_SCRIPT = Path(__file__).parent / "support" / "torchft_replica.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -349,7 +352,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenario-timeout", type=float, default=60.0, help="seconds per scenario")
     parser.add_argument("--budget-s", type=float, default=165.0, help="seconds for the whole run")
     parser.add_argument("--dir", default=None, help="where the logs go (default: a temp folder)")
-    return parser.parse_args()
+    tiny = {"scenarios": 1, "ddp_scenarios": 0, "steps": 6, "kill_at": 3, "down_s": 0.5}
+    return parse_with_tiny(parser, tiny | {"budget_s": 90.0})
 
 
 def main() -> None:
