@@ -2,6 +2,7 @@
 
     python benchmarks/sync_strategies.py            # as root: 5 rounds, ~30 min on 2 cores (est.)
     python benchmarks/sync_strategies.py --quick    # smoke run: 1 short round
+    python benchmarks/sync_strategies.py --tiny     # seconds a job: does it still run?
 
 Two workers, each a `shardwise train` "node" (`--nnodes 2 --nproc 1`) on a core of its own in
 its own network namespace, joined by a veth pair (support/netem.py), train the built-in LSTM
@@ -52,12 +53,26 @@ from support.netem import (
     train_on_nodes,
     unavailable,
 )
-from support.rounds import Comparison, add_rounds_flag, again, base_side, round_line, round_orders
+from support.rounds import (
+    Comparison,
+    add_rounds_flag,
+    again,
+    base_side,
+    parse_with_tiny,
+    round_line,
+    round_orders,
+)
 
+POWERSGD_WARMUP = 4  # uncompressed steps first, as PyTorch's PowerSGD recommends (min 2)
+# Each strategy's own flags, and only there: the CLI refuses a flag that has no effect (the
+# calibration's allreduce run once carried --powersgd-warmup-steps and never started).
 STRATEGIES = {
     "allreduce": ["--sync", "allreduce"],
     "fp16": ["--sync", "allreduce", "--grad-compression", "fp16"],
-    "powersgd": ["--sync", "allreduce", "--grad-compression", "powersgd", "--powersgd-rank", "4"],
+    "powersgd": [
+        *["--sync", "allreduce", "--grad-compression", "powersgd", "--powersgd-rank", "4"],
+        *["--powersgd-warmup-steps", str(POWERSGD_WARMUP)],
+    ],
     "localsgd": ["--sync", "local-sgd", "--sync-every", "8"],
     "diloco": ["--sync", "diloco", "--sync-every", "8"],
     "async": ["--sync", "async", "--ps", "1"],
@@ -70,7 +85,6 @@ SIDES = {
     "straggler": ["async"],
     "slow_link": ["localsgd", "diloco", "powersgd", "fp16"],
 }
-POWERSGD_WARMUP = 4  # uncompressed steps first, as PyTorch's PowerSGD recommends (min 2)
 # (figure, at least, loss-gap limit in %, condition whose runs give the loss gap)
 TARGETS = {
     "localsgd": ("localsgd_speedup_slow_link", 1.6, 3.0, "slow_link"),
@@ -112,13 +126,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delay-ms", type=float, default=1.0, help="slow link's one-way delay")
     parser.add_argument("--conditions", default=",".join(SIDES), help="comma-separated subset")
     parser.add_argument("--every-strategy", action="store_true", help="all, in every condition")
+    parser.add_argument(
+        "--strategies", default="", help="comma-separated: these in every condition, not SIDES"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 12 steps")
-    args = parser.parse_args()
+    # The slow link alone (its calibration and shaping) and the strategy with most flags of
+    # its own: calibration plus 3 jobs of ~10 s, most of it start-up.
+    tiny = {"rounds": 1, "steps": 8, "tokens_per_batch": 256, "max_len": 32}
+    args = parse_with_tiny(parser, tiny | {"conditions": "slow_link", "strategies": "powersgd"})
     if args.quick:
         args.rounds, args.steps, args.tokens_per_batch, args.max_len = 1, 12, 512, 64
     args.conditions = [c for c in args.conditions.split(",") if c]
     if not args.conditions or set(args.conditions) - set(SIDES):
         parser.error(f"--conditions: a comma-separated subset of {','.join(SIDES)}")
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    if set(args.strategies) - set(STRATEGIES) - {"allreduce"} or "allreduce" in args.strategies:
+        parser.error(f"--strategies: a comma-separated subset of {','.join(list(STRATEGIES)[1:])}")
     return args
 
 
@@ -154,7 +177,7 @@ class Jobs:
             *["--max-len", str(args.max_len), "--tokens-per-batch", str(args.tokens_per_batch)],
             *["--lr", str(args.lr)],
             *["--log-every", str(args.steps), "--sample-bytes", "0", "--no-tensorboard"],
-            *["--powersgd-warmup-steps", str(POWERSGD_WARMUP), "--timeout-s", "120"],
+            *["--timeout-s", "120"],
         ]
         self.how = "netns" if net is not None else "injected delay"
         self.one_node: set[str] = set()  # strategies refused across nodes (async, for now)
@@ -212,7 +235,9 @@ class Jobs:
         for index in range(args.rounds):
             turn = index % len(args.conditions)  # conditions rotate too
             for condition in args.conditions[turn:] + args.conditions[:turn]:
-                chosen = strategies[1:] if args.every_strategy else SIDES[condition]
+                chosen = args.strategies or (
+                    strategies[1:] if args.every_strategy else SIDES[condition]
+                )
                 sides = ["allreduce", *(s for s in chosen if s in strategies)]
                 order = round_orders(sides, args.rounds, aa="allreduce")[index]
                 results = {
