@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from processes import alive, descendants
 from shardwise.config import TrainConfig
 from shardwise.run_dir import hold_run_dir, holds_lease
 from shardwise.signed_store import SECRET_ENV
@@ -19,54 +19,22 @@ from train_cli import start_train, wait_for_step
 pytestmark = pytest.mark.timeout(120)
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live process below `root` (workers, their data loaders), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
 @pytest.mark.distributed
 def test_workers_die_with_a_launcher_killed_by_sigkill(corpus, tmp_path):
     run_dir = tmp_path / "run"
     run = start_train(corpus, run_dir, "--max-steps", "2000", "--checkpoint-every", "0")
     try:
         wait_for_step(run_dir, 2, run)
-        workers = _descendants(run.pid)
+        workers = descendants(run.pid)
         assert len(workers) >= 2, workers
         os.kill(run.pid, signal.SIGKILL)
         run.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while _alive(workers) and time.monotonic() < deadline:
+        while alive(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _alive(workers) == [], "workers trained on without their launcher"
+        assert alive(workers) == [], "workers trained on without their launcher"
     finally:
-        for pid in _alive(workers if "workers" in locals() else []):
+        for pid in alive(workers if "workers" in locals() else []):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
 from shardwise.agent import launch_workers
 from shardwise.config import TrainConfig
 from shardwise.distributed import resolve_device
+from shardwise.handoff import Preempted
 from shardwise.preflight import RunPlan, default_nproc, preflight
 from shardwise.report.result import RunResult
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
@@ -36,17 +41,39 @@ def run(config: TrainConfig) -> RunResult | None:
     # Fixed first so that the preflight, the lock and every worker agree on one path.
     run_dir = resolve_run_dir(config)
     config = config.model_copy(update={"run_dir": run_dir})
-    _say_what_starts(config)
-    nproc = preflight(config).nproc + config.ps  # parameter servers beside the workers
-    # This process outlives every worker it starts, so its lock covers the whole run.
-    held = launcher_holds_lock(config)
-    with hold_run_dir(config, run_dir) if held else contextlib.nullcontext():
-        if nproc == 1 and config.nnodes == 1:
-            summary = run_worker(config.model_dump_json())
-        else:
-            summary = launch_workers(config, nproc)
+    with _stopped_by_sigterm():  # from the first line on; the launch installs its own
+        _say_what_starts(config)
+        nproc = preflight(config).nproc + config.ps  # parameter servers beside the workers
+        # This process outlives every worker it starts, so its lock covers the whole run.
+        held = launcher_holds_lock(config)
+        with hold_run_dir(config, run_dir) if held else contextlib.nullcontext():
+            if nproc == 1 and config.nnodes == 1:
+                summary = run_worker(config.model_dump_json())
+            else:
+                summary = launch_workers(config, nproc)
     # The caller's own config names the model: loading it needs no second word from them.
     return None if summary is None else RunResult.from_summary(summary, run_dir, model=config.model)
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM before (or between) the launcher's own handlers: a run stopped, said in a line.
+
+    Without it a SIGTERM during the seconds of checks ended the process silently (status 143);
+    workers, if any had started, die with it anyway (they ask the kernel to: die_with_parent).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; the caller's own then apply
+        return
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise Preempted(None, None, signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _say_what_starts(config: TrainConfig) -> None:
