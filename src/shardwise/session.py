@@ -183,34 +183,29 @@ class Session:
         """
         if self.precision.scaler is not None:
             self.precision.scaler.unscale_(optimizer)
-        if model.strategy.updates_remotely:  # the servers clip the step's mean gradient
-            max_norm = 0.0
-        return model.clip_grad_norm(max_norm)
+        return model.clip_grad_norm(model.strategy.clip_norm(max_norm))
 
     def step(self, optimizer: torch.optim.Optimizer, model: ParallelModel | None = None) -> None:
         """The optimizer step (fp16: through the loss scaler), then the sync strategy's turn.
 
-        Under --sync async the parameter servers' optimizer takes the step: the strategy pushes
-        the gradients and pulls the parameters instead, and `optimizer` is left alone.
+        The strategy takes the step (`strategy.step`): under --sync async the parameter servers'
+        optimizer does, the strategy pushing the gradients and pulling the parameters instead,
+        and `optimizer` is left alone.
         """
-        if model is not None and model.strategy.updates_remotely:
-            model.strategy.update(model.module)
+        if model is None:
+            self.precision.step(optimizer)
             return
-        self.precision.step(optimizer)
-        if model is not None:
-            model.strategy.after_step(model.module, self.layout)
+        model.strategy.step(lambda: self.precision.step(optimizer), model.module, self.layout)
 
     def steps_done(self, model: ParallelModel, local_steps: int, max_steps: int) -> int:
         """The run's steps done after this rank's `local_steps`: the same, but under --sync
         async the parameter servers' count, all workers together (a fast worker does more)."""
-        if model.strategy.updates_remotely:
-            return model.strategy.global_step(max_steps)
-        return local_steps
+        return model.strategy.steps_done(local_steps, max_steps)
 
     def meets_between_steps(self, model: ParallelModel) -> bool:
         """Whether ranks may meet in a collective mid-run (metrics windows, checkpoints): not
         asynchronous workers, which are at different steps (they meet once, at the end)."""
-        return not model.strategy.updates_remotely
+        return model.strategy.meets_between_steps
 
     def finish(self, model: ParallelModel) -> None:
         """After the last optimizer step: bring replicas that train apart to one model.
@@ -300,10 +295,8 @@ class Session:
         `keep_checkpoints` in the session's config deletes older ones once a save is sealed.
         """
         state = state or TrainerState(step=step)
-        if self.env.exchange is not None and not self.env.is_main:
-            # Asynchronous workers all end on the servers' final parameters, and wait for no
-            # one (a peer may have died): the first worker saves them alone.
-            return Path(directory) / checkpoint_name(state.step)
+        if isinstance(model, ParallelModel) and not model.strategy.saves_here(self.env):
+            return Path(directory) / checkpoint_name(state.step)  # another rank writes it
         state.world_size, state.scaler = self.world_size, self.precision.state_dict()
         sync = self._sync_state(model)
         keep = Retention(self.config.keep_checkpoints, protect=self.config.resume)

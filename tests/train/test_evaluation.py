@@ -10,6 +10,7 @@ import torch
 
 from helpers import quick_config
 from shardwise.distributed import DistEnv
+from shardwise.parallel.sync import AllReduceEveryStep, AsyncUpdates
 from shardwise.train.accounting import Window
 from shardwise.train.evaluation import (
     Evaluations,
@@ -81,7 +82,7 @@ class _CountingModel:
 
     def __init__(self, dp: int, dp_rank: int, remote: bool = False) -> None:
         self.layout = SimpleNamespace(dp=dp, dp_rank=dp_rank)
-        self.strategy = SimpleNamespace(updates_remotely=remote)
+        self.strategy = AsyncUpdates() if remote else AllReduceEveryStep()
         self.seen: list[int] = []
         self.modes: list[str] = []
 

@@ -7,7 +7,8 @@
 The subset is chosen once from the run's seed, so every evaluation of a run (and every rank)
 reads the same sequences, and a run on 200 MB of text does not spend minutes on its 5% held out.
 The chosen sequences are sorted by length and cut into batches of at most a rank's token
-budget, which keeps padding small; the batches are dealt to the data-parallel replicas in turn.
+budget, which keeps padding small; the batches are dealt to the data-parallel replicas in turn
+(the sync strategy's `evaluation_share`).
 The loss is the token mean over the whole subset, so it does not depend on the number of ranks.
 
 Every rank must call `held_out_loss`: the per-rank sums meet in one all-reduce. In an
@@ -139,11 +140,7 @@ def held_out_loss(
     """
     if held_out.tokens == 0:  # every rank knows: no collective to meet in
         return None
-    layout = model.layout
-    dealt = range(layout.dp_rank, len(held_out.batches), layout.dp)
-    replicas = layout.dp
-    if model.strategy.updates_remotely:
-        dealt, replicas = (range(len(held_out.batches)) if env.is_main else range(0)), 1
+    dealt, replicas = model.strategy.evaluation_share(len(held_out.batches), model.layout, env)
     done = np.cumsum(held_out.batch_tokens())
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)

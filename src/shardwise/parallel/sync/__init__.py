@@ -12,13 +12,15 @@ four hooks at the same places for every strategy, so gradient aggregation (every
 compressed through DDP comm hooks), model averaging (after the optimizer step, every H steps),
 an outer optimizer (a pseudo-gradient step in `after_step`) and sharded parameters (a
 different `wrap`) each fit in one module: `allreduce` (optionally compressed), `local-sgd`,
-`diloco` and `async` (parameter servers: the step itself moves to the servers, see
-`Session.step`). Their settings come in one `SyncOptions`. Each keeps a `SyncTraffic`, the bytes
+`diloco` and `async` (parameter servers: the step itself moves to the servers, through `step`).
+What a strategy does not override keeps `StrategyDefaults` (base.py): the loop's optimizer steps
+on every rank. Their settings come in one `SyncOptions`. Each keeps a `SyncTraffic`, the bytes
 it handed to collectives and the time they held the rank up, measured (see traffic.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -30,6 +32,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync.allreduce import AllReduceEveryStep
 from shardwise.parallel.sync.async_ps import AsyncUpdates
+from shardwise.parallel.sync.base import StrategyDefaults
 from shardwise.parallel.sync.diloco import DiLoCo
 from shardwise.parallel.sync.local_sgd import PeriodicAveraging
 from shardwise.parallel.sync.options import SyncOptions
@@ -43,9 +46,9 @@ class SyncStrategy(Protocol):
     # Whether replicas' parameters or optimizer states may differ between steps: then a
     # checkpoint keeps every replica's own copy, so that a resume is exact.
     replicas_differ: bool
-    # Whether the step happens elsewhere (parameter servers): `Session.step` then calls the
-    # strategy's `update(module)` instead of the optimizer, and ranks meet only at the end.
-    updates_remotely: bool
+    # Whether ranks may meet in a collective between steps (metrics windows, checkpoints): not
+    # asynchronous workers, which are at different steps and meet only at the end.
+    meets_between_steps: bool
     # What this rank sent and how long exchanges after the step blocked it (see traffic.py).
     traffic: SyncTraffic
 
@@ -67,6 +70,30 @@ class SyncStrategy(Protocol):
 
     def finish(self, module: nn.Module, layout: Layout) -> None:
         """Called after a run's last optimizer step: leave the replicas in agreement."""
+        ...
+
+    def clip_norm(self, max_norm: float) -> float:
+        """The norm this rank clips its gradient to (0: measure only, the step clips elsewhere)."""
+        ...
+
+    def step(self, optimizer_step: Callable[[], None], module: nn.Module, layout: Layout) -> None:
+        """The optimizer step: `optimizer_step()` then `after_step`, or the strategy's own."""
+        ...
+
+    def steps_done(self, local_steps: int, max_steps: int) -> int:
+        """The run's optimizer steps done once this rank has taken `local_steps`."""
+        ...
+
+    def evaluation_share(self, batches: int, layout: Layout, env: DistEnv) -> tuple[range, int]:
+        """Which of `batches` held-out batches this rank evaluates, and over how many ranks."""
+        ...
+
+    def saves_here(self, env: DistEnv) -> bool:
+        """Whether this rank writes its part of a checkpoint."""
+        ...
+
+    def lost_replicas(self) -> dict[int, str] | None:
+        """{rank: why} of replicas that left the run on the way (None: a lost rank ends it)."""
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -99,6 +126,7 @@ __all__ = [
     "AsyncUpdates",
     "DiLoCo",
     "PeriodicAveraging",
+    "StrategyDefaults",
     "SyncOptions",
     "SyncStrategy",
     "SyncTraffic",

@@ -23,18 +23,18 @@ from torch.nn.parallel import DistributedDataParallel
 from shardwise.distributed import DistEnv
 from shardwise.parallel.data_parallel import average_over_group, gradient_sync, wrap_data_parallel
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.base import StrategyDefaults
 from shardwise.parallel.sync.compression import register_compression
 from shardwise.parallel.sync.options import SyncOptions
 from shardwise.parallel.sync.powersgd_state import PowerSGDMemory
 from shardwise.parallel.sync.traffic import SyncTraffic
 
 
-class AllReduceEveryStep:
+class AllReduceEveryStep(StrategyDefaults):
     """Average gradients over the data-parallel group after every step's last backward."""
 
     name = "allreduce"
     replicas_differ = False  # every replica applies the same gradient
-    updates_remotely = False  # the loop's own optimizer steps
 
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()

@@ -2,13 +2,13 @@
 
     strategy = AsyncUpdates()
     module = strategy.wrap(model, layout, env)     # pulls the servers' parameters
-    strategy.update(module)                        # instead of optimizer.step(): push, then pull
+    strategy.step(optimizer_step, module, layout)  # not optimizer_step(): push, then pull
 
 No worker waits for another: each sends its (clipped) gradient to the servers holding the
 parameters (`param_server.py`), which step on every as-many-pushes-as-workers, and takes back
 the parameters as they are then, so a slow rank slows only its own share of the work. The
 run's step budget is global (counted by the servers): a fast worker pushes more of it, which
-is where the speed over synchronous training under a straggler comes from. `global_step` is
+is where the speed over synchronous training under a straggler comes from. `steps_done` is
 the run's progress as the servers count it; once the budget is spent every worker gets the same
 final parameters and `stopped` is set.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.base import StrategyDefaults
 from shardwise.parallel.sync.exchange import (
     BYE,
     HELLO,
@@ -46,12 +48,12 @@ from shardwise.parallel.sync.traffic import SyncTraffic
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
 
 
-class AsyncUpdates:
+class AsyncUpdates(StrategyDefaults):
     """The worker's side of asynchronous training through parameter servers."""
 
     name = "async"
     replicas_differ = True  # workers hold parameters of different versions between pulls
-    updates_remotely = True
+    meets_between_steps = False  # workers are at different steps: they meet once, at the end
 
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()
@@ -111,9 +113,27 @@ class AsyncUpdates:
             for server in self.servers:  # each listens to this worker until it says goodbye
                 self.channel.send(server, Header(BYE))
 
-    def global_step(self, max_steps: int) -> int:
-        """The run's optimizer steps done, as the servers count them."""
+    def clip_norm(self, max_norm: float) -> float:
+        """0, measure only: the servers clip the step's mean gradient."""
+        return 0.0
+
+    def step(self, optimizer_step: Callable[[], None], module: nn.Module, layout: Layout) -> None:
+        """`update`: the servers' optimizer takes the step; `optimizer_step` is left alone."""
+        self.update(module)
+
+    def steps_done(self, local_steps: int, max_steps: int) -> int:
+        """The run's optimizer steps done, as the servers count them (all workers together)."""
         return max_steps if self.stopped else min(self.steps, max_steps - 1)
+
+    def evaluation_share(self, batches: int, layout: Layout, env: DistEnv) -> tuple[range, int]:
+        """Every batch to the first worker: the others may have died, and each would leave a
+        gap."""
+        return (range(batches) if env.is_main else range(0)), 1
+
+    def saves_here(self, env: DistEnv) -> bool:
+        """The first worker alone: all end on the servers' final parameters, and none waits for
+        another (a peer may have died)."""
+        return env.is_main
 
     def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
         return contextlib.nullcontext()  # gradients travel once per step, in update()

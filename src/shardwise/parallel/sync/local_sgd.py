@@ -33,17 +33,17 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 from shardwise.distributed import DistEnv
 from shardwise.parallel.data_parallel import average_over_group
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sync.base import StrategyDefaults
 from shardwise.parallel.sync.hierarchy import node_groups
 from shardwise.parallel.sync.options import SyncOptions
 from shardwise.parallel.sync.traffic import SyncTraffic, payload_bytes
 
 
-class PeriodicAveraging:
+class PeriodicAveraging(StrategyDefaults):
     """Local SGD: average the replicas' parameters every `options.sync_every` optimizer steps."""
 
     name = "local-sgd"
     replicas_differ = True
-    updates_remotely = False  # the loop's own optimizer steps
 
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()
