@@ -29,11 +29,11 @@ def test_sigterm_during_start_up_is_said_and_leaves_no_orphan(corpus, tmp_path, 
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
     try:
-        _, err = run.communicate(timeout=90)
+        out, err = run.communicate(timeout=90)
     finally:
         if run.poll() is None:
             run.kill()
-    if "shardwise: run dir" not in err:
+    if "shardwise: run dir" not in out:
         # Still importing Python and torch: the kernel's default ending (a shell shows 143),
         # before shardwise could say a word or start anything.
         assert run.returncode == -signal.SIGTERM and not seen, (seen, err[-2000:])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -85,8 +84,7 @@ def _say_what_starts(config: TrainConfig) -> None:
     print(
         f"shardwise: run dir {config.run_dir}: {nproc} worker(s){servers} on {device}{nodes}; "
         "checking the model and data",
-        file=sys.stderr,
-        flush=True,
+        flush=True,  # stdout, with the progress it announces; stderr keeps errors to one line
     )
 
 

@@ -138,8 +138,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     """Check devices, model, data, batches, cut, resume path, run dir and port; the run's plan."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
-    if device.type == "cpu":
-        check_cores(nproc + config.ps, config.nproc is None)
+    crowded = check_cores(nproc + config.ps, config.nproc is None) if device.type == "cpu" else None
     layout = config.layout(nproc * config.nnodes)
     Precision(config.precision, device)
     check_model_spec(config.model)
@@ -154,6 +153,8 @@ def preflight(config: TrainConfig) -> RunPlan:
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
     budget = _budget(config, corpus)
+    if crowded:  # after the checks: a run that fails on them ends on its error line alone
+        print(f"shardwise: warning: {crowded}", file=sys.stderr, flush=True)
     planned = with_step_budget(config, corpus, nproc * config.nnodes)
     return RunPlan(
         nproc, config.nnodes, layout, stages, corpus, config.ps, budget, contract, split, planned
@@ -165,10 +166,11 @@ def preflight(config: TrainConfig) -> RunPlan:
 MAX_RANKS_PER_CORE = 4
 
 
-def check_cores(processes: int, derived: bool) -> None:
-    """More processes than this process's cores: a warning line; far more: refused in one.
+def check_cores(processes: int, derived: bool) -> str | None:
+    """More processes than this process's cores: a warning to print; far more: refused.
 
         check_cores(16, derived=False)   # on 2 cores: ShardwiseError naming --nproc 2
+        check_cores(3, derived=False)    # on 2 cores: '3 processes on 2 CPU core(s) ...'
 
     Each rank gets its share of the cores (distributed.init_distributed), so oversubscribed
     ranks do not go faster together, and every rank adds its batch to the global one.
@@ -176,7 +178,7 @@ def check_cores(processes: int, derived: bool) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     if processes <= cores:
-        return
+        return None
     why = "the layout needs them" if derived else f"--nproc {processes}"
     line = (
         f"{processes} processes on {cores} CPU core(s) ({why}): each rank gets a share of a "
@@ -188,7 +190,7 @@ def check_cores(processes: int, derived: bool) -> None:
             f"{line}; use --nproc {cores} or fewer on this machine (more than "
             f"{MAX_RANKS_PER_CORE} per core is refused), or run on more cores or nodes"
         )
-    print(f"shardwise: warning: {line}", file=sys.stderr, flush=True)
+    return line
 
 
 def _budget(config: TrainConfig, corpus: PreparedCorpus) -> str:
