@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch.distributed as dist
 
-from shardwise.meeting import Meeting, mark_left
+from shardwise.parallel.sync.meeting import Meeting, mark_left
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,17 +10,16 @@ code runs unchanged on one CPU process, N local processes, N GPUs and several ma
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from shardwise.errors import ShardwiseError, first_line
-from shardwise.meeting import Meeting
 from shardwise.signed_store import job_secret, signed
 
 
@@ -33,8 +32,8 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
-    # Asynchronous runs only: the group workers and parameter servers talk over.
-    exchange: Exchange | None = None
+    # Where ranks that share no process group meet instead (the collectives below use it).
+    collectives: Collectives | None = None
 
     @property
     def is_main(self) -> bool:
@@ -45,26 +44,23 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-@dataclass(frozen=True)
-class Exchange:
-    """Who is a worker and who a parameter server, and the links between them.
+class Collectives(Protocol):
+    """Collective calls among ranks that meet elsewhere than in a process group.
 
-    Each (worker, server) pair has a two-rank gloo group of its own (`links`), so a worker that
-    dies breaks only its own links: the servers and the other workers go on. Workers have no
-    process group among themselves; they meet in the job's store (`meeting`), which a lost
-    worker cannot hold up either. The servers' default group holds only the servers.
+        env = DistEnv(rank, world, rank, world, device, collectives=meeting)
+        all_reduce_sum(tensor, env)     # then goes through `meeting`, whatever the group
+
+    A technique whose ranks share no process group (see parallel/sync/ps_links.py) gives its
+    ranks one; the functions below hand their call to it.
     """
 
-    links: dict[int, tuple[dist.ProcessGroup, int]]  # peer: (the pair's group, its rank there)
-    rank: int  # workers first, then servers
-    workers: list[int]
-    servers: list[int]
-    timeout_s: float
-    meeting: Meeting | None = None  # workers only
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
-    @property
-    def is_server(self) -> bool:
-        return self.rank in self.servers
+    def all_gather(self, value: object) -> list: ...  # JSON values, by rank
+
+    def barrier(self) -> None: ...
+
+    def broadcast(self, value: object) -> object: ...  # the first rank's JSON value
 
 
 def resolve_device(preference: str, nproc: int | None = None) -> torch.device:
@@ -86,33 +82,41 @@ def resolve_device(preference: str, nproc: int | None = None) -> torch.device:
     return torch.device("cuda")
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 300.0, servers: int = 0) -> DistEnv:
-    """Join the process group torchrun described in the environment, or run alone without one.
+def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
+    """Join the process group torchrun described in the environment, or run alone without one."""
+    env = place(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        store = _group_store(timeout_s)
+        join_process_group(env.device, env.rank, env.world_size, timeout_s, store)
+    return env
 
-    With `servers` (parameter servers of an asynchronous run, the world's last ranks), workers
-    and servers each get a default group of their own, and all share `DistEnv.exchange`.
+
+def place(device: str = "auto", aside: int = 0) -> DistEnv:
+    """This process's rank and device as torchrun described them, its threads set; no group.
+
+    >>> place("cpu").device
+    device(type='cpu')
+
+    `aside`: the world's last ranks, which compute nothing on a device (parameter servers): the
+    GPUs and cores here are shared among the others, and each of them takes one thread.
     """
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     launched = "RANK" in os.environ
-    kind = resolve_device(device, local_world_size - servers if launched else None)
+    kind = resolve_device(device, local_world_size - aside if launched else None)
     target = torch.device("cuda", local_rank) if kind.type == "cuda" else kind
-    if target.type == "cuda" and local_rank < local_world_size - servers:
+    if target.type == "cuda" and local_rank < local_world_size - aside:
         torch.cuda.set_device(target)
     elif target.type != "cuda":
         # Each local worker gets its share of the cores; oversubscription slows every rank. A
-        # parameter server (the world's last ranks) only adds and steps: one thread.
-        server = launched and rank >= world_size - servers
-        workers_here = max(1, local_world_size - servers)
+        # rank set aside only adds and steps: one thread.
+        helper = launched and rank >= world_size - aside
+        workers_here = max(1, local_world_size - aside)
         # The cores this process may run on (taskset, cgroup cpusets), not the machine's.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(1 if server else max(1, (cores or 1) // workers_here))
-    if launched and servers:
-        return _init_with_servers(target, rank, world_size, servers, timeout_s)
-    if launched and not dist.is_initialized():
-        _init_process_group(target, rank, world_size, timeout_s, _group_store(timeout_s))
+        torch.set_num_threads(1 if helper else max(1, (cores or 1) // workers_here))
     return DistEnv(rank, world_size, local_rank, local_world_size, target)
 
 
@@ -142,7 +146,13 @@ def _group_store(timeout_s: float) -> dist.Store | None:
         attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     ):
         return None
-    return dist.PrefixStore(f"shardwise/attempt{attempt}", _job_client(timeout_s, may_host=True))
+    return attempt_store(timeout_s)
+
+
+def attempt_store(timeout_s: float) -> dist.Store:
+    """This attempt's keys in the job's store (rank 0 hosts it where no agent does)."""
+    client = _job_client(timeout_s, may_host=True)
+    return dist.PrefixStore(f"shardwise/attempt{attempt_number()}", client)
 
 
 def _job_client(timeout_s: float, may_host: bool = False) -> dist.Store:
@@ -158,35 +168,11 @@ def _job_client(timeout_s: float, may_host: bool = False) -> dist.Store:
     return signed(client, f"{address}:{port}")
 
 
-def _init_with_servers(
-    device: torch.device, rank: int, world: int, servers: int, timeout_s: float
-) -> DistEnv:
-    timeout = timedelta(seconds=timeout_s)
-    # Keys of this attempt only: the agent keeps its store across elastic restarts.
-    client = _job_client(timeout_s, may_host=True)
-    store = dist.PrefixStore(f"shardwise/attempt{attempt_number()}", client)
-    workers, server_ranks = list(range(world - servers)), list(range(world - servers, world))
-    server = rank in server_ranks
-    links = _pair_links(store, rank, workers, server_ranks, timeout)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if server:
-        own = dist.PrefixStore("servers", store)
-        _init_process_group(torch.device("cpu"), rank - len(workers), servers, timeout_s, own)
-        exchange = Exchange(links, rank, workers, server_ranks, timeout_s)
-        return DistEnv(
-            rank - len(workers), servers, local_rank, local_size, torch.device("cpu"), exchange
-        )
-    meeting = Meeting(job_store("workers", timeout_s), rank, workers, timeout_s)
-    exchange = Exchange(links, rank, workers, server_ranks, timeout_s, meeting)
-    return DistEnv(rank, len(workers), local_rank, local_size, device, exchange)
-
-
 def job_store(namespace: str, timeout_s: float = 30.0) -> dist.Store:
     """This attempt's `namespace` in the job's rendezvous store (the agent's, at MASTER_ADDR).
 
     Apart from the process groups' keys, for what must outlive a lost rank: heartbeats, and
-    asynchronous workers' meetings.
+    meetings of ranks that share no process group.
     """
     client = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -200,24 +186,7 @@ def job_store(namespace: str, timeout_s: float = 30.0) -> dist.Store:
     )
 
 
-def _pair_links(
-    store: dist.Store, rank: int, workers: list[int], servers: list[int], timeout: timedelta
-) -> dict[int, tuple[dist.ProcessGroup, int]]:
-    """This rank's two-rank group with each peer of the other kind (worker first in each)."""
-    links = {}
-    # Every rank creates its pairs in the same global (worker, server) order: none waits in a
-    # cycle for a peer that is itself waiting.
-    for worker in workers:
-        for server in servers:
-            if rank in (worker, server):
-                pair = dist.PrefixStore(f"pair/{worker}/{server}", store)
-                group = dist.ProcessGroupGloo(pair, int(rank == server), 2, timeout)
-                peer = server if rank == worker else worker
-                links[peer] = (group, int(peer == server))
-    return links
-
-
-def _init_process_group(
+def join_process_group(
     device: torch.device, rank: int, world: int, timeout_s: float, store: dist.Store | None = None
 ) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -252,13 +221,8 @@ def all_reduce_sum(
     The sum travels on `comm_device(env)` whatever device `tensor` is on: NCCL takes CUDA
     tensors only, and counters and losses are often kept on the CPU.
     """
-    meeting = meeting_of(env)
-    if meeting is not None:
-        parts = meeting.gather(tensor.detach().cpu().contiguous().numpy().tobytes())
-        summed = sum(
-            torch.frombuffer(bytearray(parts[r]), dtype=tensor.dtype) for r in sorted(parts)
-        )
-        tensor.copy_(summed.view_as(tensor))
+    if env.collectives is not None:
+        env.collectives.all_reduce_sum(tensor)
     elif env.distributed:
         travelling = tensor.to(comm_device(env))
         dist.all_reduce(travelling, op=dist.ReduceOp.SUM, group=group)
@@ -269,10 +233,8 @@ def all_reduce_sum(
 
 def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
     """Every rank's `values`, indexed by rank; values must have the same length on all ranks."""
-    meeting = meeting_of(env)
-    if meeting is not None:  # the workers still in an asynchronous run, in rank order
-        parts = meeting.gather(json.dumps(values).encode())
-        return [json.loads(parts[rank]) for rank in sorted(parts)]
+    if env.collectives is not None:
+        return env.collectives.all_gather(values)
     local = torch.tensor(values, dtype=torch.float64, device=comm_device(env))
     if not env.distributed:
         return [local.tolist()]
@@ -283,9 +245,8 @@ def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
 
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (a no-op for a single process)."""
-    meeting = meeting_of(env)
-    if meeting is not None:
-        meeting.gather(b"")
+    if env.collectives is not None:
+        env.collectives.barrier()
     elif env.distributed:
         if env.device.type == "cuda":
             dist.barrier(device_ids=[env.device.index])
@@ -294,10 +255,9 @@ def barrier(env: DistEnv) -> None:
 
 
 def broadcast_object(value: object, env: DistEnv) -> object:
-    """Rank 0's `value` on every rank (among asynchronous workers: a JSON value)."""
-    meeting = meeting_of(env)
-    if meeting is not None:
-        return json.loads(meeting.gather(json.dumps(value if env.is_main else None).encode())[0])
+    """Rank 0's `value` on every rank (through `env.collectives`: a JSON value)."""
+    if env.collectives is not None:
+        return env.collectives.broadcast(value)
     if not env.distributed:
         return value
     box = [value]
@@ -305,9 +265,15 @@ def broadcast_object(value: object, env: DistEnv) -> object:
     return box[0]
 
 
-def meeting_of(env: DistEnv) -> Meeting | None:
-    """Where an asynchronous run's workers meet instead of a process group (None elsewhere)."""
-    return env.exchange.meeting if env.exchange is not None else None
+def all_gather_objects(value: object, env: DistEnv) -> list:
+    """Every rank's `value`, indexed by rank (through `env.collectives`: JSON values)."""
+    if env.collectives is not None:
+        return env.collectives.all_gather(value)
+    if not env.distributed:
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def peak_memory_bytes(device: torch.device) -> int:

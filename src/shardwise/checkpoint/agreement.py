@@ -13,14 +13,12 @@ cannot use it (any other ShardwiseError), or something nobody anticipated raised
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from shardwise.checkpoint.disk import agree
 from shardwise.checkpoint.errors import CheckpointRejected
-from shardwise.distributed import DistEnv, broadcast_object, meeting_of
+from shardwise.distributed import DistEnv, all_gather_objects, broadcast_object
 from shardwise.errors import ShardwiseError, first_line
 
 T = TypeVar("T")
@@ -88,8 +86,4 @@ class Ranks:
     def _gathered(self, value: object) -> list:
         if self.env is None:
             return [value]
-        meeting = meeting_of(self.env)
-        if meeting is not None:  # asynchronous workers meet in the store, not in a group
-            parts = meeting.gather(json.dumps(value).encode())
-            return [json.loads(parts[rank]) for rank in sorted(parts)]
-        return agree(value, self.env)
+        return all_gather_objects(value, self.env)

@@ -1,6 +1,6 @@
 """A parameter server's whole job in an asynchronous run: build its shard, serve, leave.
 
-    serve_parameters(config, env)   # on the world's last --ps ranks, instead of training
+    serve_parameters(config, env, run)   # on the world's last --ps ranks, instead of training
 
 The server builds the same seeded model as the workers and keeps only its share of the
 parameters (`assign_shards`, the same split the workers make), with the loop's optimizer and
@@ -16,14 +16,14 @@ from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
 from shardwise.parallel.sync.exchange import Channel, Inbox, assign_shards
 from shardwise.parallel.sync.param_server import ParameterServer
+from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.train.build import load_corpus, seeded_model, with_step_budget
 from shardwise.train.schedule import warmup_cosine
 
 
-def serve_parameters(config: TrainConfig, env: DistEnv) -> dict:
+def serve_parameters(config: TrainConfig, env: DistEnv, exchange: AsyncRun) -> dict:
     """Serve this rank's shard until every worker has been told to stop; no summary (empty)."""
-    exchange = env.exchange
-    assert exchange is not None and exchange.is_server, "a parameter server's rank only"
+    assert exchange.is_server, "a parameter server's rank only"
     corpus = load_corpus(config)
     config = with_step_budget(config, corpus, len(exchange.workers))
     model = seeded_model(config, corpus.vocab_size)

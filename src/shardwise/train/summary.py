@@ -9,7 +9,8 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from shardwise.distributed import DistEnv, all_gather_floats, meeting_of, peak_memory_bytes
+from shardwise.distributed import DistEnv, all_gather_floats, peak_memory_bytes
+from shardwise.parallel.sync import SyncStrategy
 
 if TYPE_CHECKING:
     from shardwise.train.trainer import Trainer
@@ -33,6 +34,7 @@ def run_summary(trainer: Trainer, started: float) -> dict:
         "device": trainer.env.device.type,
         "precision": trainer.config.precision,
         "sync": trainer.config.sync,
+        "parallelism": trainer.session.parallelism.record(),  # each technique and its settings
         "model": trainer.config.model,
         "vocab_size": trainer.corpus.vocab_size,
         "steps": trainer.state.step,
@@ -52,7 +54,7 @@ def run_summary(trainer: Trainer, started: float) -> dict:
         "sync_staleness_histogram": staleness_histogram(
             staleness, int(max(row[1] for row in memory)), trainer.env
         ),
-        "sync_workers_lost": workers_lost(trainer.env),
+        "sync_workers_lost": workers_lost(trainer.model.strategy),
         "batching": trainer.config.batching,
         "data_notes": trainer.corpus.notes,
         "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
@@ -61,10 +63,11 @@ def run_summary(trainer: Trainer, started: float) -> dict:
     }
 
 
-def workers_lost(env: DistEnv) -> dict[str, str] | None:
-    """{rank: why} of an asynchronous run's workers that died on the way (None elsewhere)."""
-    meeting = meeting_of(env)
-    return {str(rank): why for rank, why in meeting.lost.items()} if meeting else None
+def workers_lost(strategy: SyncStrategy) -> dict[str, str] | None:
+    """{rank: why} of the workers that left the run on the way, JSON-keyed (None: a strategy
+    whose run never goes on without one)."""
+    lost = strategy.lost_replicas()
+    return {str(rank): why for rank, why in lost.items()} if lost is not None else None
 
 
 def staleness_histogram(

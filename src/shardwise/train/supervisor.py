@@ -27,7 +27,8 @@ from types import FrameType
 from shardwise.config import TrainConfig
 from shardwise.distributed import job_store
 from shardwise.handoff import GIVE_UP_SIGNAL, LAUNCHER_PID_ENV
-from shardwise.meeting import mark_left
+from shardwise.parallel.sync.meeting import mark_left
+from shardwise.parallel.sync.ps_links import meeting_store
 from shardwise.train.heartbeat import mark_done
 
 SUPERVISED_ENV = "SHARDWISE_SUPERVISED"
@@ -75,7 +76,7 @@ def supervise(argv: list[str]) -> int:
 
 def _leave(why: str) -> None:
     rank = int(os.environ["RANK"])
-    mark_left(job_store("workers"), rank, f"died of {why}")
+    mark_left(meeting_store(), rank, f"died of {why}")
     mark_done(job_store("heartbeat"), rank)
     print(
         f"shardwise: worker rank {rank} died ({why}); the asynchronous run goes on without it",

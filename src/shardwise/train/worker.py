@@ -41,6 +41,7 @@ from shardwise.handoff import (
     write_rank_summary,
     write_record,
 )
+from shardwise.parallel.sync.ps_links import AsyncRun, join_async_run
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
 from shardwise.report.markdown import CONFIG_FILE
 from shardwise.report.summary import json_value
@@ -89,14 +90,13 @@ def run_worker(config_json: str, error_dir: str | None = None) -> dict:
     try:
         faults = read_faults(os.environ, restart_count())  # what a test asked for; else none
         with watch_signals(folder, enabled=preemptible(config)):
-            env = init_distributed(config.device, config.timeout_s, servers=config.ps)
+            env, run = _join(config)
             # After joining: a rank 0 that hosts the store itself has it up by now.
             hung, untrusted = partial(_hung, folder), partial(_untrusted, folder)
             expendable = expendable_ranks(config)
             with heartbeat(config.heartbeat_timeout_s, hung, expendable, untrusted):
-                serves = _serves(env)
-                if serves:
-                    summary = serve_parameters(config, env)
+                if run is not None and run.is_server:
+                    summary = serve_parameters(config, env, run)
                 else:
                     summary = train(config, env, folder, faults)
     except Preempted:
@@ -139,8 +139,11 @@ def _untrusted(folder: Path | None, exc: ShardwiseError) -> None:
     os._exit(_EXIT_FAILED)  # from the heartbeat thread, as _hung
 
 
-def _serves(env: DistEnv) -> bool:
-    return env.exchange is not None and env.exchange.is_server
+def _join(config: TrainConfig) -> tuple[DistEnv, AsyncRun | None]:
+    """This rank's group: torchrun's, or (--ps) its place among workers and parameter servers."""
+    if config.ps:
+        return join_async_run(config.device, config.timeout_s, config.ps)
+    return init_distributed(config.device, config.timeout_s), None
 
 
 def _report(exc: ShardwiseError, error_dir: str | None) -> None:

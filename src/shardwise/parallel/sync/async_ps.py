@@ -42,6 +42,7 @@ from shardwise.parallel.sync.exchange import (
     unflatten_into,
 )
 from shardwise.parallel.sync.options import SyncOptions
+from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.parallel.sync.traffic import SyncTraffic
 
 # The loop's own optimizer never steps here (the servers' do), yet its schedule is stepped.
@@ -58,6 +59,7 @@ class AsyncUpdates(StrategyDefaults):
     def __init__(self, options: SyncOptions | None = None) -> None:
         self.options = options or SyncOptions()
         self.channel: Channel | None = None
+        self.run: AsyncRun | None = None  # this worker's links and meeting
         self.servers: list[int] = []
         self.shards: list[list[torch.Tensor]] = []
         self.versions: dict[int, int] = {}
@@ -66,15 +68,16 @@ class AsyncUpdates(StrategyDefaults):
         self.traffic = SyncTraffic()  # its staleness: how many server steps old each push was
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
-        if env.exchange is None:
+        if not isinstance(env.collectives, AsyncRun):
             raise ShardwiseError(
                 "--sync async needs parameter-server ranks: start it with `shardwise train "
                 "--sync async --ps N` (or shardwise.run), which launches them"
             )
         module = module.to(env.device)
         params = [p for p in module.parameters() if p.requires_grad]
-        self.channel = Channel(env.exchange.links, env.exchange.timeout_s)
-        self.servers = env.exchange.servers
+        self.run = env.collectives
+        self.channel = Channel(self.run.links, self.run.timeout_s)
+        self.servers = self.run.servers
         shards = assign_shards([p.numel() for p in params], len(self.servers))
         self.shards = [[params[i] for i in indices] for indices in shards]
         for server in self.servers:
@@ -134,6 +137,11 @@ class AsyncUpdates(StrategyDefaults):
         """The first worker alone: all end on the servers' final parameters, and none waits for
         another (a peer may have died)."""
         return env.is_main
+
+    def lost_replicas(self) -> dict[int, str] | None:
+        """The workers whose supervisors said they died, as the meetings found them."""
+        meeting = self.run.meeting if self.run is not None else None
+        return dict(meeting.lost) if meeting is not None else None
 
     def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
         return contextlib.nullcontext()  # gradients travel once per step, in update()

@@ -1,11 +1,11 @@
 """The wire between asynchronous workers and parameter servers: messages over point-to-point.
 
-    channel = Channel(env.exchange.links, timeout_s=300)
+    channel = Channel(run.links, timeout_s=300)      # run: this rank's AsyncRun (ps_links.py)
     channel.send(server, Header(PUSH, version=12), gradient_shard)
     inbox = Inbox(channel, workers=[0, 1], payload_numel=n)   # a server hears every worker
     message = inbox.get()            # Message(worker, header, payload); LOST when it died
 
-Each (worker, server) pair talks over a two-rank gloo group of its own (`DistEnv.exchange`),
+Each (worker, server) pair talks over a two-rank gloo group of its own (`AsyncRun.links`),
 so a dead worker breaks only its own links. Every message is a fixed-size int64 header, then,
 for messages that carry one, a flat float32 payload on the same pair: gloo keeps a pair's
 messages in order. A server receives from each worker on a thread of its own (`Inbox`), so it
