@@ -35,7 +35,10 @@ from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv
 from shardwise.loss import token_loss_sum
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.parallelism import Parallelism, PipelineStages
 from shardwise.parallel.parallelize import parallelize
+from shardwise.parallel.schedules import pipeline_schedule
+from shardwise.parallel.sync import sync_strategy
 from shardwise.stores import free_port
 from support.rounds import Comparison, add_rounds_flag, interleave, parse_with_tiny, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
@@ -126,14 +129,9 @@ def train_pipeline(args: argparse.Namespace, batch: Batch, env: DistEnv) -> None
     # Whole blocks per stage, evenly: the embedding joins stage 0 and the head the last stage.
     cuts = [f"blocks.{k * args.layers // stages}" for k in range(1, stages)]
     layout = Layout.for_world(stages, pp=stages).build(env, timeout_s=300)
-    model = parallelize(
-        build_transformer(args),
-        layout,
-        env,
-        cuts=cuts,
-        schedule="1f1b",
-        microbatches=args.microbatches,
-    )
+    stages = PipelineStages(tuple(cuts), pipeline_schedule("1f1b"), args.microbatches)
+    setting = Parallelism(layout, sync_strategy("allreduce"), stages)
+    model = parallelize(build_transformer(args), setting, env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(args.steps):
         model.forward_backward(batch.tokens, batch.targets, batch.step_tokens)

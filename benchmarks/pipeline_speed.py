@@ -46,8 +46,11 @@ from shardwise.distributed import DistEnv, all_gather_floats
 from shardwise.loss import token_loss_sum
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelism import Parallelism, PipelineStages
 from shardwise.parallel.parallelize import parallelize
+from shardwise.parallel.schedules import pipeline_schedule
 from shardwise.parallel.stages import split_into_stages
+from shardwise.parallel.sync import sync_strategy
 from shardwise.stores import free_port
 from support.rounds import Comparison, add_rounds_flag, interleave, parse_with_tiny, round_line
 from support.transformer_job import build_transformer, fixed_batch, join_gloo, model_flags
@@ -222,8 +225,9 @@ def make_ours(
     args: argparse.Namespace, env: DistEnv, layout: Layout, schedule: str, m: int
 ) -> ParallelModel:
     """Shardwise's public path: the whole model, parallelized for this rank's stage."""
+    stages = PipelineStages(tuple(cut(args)), pipeline_schedule(schedule), m)
     return parallelize(
-        build_transformer(args), layout, env, cuts=cut(args), schedule=schedule, microbatches=m
+        build_transformer(args), Parallelism(layout, sync_strategy("allreduce"), stages), env
     )
 
 

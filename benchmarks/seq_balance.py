@@ -72,7 +72,9 @@ from shardwise.distributed import (
 from shardwise.models import RecurrentLM, TransformerLM
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelism import Parallelism
 from shardwise.parallel.parallelize import parallelize
+from shardwise.parallel.sync import sync_strategy
 from support.batching_plans import (
     CONTROL,
     HEADLINE,
@@ -202,7 +204,9 @@ def run(
     case: Case, method: str, steps: list[Step], layout: Layout, env: DistEnv, min_seconds: float
 ) -> dict[str, Any]:
     """Train whole epochs of `steps` until `min_seconds` have passed; the side's figures."""
-    model = parallelize(build_model(case.model), layout, env)
+    model = parallelize(
+        build_model(case.model), Parallelism(layout, sync_strategy("allreduce")), env
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     last_grad = [0.0]
     for parameter in model.parameters():

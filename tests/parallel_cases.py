@@ -28,7 +28,10 @@ from shardwise.distributed import DistEnv, all_reduce_sum
 from shardwise.loss import IGNORE_INDEX, token_loss_sum
 from shardwise.models import RecurrentLM, TransformerLM
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.parallelism import Parallelism, PipelineStages
 from shardwise.parallel.parallelize import parallelize
+from shardwise.parallel.schedules import pipeline_schedule
+from shardwise.parallel.sync import SyncStrategy, sync_strategy
 
 LENGTHS = (5, 9, 12, 5)
 ROWS = 8
@@ -44,6 +47,27 @@ class Trained:
     state: dict[str, torch.Tensor]
     losses: list[float] = field(default_factory=list)
     norms: list[float] = field(default_factory=list)
+
+
+def parallelism(
+    layout: Layout,
+    *,
+    cuts: list[str] | tuple[str, ...] = (),
+    schedule: str = "1f1b",
+    microbatches: int = 1,
+    sync: str | SyncStrategy = "allreduce",
+    length_bucket: int = 32,
+    autocast: Any = None,
+) -> Parallelism:
+    """The Parallelism a test asks for in the words of its settings (pipeline only with pp>1)."""
+    stages = None
+    if layout.pp > 1:
+        stages = PipelineStages(
+            tuple(cuts), pipeline_schedule(schedule), microbatches, length_bucket
+        )
+    strategy = sync_strategy(sync) if isinstance(sync, str) else sync
+    extra = {} if autocast is None else {"autocast": autocast}
+    return Parallelism(layout, strategy, stages, **extra)
 
 
 def tiny_model(kind: str) -> nn.Module:
@@ -99,7 +123,8 @@ def train_layout(env: DistEnv, kind: str, sizes: dict[str, int], **options: Any)
     options.setdefault("microbatches", 4)
     # Exact lengths: steps of length 5, 9, 12 and 5 need three stage shapes, the last reused.
     options.setdefault("length_bucket", 1)
-    model = parallelize(tiny_model(kind), layout, env, cuts=CUTS.get(layout.pp, []), **options)
+    setting = parallelism(layout, cuts=CUTS.get(layout.pp, []), **options)
+    model = parallelize(tiny_model(kind), setting, env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     trained = Trained(state={})
     for batch in step_batches():

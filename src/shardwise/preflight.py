@@ -16,6 +16,7 @@ import torch
 
 from shardwise.checkpoint import find_checkpoint
 from shardwise.config import TrainConfig
+from shardwise.config.parallelism import parallelism_from
 from shardwise.config.train_config import DEFAULT_BATCH_SIZE
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
@@ -23,6 +24,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.models import check_model_spec
 from shardwise.models.contract import ModelContract
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.parallelism import Parallelism
 from shardwise.parallel.split_plan import SplitPlan
 from shardwise.partition import Plan
 from shardwise.precision import Precision
@@ -70,6 +72,7 @@ class RunPlan:
     contract: ModelContract | None = None  # how a user's model is called (None: a built-in)
     split: SplitPlan | None = None  # what --tp splits; None without it
     config: TrainConfig | None = field(default=None, repr=False)  # as the workers get it
+    parallelism: Parallelism | None = None  # each technique the workers apply, and with what
 
     @property
     def cuts(self) -> list[str]:
@@ -82,11 +85,10 @@ class RunPlan:
         each other (its shares), but its absolute times were 12-22x off a measured step.
         """
         lines = [*self._what_and_how_long()]
-        dp, pp, tp = self.layout.dp, self.layout.pp, self.layout.tp
-        lines.append(
-            f"layout: {dp} data-parallel x {pp} pipeline x {tp} tensor-parallel = "
-            f"{self.layout.world_size} ranks ({self.nproc} per node on {self.nnodes} node(s))"
-        )
+        tp = self.layout.tp
+        if self.parallelism is not None:
+            lines += self.parallelism.describe().splitlines()
+        lines.append(f"ranks: {self.nproc} per node on {self.nnodes} node(s)")
         if self.servers:
             lines.append(
                 f"plus {self.servers} parameter server(s) holding the parameters and optimizer "
@@ -140,7 +142,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     device = resolve_device(config.device, nproc)
     crowded = check_cores(nproc + config.ps, config.nproc is None) if device.type == "cpu" else None
     layout = config.layout(nproc * config.nnodes)
-    Precision(config.precision, device)
+    precision = Precision(config.precision, device)
     check_model_spec(config.model)
     corpus = load_corpus(config)
     contract = user_model_call(config, corpus)
@@ -156,8 +158,21 @@ def preflight(config: TrainConfig) -> RunPlan:
     if crowded:  # after the checks: a run that fails on them ends on its error line alone
         print(f"shardwise: warning: {crowded}", file=sys.stderr, flush=True)
     planned = with_step_budget(config, corpus, nproc * config.nnodes)
+    parallelism = parallelism_from(config, layout, precision)
+    if stages is not None:
+        parallelism = parallelism.with_cuts(stages.cuts)
     return RunPlan(
-        nproc, config.nnodes, layout, stages, corpus, config.ps, budget, contract, split, planned
+        nproc,
+        config.nnodes,
+        layout,
+        stages,
+        corpus,
+        config.ps,
+        budget,
+        contract,
+        split,
+        planned,
+        parallelism,
     )
 
 

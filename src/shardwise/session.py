@@ -37,6 +37,7 @@ from shardwise.checkpoint import (
     take_snapshot,
 )
 from shardwise.config import TrainConfig, load_config
+from shardwise.config.parallelism import parallelism_from
 from shardwise.data.batch import Batch
 from shardwise.data.cost import cost_model_for
 from shardwise.data.device_loader import DeviceLoader, device_loader
@@ -53,7 +54,6 @@ from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
-from shardwise.parallel.sync import sync_strategy
 from shardwise.partition import profiled_cuts
 from shardwise.precision import Precision
 
@@ -112,27 +112,20 @@ class Session:
         config = self.config
         name = config.model if ":" in config.model else type(model).__name__
         contract = contract or contract_for(model, name, **config.contract_settings())
-        if self.layout.pp > 1 and not (cuts or config.split_points):
-            cuts = profiled_cuts(
-                self.env,
-                model,
-                config.pp,
-                example,
-                microbatches=config.microbatches,
-                schedule=config.schedule,
-            )
-        return parallelize(
-            model,
-            self.layout,
-            self.env,
-            cuts=cuts or config.split_points or [],
-            schedule=config.schedule,
-            microbatches=config.microbatches,
-            sync=sync_strategy(config.sync, config.sync_options()),
-            autocast=self.precision.autocast,
-            backward=self.precision.backward,
-            contract=contract,
-        )
+        parallelism = parallelism_from(config, self.layout, self.precision)
+        if parallelism.pipeline is not None and (cuts or not parallelism.pipeline.cuts):
+            if not cuts:  # rank 0's profile balances time and memory, every rank takes its cut
+                cuts = profiled_cuts(
+                    self.env,
+                    model,
+                    config.pp,
+                    example,
+                    microbatches=config.microbatches,
+                    schedule=config.schedule,
+                )
+            parallelism = parallelism.with_cuts(cuts)
+        self.parallelism = parallelism
+        return parallelize(model, parallelism, self.env, contract)
 
     def forward_backward(
         self,

@@ -15,6 +15,7 @@ from parallel_cases import (
     CUTS,
     assert_ranks_match,
     layout_for,
+    parallelism,
     step_batches,
     tiny_model,
     train_layout,
@@ -60,7 +61,8 @@ def two_stage_worker(env: DistEnv) -> dict[Any, Any]:
         )
     results["bf16"] = train_layout(env, "transformer", {"pp": 2}, autocast=bfloat16)
     model = tiny_model("transformer")
-    prepared = parallelize(model, layout_for(env, pp=2), env, cuts=CUTS[2], microbatches=4)
+    setting = parallelism(layout_for(env, pp=2), cuts=CUTS[2], microbatches=4)
+    prepared = parallelize(model, setting, env)
     evaluated, first = step_batches()[1], step_batches()[0]
     results["eval"] = float(prepared.evaluate(evaluated.tokens, evaluated.targets))
     owned = prepared.forward_backward(first.tokens, first.targets, first.step_tokens)

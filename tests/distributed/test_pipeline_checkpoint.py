@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from parallel_cases import LR, layout_for, step_batches, tiny_model, whole_tensors
+from parallel_cases import LR, layout_for, parallelism, step_batches, tiny_model, whole_tensors
 from ranks import run_ranks
 from shardwise.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from shardwise.data.batch import Batch
@@ -36,7 +36,8 @@ def moments(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
 
 def stages(env: DistEnv, cuts: list[str], schedule: str) -> ParallelModel:
     layout = layout_for(env, pp=2)
-    return parallelize(tiny_model("gru"), layout, env, cuts=cuts, schedule=schedule, microbatches=2)
+    setting = parallelism(layout, cuts=cuts, schedule=schedule, microbatches=2)
+    return parallelize(tiny_model("gru"), setting, env)
 
 
 def save_from_two_stages(env: DistEnv, directory: Path) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def load_into_two_stages(env: DistEnv, path: Path) -> dict[str, Any]:
 
 
 def save_from_two_shards(env: DistEnv, directory: Path) -> dict[str, torch.Tensor]:
-    model = parallelize(tiny_model("transformer"), layout_for(env, tp=2), env)
+    model = parallelize(tiny_model("transformer"), parallelism(layout_for(env, tp=2)), env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     batch = step_batches()[0]
     model.forward_backward(batch.tokens, batch.targets, batch.step_tokens)

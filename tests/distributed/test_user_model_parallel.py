@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 import shardwise
 from helpers import assert_adam_equivalent_weights, final_weights, metrics, quick_config, train
-from parallel_cases import layout_for
+from parallel_cases import layout_for, parallelism
 from ranks import run_ranks
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
@@ -62,7 +62,9 @@ def wrongly_split(attention: bool, layout: Layout, env: DistEnv) -> str:
 def split_worker(env: DistEnv) -> dict[str, Any]:
     layout = layout_for(env, tp=2)
     torch.manual_seed(0)
-    model = parallelize(odd_names(256), layout, env)  # checks its own split on a probe batch
+    model = parallelize(
+        odd_names(256), parallelism(layout), env
+    )  # checks its own split on a probe batch
     shards = {
         name: tuple(p.to_local().shape)
         for name, p in model.named_parameters()

@@ -7,6 +7,7 @@ import torch
 
 from parallel_cases import (
     assert_ranks_match,
+    parallelism,
     replica_share,
     step_batches,
     tiny_model,
@@ -30,7 +31,7 @@ def test_one_process_trains_exactly_like_plain_training(kind: str) -> None:
 
 def test_evaluate_is_the_summed_token_loss() -> None:
     batch = step_batches()[2]
-    model = parallelize(tiny_model("lstm"), Layout(), ALONE)
+    model = parallelize(tiny_model("lstm"), parallelism(Layout()), ALONE)
     with torch.no_grad():
         want = token_loss_sum(tiny_model("lstm")(batch.tokens), batch.targets)
     assert float(model.evaluate(batch.tokens, batch.targets)) == pytest.approx(
@@ -41,8 +42,8 @@ def test_evaluate_is_the_summed_token_loss() -> None:
 def test_accumulating_without_sync_then_syncing_matches_one_step() -> None:
     batch = step_batches()[0]
     halves = [replica_share(batch, 2, half) for half in (0, 1)]
-    whole = parallelize(tiny_model("gru"), Layout(), ALONE)
-    split = parallelize(tiny_model("gru"), Layout(), ALONE)
+    whole = parallelize(tiny_model("gru"), parallelism(Layout()), ALONE)
+    split = parallelize(tiny_model("gru"), parallelism(Layout()), ALONE)
     loss = whole.forward_backward(batch.tokens, batch.targets, batch.step_tokens)
     losses = [
         split.forward_backward(half.tokens, half.targets, batch.step_tokens, sync=sync)
@@ -54,7 +55,7 @@ def test_accumulating_without_sync_then_syncing_matches_one_step() -> None:
 
 
 def test_the_prepared_model_keeps_the_model_s_own_names() -> None:
-    model = parallelize(tiny_model("gru"), Layout(), ALONE)
+    model = parallelize(tiny_model("gru"), parallelism(Layout()), ALONE)
     assert list(model.state_dict()) == list(tiny_model("gru").state_dict())
     assert [n for n, _ in model.named_parameters()] == [
         n for n, _ in tiny_model("gru").named_parameters()
@@ -74,22 +75,20 @@ def test_the_prepared_model_keeps_the_model_s_own_names() -> None:
 def test_layout_mistakes_are_user_errors(options: dict, message: str) -> None:
     options = {"cuts": ["blocks.1"], "schedule": "gpipe", "microbatches": 2} | options
     with pytest.raises(ShardwiseError, match=message):
-        parallelize(tiny_model("gru"), TWO_STAGES, ALONE, **options)
+        parallelize(tiny_model("gru"), parallelism(TWO_STAGES, **options), ALONE)
 
 
 def test_packed_batches_are_refused_with_a_clear_message() -> None:
     batch = step_batches()[0]
-    model = parallelize(
-        tiny_model("gru"), TWO_STAGES, ALONE, cuts=["blocks.1"], schedule="gpipe", microbatches=2
-    )
+    stages = parallelism(TWO_STAGES, cuts=["blocks.1"], schedule="gpipe", microbatches=2)
+    model = parallelize(tiny_model("gru"), stages, ALONE)
     segments = torch.zeros_like(batch.tokens)
     with pytest.raises(ShardwiseError, match="packed batches"):
         model.forward_backward(batch.tokens, batch.targets, batch.step_tokens, segment_ids=segments)
 
 
 def test_a_pipeline_stage_has_no_forward_of_its_own() -> None:
-    model = parallelize(
-        tiny_model("gru"), TWO_STAGES, ALONE, cuts=["blocks.1"], schedule="gpipe", microbatches=2
-    )
+    stages = parallelism(TWO_STAGES, cuts=["blocks.1"], schedule="gpipe", microbatches=2)
+    model = parallelize(tiny_model("gru"), stages, ALONE)
     with pytest.raises(ShardwiseError, match="forward_backward"):
         model(step_batches()[0].tokens)

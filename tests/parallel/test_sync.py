@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from parallel_cases import replica_share, step_batches, tiny_model
+from parallel_cases import parallelism, replica_share, step_batches, tiny_model
 from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
@@ -47,7 +47,7 @@ class RecordingStrategy(AllReduceEveryStep):
 def test_a_strategy_is_called_once_per_hook_at_its_place_in_a_step() -> None:
     strategy = RecordingStrategy()
     session = Session(ALONE, TrainConfig(device="cpu"))
-    model = parallelize(tiny_model("gru"), session.layout, ALONE, sync=strategy)
+    model = parallelize(tiny_model("gru"), parallelism(session.layout, sync=strategy), ALONE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = step_batches()[0]
     for half, last in ((0, False), (1, True)):  # two accumulation micro-steps

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.schedules import pipeline_schedule
 
 DIMS = ("pp", "dp", "tp")
 # The ranks of one model replica (all its stages and shards): where a global gradient norm sums.
@@ -160,17 +161,11 @@ class Layout:
 
 
 def check_microbatches(schedule: str, microbatches: int, stages: int) -> None:
-    """Raise `ShardwiseError` when 1F1B has fewer micro-batches than pipeline stages.
+    """Raise `ShardwiseError` when `schedule` cannot run `microbatches` over `stages`.
 
     check_microbatches("1f1b", 2, stages=4)   # ShardwiseError: raise --microbatches to 4
     """
-    # 1F1B's warm-up sends one micro-batch into each stage before the first backward.
-    if schedule == "1f1b" and microbatches < stages:
-        raise ShardwiseError(
-            f"--schedule 1f1b needs at least as many micro-batches as stages; got "
-            f"--microbatches {microbatches} for --pp {stages}: raise --microbatches to "
-            f"{stages} or use --schedule gpipe"
-        )
+    pipeline_schedule(schedule).check(microbatches, stages)
 
 
 def _ranks_along(ranks: torch.Tensor, axis: int) -> list[list[int]]:

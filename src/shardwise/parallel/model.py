@@ -1,6 +1,6 @@
 """A model prepared for its layout: this rank's part of it, and one call per micro-step.
 
-    model = parallelize(MyLM(), layout, env, cuts=["blocks.2"], microbatches=4)
+    model = parallelize(MyLM(), parallelism, env)   # parallel/parallelism.py
     owned = model.forward_backward(tokens, targets, step_tokens, sync=last_micro_step)
     norm = model.clip_grad_norm(1.0)
 
@@ -63,7 +63,6 @@ class ParallelModel(nn.Module):
         self._autocast = autocast
         self._backward = backward
         self._loss_scale = 1.0
-        self._owned: list[torch.Tensor] = []
 
     # ---- what the model is, for optimizers, checkpoints and users ------------------------------
 
@@ -124,9 +123,7 @@ class ParallelModel(nn.Module):
                 owned = loss_sum.detach().float()
             else:
                 tokens, targets = self._shaped(tokens, targets, model_kwargs)
-                self._owned = []
-                self.pipeline.train(tokens, targets)
-                owned = sum(self._owned, torch.zeros(()))
+                owned = self.pipeline.train(tokens, targets, self._loss_scale)
         if sync:
             self.strategy.after_backward(self.module, self.layout)
         return owned if self.owns_loss else torch.zeros_like(owned)
@@ -152,12 +149,6 @@ class ParallelModel(nn.Module):
             limit = max_norm if max_norm > 0 else float("inf")
             return torch.nn.utils.clip_grad_norm_(self.parameters(), limit, foreach=True)
         return clip_grad_norm(self.parameters(), max_norm, self.layout)
-
-    def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss a pipeline schedule backpropagates for one micro-batch (its sum is kept)."""
-        loss_sum = token_loss_sum(logits, targets)
-        self._owned.append(loss_sum.detach().float().cpu())
-        return loss_sum * self._loss_scale
 
     # ---- helpers -----------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Apply a layout to a model as a visible sequence of small steps over the mesh.
 
-    model = parallelize(MyLM(), layout, env, cuts=["blocks.2"], schedule="1f1b", microbatches=4)
+    parallelism = Parallelism(layout, sync, pipeline=PipelineStages(("blocks.2",), microbatches=4))
+    model = parallelize(MyLM(), parallelism, env)
 
 0. `plan_split`: which layers tensor parallelism splits, planned on the whole model.
 1. `apply_stages`: keep this rank's pipeline stage (the rest moves to "meta").
@@ -15,7 +16,6 @@ degree is 1, so data-parallel-only runs go through the same path.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -23,13 +23,15 @@ import torch
 from torch import nn
 
 from shardwise.distributed import DistEnv
+from shardwise.loss import token_loss_sum
 from shardwise.models.contract import PLAIN, ModelContract
 from shardwise.parallel.faithful import check_faithful_chain, probe_tokens, token_bound
 from shardwise.parallel.mesh import Layout
-from shardwise.parallel.model import Backward, ParallelModel
-from shardwise.parallel.pipeline import StagePipeline, check_schedule
+from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelism import Parallelism
+from shardwise.parallel.pipeline import StagePipeline
 from shardwise.parallel.stages import Autocast, Boundary, keep_stage
-from shardwise.parallel.sync import SyncStrategy, sync_strategy
+from shardwise.parallel.sync import SyncStrategy
 from shardwise.parallel.tensor_parallel import (
     PARTS,
     SplitPlan,
@@ -41,49 +43,43 @@ from shardwise.parallel.tensor_parallel import (
 
 def parallelize(
     model: nn.Module,
-    layout: Layout,
+    parallelism: Parallelism,
     env: DistEnv,
-    *,
-    cuts: Sequence[str] = (),
-    schedule: str = "1f1b",
-    microbatches: int = 1,
-    sync: str | SyncStrategy = "allreduce",
-    autocast: Autocast = contextlib.nullcontext,
-    backward: Backward = torch.Tensor.backward,
-    tp_parts: Sequence[str] = PARTS,
-    length_bucket: int = 32,
     contract: ModelContract = PLAIN,
 ) -> ParallelModel:
-    """`model` prepared for `layout` on this rank (see the module docstring for the steps)."""
-    if layout.pp > 1:
-        check_schedule(schedule, microbatches, layout.pp)
+    """`model` prepared for `parallelism` on this rank (see the module docstring for the steps).
+
+    `contract`: how the whole model takes tokens and gives logits (models/contract.py).
+    """
+    layout, stages = parallelism.layout, parallelism.pipeline
+    if stages is not None and layout.pp > 1:
         # Also for a loop of the user's own, which no preflight checked.
         vocab = contract.vocab_size or token_bound(model)
         check_faithful_chain(model, vocab, partial(contract, model))
     max_len = getattr(model, "max_len", None)
-    plan = plan_split(model, layout.tp, tp_parts, contract)  # before stages: probes the whole model
-    part, boundaries = apply_stages(model, layout, cuts, autocast)
+    parts = parallelism.tensor.parts if parallelism.tensor is not None else PARTS
+    plan = plan_split(model, layout.tp, parts, contract)  # before stages: probes the whole model
+    cuts = stages.cuts if stages is not None else ()
+    part, boundaries = apply_stages(model, layout, cuts, parallelism.autocast)
     part = part.to(env.device)
     if plan is not None:
         probe = split_probe(part, layout, boundaries, plan, contract, env.device)
         apply_tensor_parallel(part, layout, plan, probe)
-    strategy = sync_strategy(sync) if isinstance(sync, str) else sync
-    module = apply_sync(part, layout, env, strategy)
-    prepared = ParallelModel(
+    module = apply_sync(part, layout, env, parallelism.sync)
+    pipeline = None
+    if stages is not None and layout.pp > 1:
+        pipeline = build_pipeline(part, boundaries, parallelism, env.device)
+    return ParallelModel(
         module,
         layout,
-        strategy,
-        autocast=autocast,
-        backward=backward,
-        length_bucket=length_bucket,
+        parallelism.sync,
+        pipeline,
+        autocast=parallelism.autocast,
+        backward=parallelism.backward,
+        length_bucket=stages.length_bucket if stages is not None else 32,
         max_len=max_len,
         contract=contract,
     )
-    if layout.pp > 1:
-        prepared.pipeline = build_pipeline(
-            part, boundaries, layout, schedule, microbatches, prepared, env.device, autocast
-        )
-    return prepared
 
 
 def apply_stages(
@@ -148,23 +144,18 @@ def apply_sync(part: nn.Module, layout: Layout, env: DistEnv, strategy: SyncStra
 
 
 def build_pipeline(
-    stage: nn.Module,
-    boundaries: list[Boundary],
-    layout: Layout,
-    schedule: str,
-    microbatches: int,
-    model: ParallelModel,
-    device: torch.device,
-    autocast: Autocast,
+    stage: nn.Module, boundaries: list[Boundary], parallelism: Parallelism, device: torch.device
 ) -> StagePipeline:
-    """The stage's schedules, scoring each micro-batch with the prepared model's loss."""
+    """The stage's schedules, scoring each micro-batch by its summed token loss."""
+    stages = parallelism.pipeline
+    assert stages is not None
     return StagePipeline(
         stage,
         boundaries,
-        layout,
-        schedule,
-        microbatches,
-        model.pipeline_loss,
+        parallelism.layout,
+        stages.schedule,
+        stages.microbatches,
+        token_loss_sum,
         device=device,
-        autocast=autocast,
+        autocast=parallelism.autocast,
     )

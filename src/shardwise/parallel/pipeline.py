@@ -1,13 +1,14 @@
 """One rank's pipeline stage run by a `torch.distributed.pipelining` schedule, one per shape.
 
     pipeline = StagePipeline(stage, boundaries, layout, "1f1b", microbatches=4, loss_fn=loss)
-    owned = pipeline.train(tokens, targets)   # the last stage's summed loss; 0 elsewhere
-    logits = pipeline.forward(tokens)         # on the last stage; None elsewhere
+    owned = pipeline.train(tokens, targets, scale)   # the last stage's summed loss; 0 elsewhere
+    logits = pipeline.forward(tokens)                # on the last stage; None elsewhere
 
 Plain tensors in, plain tensors out: every rank of a pipeline passes the same `tokens` and
 `targets` ([rows, length], rows a multiple of `microbatches`); the first stage reads the tokens,
-the last the targets. `loss_fn(logits, targets)` runs per micro-batch and no schedule rescales
-it, so a caller that divides by the step's token count gets exact gradients.
+the last the targets. `loss_fn(logits, targets)` runs per micro-batch; what is backpropagated
+is that times `scale` (no schedule rescales it), so a caller whose scale divides by the step's
+token count gets exact gradients, and `train` returns the unscaled sum.
 
 What stock pipelining does not do, and this does:
 - Stage outputs are made contiguous before they are sent. An LSTM with `batch_first=True`
@@ -27,14 +28,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shardwise.errors import ShardwiseError
-from shardwise.parallel.mesh import Layout, check_microbatches
+from shardwise.parallel.mesh import Layout
+from shardwise.parallel.schedules import SCHEDULES, Schedule, pipeline_schedule
 from shardwise.parallel.stages import Autocast, Boundary
 
 if TYPE_CHECKING:  # imported when a pipeline is built: it brings torch._dynamo (~0.5 s a process)
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # names in torch's pipelining
 # Distinct (rows, length) shapes whose stage buffers stay allocated; older ones are rebuilt.
 _CACHED_SHAPES = 8
 
@@ -49,19 +49,21 @@ class StagePipeline:
         stage: nn.Module,
         boundaries: Sequence[Boundary],
         layout: Layout,
-        schedule: str,
+        schedule: Schedule | str,
         microbatches: int,
         loss_fn: LossFn,
         *,
         device: torch.device | None = None,
         autocast: Autocast = contextlib.nullcontext,
     ) -> None:
-        check_schedule(schedule, microbatches, layout.pp)
+        self.schedule = pipeline_schedule(schedule) if isinstance(schedule, str) else schedule
+        self.schedule.check(microbatches, layout.pp)
         self.layout = layout
-        self.schedule = schedule
         self.microbatches = microbatches
         self.loss_fn = loss_fn
         self.device = device or torch.device("cpu")
+        self._scale = 1.0  # of the call in progress: what the backpropagated loss is multiplied by
+        self._sums: list[torch.Tensor] = []  # that call's per-micro-batch loss_fn values
         self._boundaries = list(boundaries)
         self._runnable = _ContiguousStage(stage, autocast)
         self._schedules: OrderedDict[tuple, PipelineScheduleSingle] = OrderedDict()
@@ -74,17 +76,26 @@ class StagePipeline:
     def is_last(self) -> bool:
         return self.layout.pp_rank == self.layout.pp - 1
 
-    def train(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over all micro-batches; the summed loss on the last stage."""
+    def train(
+        self, tokens: torch.Tensor, targets: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        """Forward and backward over all micro-batches, backpropagating `scale` x the loss;
+        the unscaled summed loss on the last stage (0 elsewhere)."""
         schedule = self._schedule_for(tokens.shape, train=True)
-        losses: list[torch.Tensor] = []
+        self._scale, self._sums = scale, []
         if self.is_first:
             schedule.step(tokens, return_outputs=False)
         elif self.is_last:
-            schedule.step(target=targets, losses=losses, return_outputs=False)
+            schedule.step(target=targets, return_outputs=False)
         else:
             schedule.step(return_outputs=False)
-        return sum((loss.detach().float().cpu() for loss in losses), torch.zeros(()))
+        return sum(self._sums, torch.zeros(()))
+
+    def _scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """What a schedule backpropagates for one micro-batch; its unscaled value is kept."""
+        loss = self.loss_fn(logits, targets)
+        self._sums.append(loss.detach().float().cpu())
+        return loss * self._scale
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -114,8 +125,9 @@ class StagePipeline:
             output_args=self._meta(k, rows, length, train),
             group=self.layout.group("pp"),
         )
-        kind = getattr(pipelining, SCHEDULES[self.schedule] if train else "ScheduleGPipe")
-        loss_fn = self.loss_fn if train else None
+        # Evaluation has no backward to interleave: a plain fill and drain.
+        kind = getattr(pipelining, (self.schedule if train else SCHEDULES["gpipe"]).torch_class)
+        loss_fn = self._scaled_loss if train else None
         schedule = kind(stage, self.microbatches, loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = schedule
         if len(self._schedules) > _CACHED_SHAPES:
@@ -146,8 +158,4 @@ class _ContiguousStage(nn.Module):
 
 def check_schedule(schedule: str, microbatches: int, stages: int) -> None:
     """A known schedule, and enough micro-batches for it (a TrainConfig checks this too)."""
-    if schedule not in SCHEDULES:
-        raise ShardwiseError(f"--schedule {schedule}: choose one of {', '.join(SCHEDULES)}")
-    if microbatches < 1:
-        raise ShardwiseError(f"--microbatches {microbatches}: use at least 1")
-    check_microbatches(schedule, microbatches, stages)
+    pipeline_schedule(schedule).check(microbatches, stages)

@@ -1,7 +1,7 @@
 """Cut a model into K contiguous stages that balance time and memory, and describe the cut.
 
     plan = plan_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
-    model = parallelize(model, layout, env, cuts=plan.cuts, schedule=plan.schedule)
+    model = parallelize(model, parallelism.with_cuts(plan.cuts), env)
 
 Like torchgpipe's `balance_by_time` and `balance_by_size`, but with both at once: each piece
 costs `time_weight` times its share of the model's time plus the rest times its share of the
@@ -23,6 +23,7 @@ from torch import nn
 from shardwise.data.batch import Batch
 from shardwise.distributed import DistEnv, broadcast_object
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.schedules import pipeline_schedule
 from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.partition.profile import PieceCost, profile_pieces
 
@@ -51,9 +52,8 @@ class Plan:
 
     @property
     def bubble_bound(self) -> float:
-        """The idle share of a balanced pipeline: (K - 1) / (M + K - 1)."""
-        k = len(self.stages)
-        return (k - 1) / (self.microbatches + k - 1)
+        """The idle share of a balanced pipeline under its schedule ((K-1)/(M+K-1) for these)."""
+        return pipeline_schedule(self.schedule).bubble(self.microbatches, len(self.stages))
 
     @property
     def step_time_s(self) -> float:
@@ -146,7 +146,7 @@ def plan_from_costs(
     """
 
     def in_flight(stage: int) -> int:
-        return microbatches if schedule == "gpipe" else min(microbatches, num_stages - stage)
+        return pipeline_schedule(schedule).in_flight(microbatches, num_stages, stage)
 
     def memory(stage: int, group: Sequence[PieceCost]) -> int:
         return sum(c.state_bytes + in_flight(stage) * c.activation_bytes for c in group)

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+# Fields a summary written by an earlier shardwise lacks: read as None (old runs still load).
+_ADDED_LATER = ("parallelism",)
+
+
 @dataclass(frozen=True)
 class RunResult:
     """One finished run, as rank 0 summed it up (summary.json), in summary.json's order."""
@@ -46,6 +50,7 @@ class RunResult:
     device: str
     precision: str
     sync: str  # how replicas agreed: allreduce, local-sgd or diloco
+    parallelism: dict[str, Any] | None  # Parallelism.record(): layout and each technique
     model: str  # a built-in's name or 'package.module:factory'
     vocab_size: int  # what the model was built with: 256 bytes, or more for token ids
     steps: int
@@ -119,14 +124,14 @@ class RunResult:
         caller itself configured, which `load_model` then builds without being told again.
         """
         names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in summary]
+        missing = [name for name in names if name not in summary and name not in _ADDED_LATER]
         unknown = [key for key in summary if key not in names]
         if missing or unknown:
             raise ValueError(
                 f"a run summary does not match RunResult: missing {missing}, unknown {unknown}; "
                 "the summary's keys and RunResult's fields must change together"
             )
-        values = dict(summary)
+        values = {name: None for name in _ADDED_LATER} | dict(summary)
         per_rank = ("sync_bytes_per_step", "sync_exchanges", "sync_time_s", "compute_time_s")
         for name in ("peak_rss_bytes", "rank_wait_s", *per_rank, "resume_notes", "restarts"):
             values[name] = tuple(values[name])
