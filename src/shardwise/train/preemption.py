@@ -46,6 +46,7 @@ from shardwise.handoff import (
 from shardwise.handoff import EXIT_PREEMPTED as EXIT_PREEMPTED
 from shardwise.handoff import GIVE_UP_SIGNAL as GIVE_UP_SIGNAL
 from shardwise.handoff import Preempted as Preempted
+from shardwise.parallel.sync import SYNC_STRATEGIES
 from shardwise.train.restarts import note_progress
 
 STOPPED_FILE = "stopped-rank{rank}.json"
@@ -55,8 +56,9 @@ _WORD_WAIT_S = 0.5
 
 
 def preemptible(config: TrainConfig) -> bool:
-    """Whether signals stop this run gracefully (not --sync async: see the module docstring)."""
-    return config.sync != "async"
+    """Whether signals stop this run gracefully: where its ranks meet between steps, to agree on
+    the step to stop after (not --sync async: see the module docstring)."""
+    return SYNC_STRATEGIES[config.sync].meets_between_steps
 
 
 class _Watch:
