@@ -256,3 +256,16 @@ def test_help_groups_flags_by_section_with_typed_metavars(capsys: pytest.Capture
         "--config PATH",
     ):
         assert usage in text
+
+
+def test_help_gives_the_learning_rate_per_model_and_nnodes_as_a_range(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+    assert "(default: 0.008 for lstm and gru, 0.003 for transformer and models of your own)" in text
+    assert "(default: 0.008)" not in text
+    assert "--nnodes N|MIN:MAX" in text
+    assert TrainConfig(model="transformer").lr == 0.003
+    assert TrainConfig(model="gru").lr == 0.008

@@ -165,7 +165,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_config_flag(group: typing.Any, name: str, field: typing.Any) -> None:
     kind = _base_type(field.annotation)
-    shown = f" (default: {field.default})" if field.default is not None else ""
+    # A field may say how its help shows it (json_schema_extra): a default that depends on other
+    # fields (--lr), or a value that is more than its type (--nnodes N|MIN:MAX).
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    default = extra.get("help_default", field.default)
+    shown = f" (default: {default})" if default is not None else ""
     # The parser's own default stays None so that only flags the user gave override the file.
     options: dict[str, typing.Any] = {"help": f"{field.description}{shown}", "default": None}
     if kind is bool:
@@ -174,7 +178,7 @@ def _add_config_flag(group: typing.Any, name: str, field: typing.Any) -> None:
         options["choices"] = typing.get_args(kind)
         options["type"] = _choice_of("--" + name.replace("_", "-"))  # a refusal that suggests
     else:
-        options["metavar"] = _metavar(kind)
+        options["metavar"] = extra.get("metavar", _metavar(kind))
     if name == "resume":
         options.update(nargs="?", const=_LATEST)
         options["help"] += " Bare --resume: the newest verified checkpoint of --run-dir."

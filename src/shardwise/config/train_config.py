@@ -66,9 +66,10 @@ class TrainConfig(DataSettings):
     nnodes: int = Field(
         1,
         ge=1,
-        description="Machines taking part (multi-node runs); MIN:MAX is an elastic range: "
+        description="Machines taking part (multi-node runs): N, or MIN:MAX, an elastic range: "
         "after losing machines the rest restart from the newest checkpoint on as few as MIN, "
         "with the same global batch (each rank accumulates more).",
+        json_schema_extra={"metavar": "N|MIN:MAX"},
     )
     min_nodes: int | None = Field(
         None, ge=1, description="Fewest machines the run goes on with; --nnodes MIN:MAX sets it."
@@ -206,8 +207,13 @@ class TrainConfig(DataSettings):
     lr: float = Field(
         RECURRENT_LR,
         gt=0,
-        description="Peak learning rate (AdamW); by default 8e-3 for lstm and gru, 3e-3 for "
-        "transformer and models of your own (see README, 'Defaults').",
+        description="Peak learning rate (AdamW); the default depends on the model (see README, "
+        "'Defaults').",
+        # The field's default is never used: _default_lr_for_the_model picks one per model.
+        json_schema_extra={
+            "help_default": f"{RECURRENT_LR} for lstm and gru, {OTHER_LR} for transformer and "
+            "models of your own"
+        },
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before cosine decay.")
