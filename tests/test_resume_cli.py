@@ -149,3 +149,34 @@ def test_a_run_dir_given_now_wins_over_the_config_files(
     assert main(arguments) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main([*arguments, "--run-dir", str(tmp_path / "new")]) == 0
+
+
+@pytest.mark.timeout(300)
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_report(
+    runs: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "full"
+    shutil.copytree(runs / "project" / "full", run)
+    kept = {name: (run / name).read_bytes() for name in ("summary.json", "report.md")}
+    kept["metrics.jsonl"] = (run / "metrics.jsonl").read_bytes()
+    done = shardwise_train(tmp_path, "--run-dir", "full", "--resume")
+    assert done.stdout.splitlines()[-1] == (
+        "shardwise: run dir full: it already trained 6 steps, all of --max-steps 6; nothing to "
+        "train, its summary.json and report are kept (raise --max-steps to train further)"
+    )
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    # Into another run dir there is no report of its own to keep: one line says what to raise.
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "shardwise", "train", "--resume", "full", "--run-dir", "other"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.splitlines()[-1] == (
+        "shardwise: error: --resume full: that run already trained 6 steps, all of "
+        "--max-steps 6; raise --max-steps to train further"
+    )
+    assert not (tmp_path / "other" / "summary.json").exists()

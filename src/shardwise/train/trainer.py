@@ -47,9 +47,13 @@ from shardwise.train.timing import StepClock
 
 @dataclass(frozen=True)
 class FitResult:
-    """What a finished `fit` leaves: the run's summary and the checkpoint export reads from."""
+    """What a finished `fit` leaves: the run's summary and the checkpoint export reads from.
 
-    summary: dict
+    `summary` is None when `--resume` found the run already at `max_steps`: nothing was
+    trained, so there is nothing new to report (the run's own summary stays as it was).
+    """
+
+    summary: dict | None
     checkpoint: Path
 
 
@@ -99,6 +103,8 @@ class Trainer:
         """Train to `max_steps`, checkpoint, evaluate, and summarise the run."""
         started = time.perf_counter()
         self._resume_if_asked()
+        if self.resumed_from is not None and self.state.step >= self.config.max_steps:
+            return FitResult(None, self.resumed_from)  # a finished run: no step, no metrics row
         layout = self.model.layout
         start, device = self.state.position, self.env.device
         steps = step_groups(self.config, self.corpus, layout.dp, layout.dp_rank, device, start)
@@ -129,7 +135,7 @@ class Trainer:
                     window.started += time.perf_counter() - saving  # not training time
                 if stop:  # SIGTERM or Ctrl-C: every rank stops after this step, saved
                     raise Preempted(self.state.step, self.last_checkpoint, self.preemption.received)
-        if self.last_checkpoint is None:  # resumed at the end already: nothing trained
+        if self.last_checkpoint is None:  # nothing saved on the way
             self._save()
         assert self.last_checkpoint is not None  # for the type checker: just saved
         return FitResult(run_summary(self, started), self.last_checkpoint)

@@ -44,7 +44,7 @@ from shardwise.handoff import (
 from shardwise.parallel.sync.ps_links import AsyncRun, join_async_run
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
 from shardwise.report.markdown import CONFIG_FILE
-from shardwise.report.summary import json_value
+from shardwise.report.summary import SUMMARY_FILE, json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
 from shardwise.safe_write import replace_file
 from shardwise.session import Session
@@ -197,6 +197,8 @@ def train(
         except NonFiniteStepError:  # every rank stops at the same step: finish a save in flight
             session.wait_for_checkpoint()
             raise
+        if result.summary is None:  # resumed at its end: the finished run's files stay
+            return _finished_already(run_dir, config, trainer.state.step) if env.is_main else {}
         summary = result.summary
         if env.is_main:
             whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
@@ -207,6 +209,30 @@ def train(
             final_eval = (trainer.state.step, summary.get("eval_loss"))
             write_report(run_dir, summary, plot_metrics(run_dir, final_eval))
             print(format_summary(summary), flush=True)
+    return summary
+
+
+def _finished_already(run_dir: Path, config: TrainConfig, step: int) -> dict:
+    """The summary a finished run wrote, kept as it is, and one line saying so.
+
+    A job script that always passes --resume may run again after its run finished (a requeue):
+    that is no error, and a second summary of zero steps would overwrite the real one.
+    """
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):  # resumed into another run dir, or it never reported
+        raise ShardwiseError(
+            f"--resume {config.resume}: that run already trained {step} steps, all of "
+            f"--max-steps {config.max_steps}; raise --max-steps to train further"
+        )
+    print(
+        f"shardwise: run dir {run_dir}: it already trained {step} steps, all of --max-steps "
+        f"{config.max_steps}; nothing to train, its {SUMMARY_FILE} and report are kept "
+        "(raise --max-steps to train further)",
+        flush=True,
+    )
     return summary
 
 
