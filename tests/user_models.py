@@ -5,6 +5,9 @@
 Each one is the shape of a model people arrive with:
 - `TimeMajorLSTM`: pytorch/examples' word_language_model style: time-major input, a `hidden`
   argument, a `(log_probs [T*B, V], hidden)` tuple out.
+- `TimeMajorTransformer`: word_language_model's TransformerModel style: time-major input to an
+  `nn.TransformerEncoder` (which warns that it cannot use nested tensors), log-probabilities
+  `[T, B, V]` out.
 - `MaskInForward`: a causal Transformer whose `forward` builds the attention mask and hands it
   to every layer; it lists its layers in `layer_names()`, so a stage chain that skips its
   `forward` loses the mask.
@@ -45,6 +48,24 @@ class TimeMajorLSTM(nn.Module):
 
 def time_major_lstm(vocab_size: int = 256) -> TimeMajorLSTM:
     return TimeMajorLSTM(vocab_size)
+
+
+class TimeMajorTransformer(nn.Module):
+    def __init__(self, ntoken: int, ninp: int = 32, nhead: int = 2, nlayers: int = 1) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(ntoken, ninp)
+        layer = nn.TransformerEncoderLayer(ninp, nhead, ninp, dropout=0.0)
+        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers)
+        self.decoder = nn.Linear(ninp, ntoken)
+
+    def forward(self, src: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(len(src), device=src.device)
+        output = self.transformer_encoder(self.encoder(src), mask, is_causal=True)
+        return F.log_softmax(self.decoder(output), dim=-1)
+
+
+def time_major_transformer(vocab_size: int = 256) -> TimeMajorTransformer:
+    return TimeMajorTransformer(vocab_size)
 
 
 class _Block(nn.Module):

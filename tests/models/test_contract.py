@@ -10,7 +10,7 @@ from torch import nn
 from shardwise.errors import ShardwiseError
 from shardwise.models import build_model
 from shardwise.models.contract import PLAIN, contract_for, model_contract
-from user_models import OddNames, mask_in_forward, time_major_lstm
+from user_models import OddNames, mask_in_forward, time_major_lstm, time_major_transformer
 
 VOCAB = 40
 
@@ -29,7 +29,23 @@ def test_time_major_model_with_hidden_and_flat_log_probs_is_called_as_written() 
     tokens = _tokens()
     by_hand = model(tokens.t(), None)[0].view(tokens.shape[1], tokens.shape[0], VOCAB)
     torch.testing.assert_close(contract(model, tokens), by_hand.transpose(0, 1))
-    assert "time-major" in contract.describe() and "element 0 of a tuple" in contract.describe()
+    assert contract.describe() == (
+        f"model call: forward(tokens, None), time-major; log-probabilities of {VOCAB} as "
+        "[time x batch, vocab] in element 0 of a tuple"
+    )
+
+
+def test_a_time_major_transformer_is_described_with_the_layout_the_probe_found() -> None:
+    torch.manual_seed(0)
+    model = time_major_transformer(VOCAB).eval()
+    contract = model_contract(model, "wlm:transformer", vocab_size=VOCAB)
+    assert contract.time_major and not contract.flat and contract.log_probs
+    tokens = _tokens()
+    torch.testing.assert_close(contract(model, tokens), model(tokens.t()).transpose(0, 1))
+    assert contract.describe() == (
+        f"model call: forward(tokens), time-major; log-probabilities of {VOCAB} as "
+        "[time, batch, vocab] in the output"
+    )
 
 
 @pytest.mark.parametrize("factory", [mask_in_forward, OddNames])

@@ -75,7 +75,9 @@ class ModelContract:
         call = ", ".join(["tokens", *(["None"] * self.extra_args)])
         where = "the output" if self.output is None else _where(self.output)
         kind = "log-probabilities" if self.log_probs else "logits"
-        shape = "[rows x time, vocab]" if self.flat else "[batch, time, vocab]"
+        # As the model gives them, before __call__ turns them batch-first.
+        dims = "time, batch" if self.time_major else "batch, time"
+        shape = f"[{dims.replace(',', ' x')}, vocab]" if self.flat else f"[{dims}, vocab]"
         vocab = f" of {self.vocab_size}" if self.vocab_size else ""
         return f"model call: forward({call}), {layout}; {kind}{vocab} as {shape} in {where}"
 
