@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,33 @@ def test_step_groups_give_grad_accum_batches_per_step_for_each_replica(
     assert len(mine) == len(theirs) == 2
     assert mine[0].step_tokens == theirs[0].step_tokens  # both know the whole step's count
     assert not torch.equal(mine[0].tokens, theirs[0].tokens)
+
+
+NESTED = "enable_nested_tensor is True"
+
+
+@pytest.mark.parametrize(
+    ("environ", "shown"),
+    [
+        ({}, True),  # the launcher's probe, or one process alone
+        ({"RANK": "0"}, True),  # rank 0 of the user's torchrun: nothing probed before it
+        ({"RANK": "1"}, False),
+        ({"RANK": "0", "SHARDWISE_LAUNCHER_PID": "1"}, False),  # a worker of our launcher
+    ],
+)
+def test_a_models_build_warnings_show_in_one_process_of_the_run(
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    shown: bool,
+) -> None:
+    for name in ("RANK", "SHARDWISE_LAUNCHER_PID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    config = quick_config(corpus, tmp_path / "run", model="user_models:time_major_transformer")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seeded_model(config, 256)
+    assert any(NESTED in str(warning.message) for warning in caught) == shown

@@ -12,7 +12,10 @@ dry run's cut is the run's.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -30,6 +33,7 @@ from shardwise.data.token_sampler import TokenBudgetSampler
 from shardwise.data.vocabulary import MOST_INFERRED_VOCAB, MOST_VOCAB, check_token_ids
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
+from shardwise.handoff import LAUNCHER_PID_ENV
 from shardwise.models import BUILTIN_MODELS, build_model
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.faithful import check_faithful_chain
@@ -63,7 +67,24 @@ def load_corpus(config: TrainConfig) -> PreparedCorpus:
 def seeded_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """The model every rank builds alike: the run's seed first, then the factory."""
     torch.manual_seed(config.seed)
-    return build_model(config.model, vocab_size)
+    with warnings_shown_once():
+        return build_model(config.model, vocab_size)
+
+
+def warnings_shown_once() -> contextlib.AbstractContextManager:
+    """Around building the model: its warnings pass in one process of the run, not in each.
+
+        with warnings_shown_once():
+            model = build_model(config.model, vocab_size)
+
+    Our launcher builds the model to probe it before any worker starts, and shows what building
+    it warns (torch's nested-tensor note for an nn.TransformerEncoder, say); the workers it
+    started (SHARDWISE_LAUNCHER_PID set) build it again in silence. Under the user's torchrun,
+    which probes nothing, rank 0 shows them.
+    """
+    if os.environ.get(LAUNCHER_PID_ENV) or os.environ.get("RANK", "0") != "0":
+        return warnings.catch_warnings(action="ignore")
+    return contextlib.nullcontext()
 
 
 def model_call(config: TrainConfig, model: nn.Module) -> ModelContract:

@@ -24,6 +24,7 @@ from shardwise.models.generate import BYTE_VOCAB
 from shardwise.parallel.model import ParallelModel
 from shardwise.run_dir import WEIGHTS_FILE
 from shardwise.safe_write import replace_file
+from shardwise.train.build import warnings_shown_once
 
 SAMPLE_PROMPT = b"The "
 
@@ -38,7 +39,9 @@ def whole_model(
     """
     if model.holds_whole_model:
         return model.part
-    return load_model_weights(checkpoint, build_model(config.model, vocab_size))
+    with warnings_shown_once():
+        whole = build_model(config.model, vocab_size)
+    return load_model_weights(checkpoint, whole)
 
 
 def export_model(
