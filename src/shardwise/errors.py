@@ -10,7 +10,19 @@ from __future__ import annotations
 
 
 class ShardwiseError(Exception):
-    """A problem with the user's input or environment, with a message that names the fix."""
+    """A problem with the user's input or environment, with a message that names the fix.
+
+        raise ShardwiseError("model 'm:f': the factory raised ...", shown_traceback=text)
+
+    `shown_traceback`, when the user's own code raised, is where in it: the CLI prints it once
+    above the line.
+    """
+
+    shown_traceback: str = ""
+
+    def __init__(self, *args: object, shown_traceback: str = "") -> None:
+        super().__init__(*args)
+        self.shown_traceback = shown_traceback
 
 
 class WorkerFailedError(ShardwiseError):
@@ -23,7 +35,7 @@ class WorkerFailedError(ShardwiseError):
     """
 
     def __init__(self, message: str, worker_traceback: str = "") -> None:
-        super().__init__(message)
+        super().__init__(message, shown_traceback=worker_traceback)
         self.worker_traceback = worker_traceback
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from helpers import write_corpus
+from shardwise.cli import main
 from shardwise.errors import ShardwiseError
 from shardwise.models import (
     BUILTIN_MODELS,
@@ -113,3 +115,20 @@ def test_mistakes_found_while_building(factories: str, attribute: str, match: st
     with pytest.raises(ShardwiseError, match=match) as caught:
         build_model(f"{factories}:{attribute}")
     assert f"'{factories}:{attribute}'" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_factorys_traceback_is_shown_once_above_its_one_line(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_corpus(tmp_path / "notes.txt")
+    flags = ["--data", str(tmp_path / "notes.txt"), "--nproc", "1", "--device", "cpu"]
+    spec = f"{factories}:explodes"
+    assert main(["train", "--model", spec, *flags, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    *where, line = err.rstrip().splitlines()
+    assert line.startswith(f"shardwise: error: model '{spec}': the factory raised ValueError: bad")
+    # From the factory's own frame down: where in it, not where shardwise called it.
+    assert where[0] == "Traceback (most recent call last):"
+    assert 'sw_factories.py", line 16, in explodes' in where[1]
+    assert where[-2:] == ["ValueError: bad", "width"]
+    assert err.count("Traceback") == 1 and "build_model" not in err

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from functools import partial
 from importlib.machinery import PathFinder
@@ -64,8 +65,12 @@ def build_model(spec: str, vocab_size: int = 256) -> nn.Module:
         model = factory(vocab_size=vocab_size) if takes_vocab else factory()
     except Exception as error:
         cause = first_line(error, with_type=True, whole=True)
+        # Where in the factory it failed, from its own frame down (build_model's is ours).
+        assert error.__traceback__ is not None  # just caught
+        where = traceback.format_exception(type(error), error, error.__traceback__.tb_next)
         raise ShardwiseError(
-            f"model {spec!r}: the factory raised {cause}; fix the factory"
+            f"model {spec!r}: the factory raised {cause}; fix the factory",
+            shown_traceback="".join(where),
         ) from error
     if not isinstance(model, nn.Module):
         raise ShardwiseError(
