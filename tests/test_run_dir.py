@@ -303,3 +303,24 @@ def test_two_nodes_sharing_a_run_dir_train_as_one_run(
         assert holder == nodes[0].pid
     else:
         assert holder not in {node.pid for node in nodes}
+
+
+@pytest.mark.timeout(180)
+def test_every_file_a_run_writes_takes_the_umasks_mode(corpus: Path, run: Path) -> None:
+    # 027 rather than the usual 022: a file created 0644 or 0600 whatever the umask shows up.
+    before = os.umask(0o027)
+    try:
+        assert main(quick_flags(corpus, run, "--tensorboard", "--sample-bytes", "8")) == 0
+    finally:
+        os.umask(before)
+    modes = {
+        str(path.relative_to(run)): oct(path.stat().st_mode & 0o777)
+        for path in run.rglob("*")
+        if path.is_file()
+    }
+    assert {"summary.json", "report.md", "metrics.jsonl", "config.toml"} <= modes.keys()
+    assert {"model.safetensors", "loss.png", "checkpoints/step_00000003/rng/rank0.safetensors"} <= (
+        modes.keys()
+    )
+    assert any(name.startswith("tensorboard/") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != oct(0o640)} == {}

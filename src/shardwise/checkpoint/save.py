@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -218,4 +218,6 @@ def _rng_states() -> dict[str, torch.Tensor]:
 
 def _save_rng(path: Path, states: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(states, str(path))
+    # As bytes through open(): safetensors' save_file creates its file 0600 whatever the umask,
+    # where every other file of a run takes the umask's mode (0644 under 022).
+    path.write_bytes(save(states))
