@@ -49,3 +49,16 @@ def test_a_multi_process_test_elsewhere_carries_the_marker_itself() -> None:
         f"tests/test_import_path.py::{real_run}[{style}]" for style in ("-m", "script")
     ]
     assert not set(marked) & set(unmarked) and unmarked  # the one-process tests stay unmarked
+
+
+@pytest.mark.timeout(60)
+def test_a_helper_named_testing_something_is_not_collected_as_a_test(tmp_path: Path) -> None:
+    # pytest's default prefix "test" also matched testing_slowdown, once imported into
+    # tests/train/test_timing.py: a helper ran as a test of its own.
+    module = tmp_path / "test_with_a_helper.py"
+    module.write_text(
+        "def testing_slowdown(factor=1.0):\n    return factor\n\n\n"
+        "def test_the_real_one():\n    assert testing_slowdown() == 1.0\n"
+    )
+    ids = collect("-c", str(TESTS.parent / "pyproject.toml"), str(module))
+    assert [node.rpartition("::")[2] for node in ids] == ["test_the_real_one"]
