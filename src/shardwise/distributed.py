@@ -86,7 +86,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     """Join the process group torchrun described in the environment, or run alone without one."""
     env = place(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        store = _group_store(timeout_s)
+        try:
+            store = _group_store(timeout_s)
+        except (RuntimeError, dist.DistError) as exc:  # MASTER_ADDR unreachable in time
+            raise _not_joined(env.rank, env.world_size, timeout_s, exc) from None
         join_process_group(env.device, env.rank, env.world_size, timeout_s, store)
     return env
 
@@ -163,8 +166,8 @@ def _job_client(timeout_s: float, may_host: bool = False) -> dist.Store:
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     host = may_host and not agent and os.environ.get("RANK") == "0"
-    world = int(os.environ.get("WORLD_SIZE", "1")) if host else None
-    client = dist.TCPStore(address, port, world, host, timedelta(seconds=timeout_s))
+    # No world size: the host does not wait for clients here; the group's join times out.
+    client = dist.TCPStore(address, port, None, host, timedelta(seconds=timeout_s))
     return signed(client, f"{address}:{port}")
 
 
@@ -174,16 +177,8 @@ def job_store(namespace: str, timeout_s: float = 30.0) -> dist.Store:
     Apart from the process groups' keys, for what must outlive a lost rank: heartbeats, and
     meetings of ranks that share no process group.
     """
-    client = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    return dist.PrefixStore(
-        f"shardwise/{namespace}/attempt{attempt_number()}", signed(client, where)
-    )
+    namespaced = f"shardwise/{namespace}/attempt{attempt_number()}"
+    return dist.PrefixStore(namespaced, _job_client(timeout_s))
 
 
 def join_process_group(
@@ -198,10 +193,14 @@ def join_process_group(
             backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs
         )
     except (RuntimeError, dist.DistError) as exc:
-        raise ShardwiseError(
-            f"rank {rank}: could not join the {world}-process group within {timeout_s:g}s "
-            f"({first_line(exc)}); check that every peer started and can reach MASTER_ADDR"
-        ) from None
+        raise _not_joined(rank, world, timeout_s, exc) from None
+
+
+def _not_joined(rank: int, world: int, timeout_s: float, exc: BaseException) -> ShardwiseError:
+    return ShardwiseError(
+        f"rank {rank}: could not join the {world}-process group within {timeout_s:g}s "
+        f"({first_line(exc)}); check that every peer started and can reach MASTER_ADDR"
+    )
 
 
 def shutdown_distributed() -> None:

@@ -80,7 +80,18 @@ def job_worker(monkeypatch: pytest.MonkeyPatch, rank: int, **other: str) -> subp
     for name, value in _JOB.items():
         monkeypatch.setenv(name, value)
     environment = {**os.environ, "RANK": str(rank), **other}
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=environment)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], env=environment
+    )
+    # /proc/PID/environ can still show the parent's for a moment after Popen returns.
+    deadline = time.monotonic() + 10
+    rank_entry = f"RANK={environment['RANK']}".encode()
+    while time.monotonic() < deadline:
+        with open(f"/proc/{process.pid}/environ", "rb") as handle:
+            if rank_entry in handle.read().split(b"\0"):
+                break
+        time.sleep(0.01)
+    return process
 
 
 def test_a_silent_neighbour_on_this_machine_is_killed(monkeypatch) -> None:
