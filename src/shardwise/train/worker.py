@@ -198,7 +198,9 @@ def train(
             session.wait_for_checkpoint()
             raise
         if result.summary is None:  # resumed at its end: the finished run's files stay
-            return _finished_already(run_dir, config, trainer.state.step) if env.is_main else {}
+            if not env.is_main:
+                return {}
+            return _finished_already(run_dir, config, trainer)
         summary = result.summary
         if env.is_main:
             whole = whole_model(trainer.model, result.checkpoint, config, corpus.vocab_size)
@@ -212,12 +214,14 @@ def train(
     return summary
 
 
-def _finished_already(run_dir: Path, config: TrainConfig, step: int) -> dict:
-    """The summary a finished run wrote, kept as it is, and one line saying so.
+def _finished_already(run_dir: Path, config: TrainConfig, trainer: Trainer) -> dict:
+    """The summary a finished run wrote, kept as it is on disk, and one line saying so.
 
     A job script that always passes --resume may run again after its run finished (a requeue):
-    that is no error, and a second summary of zero steps would overwrite the real one.
+    that is no error, and a second summary of zero steps would overwrite the real one. What this
+    start's resume found (checkpoints skipped on the way) is still said, and returned with it.
     """
+    step = trainer.state.step
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -227,13 +231,16 @@ def _finished_already(run_dir: Path, config: TrainConfig, step: int) -> dict:
             f"--resume {config.resume}: that run already trained {step} steps, all of "
             f"--max-steps {config.max_steps}; raise --max-steps to train further"
         )
+    for note in trainer.resume_notes:
+        print(f"shardwise: resume: {note}", flush=True)
     print(
         f"shardwise: run dir {run_dir}: it already trained {step} steps, all of --max-steps "
         f"{config.max_steps}; nothing to train, its {SUMMARY_FILE} and report are kept "
         "(raise --max-steps to train further)",
         flush=True,
     )
-    return summary
+    resumed = {"resumed_from": str(trainer.resumed_from), "resume_notes": trainer.resume_notes}
+    return {**summary, **resumed}
 
 
 def _since_launch(folder: Path | None) -> float | None:
