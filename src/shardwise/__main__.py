@@ -3,8 +3,8 @@
 `python -m` puts the working directory first on sys.path, ahead of the installed packages, so a
 rich.py or tensorboard.py lying there would be imported in place of the library, here and in
 every spawned worker (they inherit sys.path). That entry is dropped before the CLI imports
-anything more. What shardwise/__init__.py needed to get this far (torch, numpy, pydantic,
-tomli_w) was already imported through it; `python -P -m shardwise` avoids even that.
+anything more. What shardwise/__init__.py needed to get this far (pydantic, tomli_w: no torch)
+was already imported through it; `python -P -m shardwise` avoids even that.
 """
 
 import os

@@ -23,7 +23,7 @@ from pathlib import Path
 import shardwise
 from shardwise.config import SECTIONS, Record, TrainConfig, load_config, read_toml
 from shardwise.errors import ShardwiseError
-from shardwise.train.preemption import EXIT_INTERRUPTED, Preempted
+from shardwise.handoff import EXIT_INTERRUPTED, Preempted
 
 # Exit statuses (README, "Exit status"): 0 done, 2 an error, 75 preempted with a checkpoint
 # (--resume continues), 128 + N stopped by signal N before one was saved, 130 aborted (Ctrl-C).

@@ -15,8 +15,6 @@ import os
 import signal
 from pathlib import Path
 
-from shardwise.distributed import attempt_number
-
 # The folder's layout.
 ATTEMPT_DIR = "attempt{attempt}"
 AGENT_LOGS = "agent"  # where the launcher points the agent's per-worker logs and error files
@@ -81,6 +79,8 @@ class Preempted(Exception):  # a way for a run to end, not an error
 
 def attempt_dir(folder: Path, attempt: int | None = None) -> Path:
     """Where attempt `attempt` (default: this one) leaves its notes; created on first use."""
+    from shardwise.distributed import attempt_number  # torch: not for the CLI's --help
+
     number = attempt_number() if attempt is None else attempt
     path = folder / ATTEMPT_DIR.format(attempt=number)
     path.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardwise.data.token_sampler import DEFAULT_SORT_WINDOW
+from shardwise.data.defaults import DEFAULT_SORT_WINDOW
 
 
 class DataSettings(BaseModel):

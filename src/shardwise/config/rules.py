@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shardwise.errors import ShardwiseError
-from shardwise.parallel.mesh import check_microbatches
+from shardwise.parallel.schedules import pipeline_schedule
 
 if TYPE_CHECKING:
     from shardwise.config.train_config import TrainConfig
@@ -103,7 +103,7 @@ def check_model_parallel_rules(config: TrainConfig) -> None:
             "would have to agree on loss-scale overflows); use --precision bf16"
         )
     try:
-        check_microbatches(config.schedule, config.microbatches, config.pp)
+        pipeline_schedule(config.schedule).check(config.microbatches, config.pp)
     except ShardwiseError as exc:  # pydantic reports only ValueError as a validation error
         raise ValueError(str(exc)) from None
 

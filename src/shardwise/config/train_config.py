@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import tomli_w
 from pydantic import (
@@ -33,8 +33,10 @@ from shardwise.config.rules import (
     split_node_range,
     unread_settings,
 )
-from shardwise.parallel.mesh import Layout
-from shardwise.parallel.sync.options import SyncOptions
+
+if TYPE_CHECKING:
+    from shardwise.parallel.mesh import Layout
+    from shardwise.parallel.sync.options import SyncOptions
 
 # Measured at equal tokens (benchmarks/recipes.py, README "Defaults, and the measurements"):
 # recurrent models gain from a higher peak rate, the Transformer loses.
@@ -357,10 +359,14 @@ class TrainConfig(DataSettings):
 
         config.layout(4).dp   # 2 with --pp 2
         """
+        from shardwise.parallel.mesh import Layout  # torch: not for `--help` and config files
+
         return Layout.for_world(world_size, dp=self.dp, pp=self.pp, tp=self.tp)
 
     def sync_options(self) -> SyncOptions:
         """The synchronisation strategy's settings: the flags of the same names."""
+        from shardwise.parallel.sync.options import SyncOptions  # its package imports torch
+
         return SyncOptions(
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(SyncOptions)}
         )
@@ -394,7 +400,7 @@ class TrainConfig(DataSettings):
     @property
     def model_parallel(self) -> int:
         """Ranks that share one model replica (pp x tp)."""
-        return Layout(pp=self.pp, tp=self.tp).replica_size
+        return self.pp * self.tp
 
     def settings(self) -> dict[str, Any]:
         """What makes this run what it is, as JSON values: the keys config.toml records.
