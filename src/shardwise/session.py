@@ -17,6 +17,7 @@ plain `python script.py` for one process. With data parallelism alone `model(x)`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -366,12 +367,33 @@ def setup(config: TrainConfig | str | Path | None = None, **settings: Any) -> Se
 
     Keywords are the TrainConfig fields a Session reads (SESSION_KEYS: the layout, the sync
     strategy and its settings, precision, device, seed, timeout_s, keep_checkpoints, the model
-    call's settings); they override the file's values.
+    call's settings); they override the file's values. From here on, a ShardwiseError the
+    script does not catch ends it in one `shardwise: error:` line, as `shardwise train`'s do.
     """
+    _user_errors_in_one_line()
     config = _session_config(config, settings)
     env = init_distributed(config.device, config.timeout_s)
     torch.manual_seed(config.seed)
     return Session(env, config)
+
+
+def _user_errors_in_one_line() -> None:
+    """Make an uncaught ShardwiseError one line (exit status 1); every other error as before."""
+    previous = sys.excepthook
+    if getattr(previous, "shardwise", False):
+        return
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        shown = getattr(error, "shown_traceback", "") or getattr(error, "worker_traceback", "")
+        if not isinstance(error, ShardwiseError):
+            previous(kind, error, trace)
+            return
+        if shown:  # a traceback of the user's own code (a model, a worker): shown once
+            print(shown.rstrip(), file=sys.stderr)
+        print(f"shardwise: error: {error}", file=sys.stderr)
+
+    hook.shardwise = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def _session_config(config: TrainConfig | str | Path | None, settings: dict) -> TrainConfig:
