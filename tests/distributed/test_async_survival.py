@@ -31,7 +31,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
     command += ["--nproc", "3", "--sync", "async", "--ps", "1", "--max-steps", str(STEPS)]
     command += ["--max-len", "32", "--batching", "fixed", "--batch-size", "4", "--lr", "5e-3"]
     command += ["--no-tensorboard", "--sample-bytes", "0", "--heartbeat-timeout-s", "5"]
-    env = {**_environment(), "SHARDWISE_TESTING_KILL": "1:3"}
+    # Rank 0 waits 8 s after its first step: rank 1 must reach its step 3 (and die there) before
+    # the servers' 30 steps are spent, which rank 0 alone could do first while rank 1 is still
+    # starting on a busy machine (then rank 1 was told to stop before step 3 and never died).
+    env = {
+        **_environment(),
+        "SHARDWISE_TESTING_KILL": "1:3",
+        "SHARDWISE_TESTING_PAUSE": "0:1:8",
+    }
     done = subprocess.run(
         command, cwd=root, env=env, capture_output=True, text=True, timeout=180, check=False
     )
