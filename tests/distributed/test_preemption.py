@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,3 +96,47 @@ def test_sigterm_with_data_loading_workers_still_saves_a_checkpoint(
     match = PREEMPTED.fullmatch(last_line(stderr))
     assert status == 75 and match is not None, stderr
     assert (Path(match[3]) / "manifest.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_preempted_run_resumes_with_the_printed_command_alone(
+    corpus: Path, tmp_path: Path
+) -> None:
+    # Settings far from the defaults: a resume that fell back to any of them would not match.
+    own = ("--model", "gru", "--lr", "1e-3", "--batching", "tokens", "--tokens-per-batch", "1024")
+    own += ("--max-steps", "30", "--warmup-steps", "3")
+    quiet = ("--log-every", "1", "--no-tensorboard", "--sample-bytes", "0")
+    launch = [sys.executable, "-m", "shardwise", "train", "--data", str(corpus), *own, *quiet]
+    run_dir = tmp_path / "a"
+    process = subprocess.Popen(
+        [*launch, "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_step(run_dir, 2, process)
+    status, stderr = stop(process, signal.SIGTERM)
+    match = PREEMPTED.fullmatch(last_line(stderr))
+    assert status == 75 and match is not None, stderr
+    printed = ["--resume", match[4]]  # what the line tells the user to run, and nothing else
+    resumed = subprocess.run(
+        [sys.executable, "-m", "shardwise", "train", *printed],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary(run_dir)["steps"] == 30 and summary(run_dir)["model"] == "gru"
+    whole = tmp_path / "whole"
+    done = subprocess.run(
+        [*launch, "--run-dir", str(whole)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_identical_weights(run_dir, whole)
