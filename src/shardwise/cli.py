@@ -22,7 +22,7 @@ from pathlib import Path
 
 import shardwise
 from shardwise.config import SECTIONS, Record, TrainConfig, load_config, read_toml
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, print_error
 from shardwise.handoff import EXIT_INTERRUPTED, Preempted
 
 # Exit statuses (README, "Exit status"): 0 done, 2 an error, 75 preempted with a checkpoint
@@ -45,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ShardwiseError as exc:
-        if exc.shown_traceback:
-            # A worker's bug or the user's own code (a model factory): its traceback, which
-            # nobody printed yet, once above the line.
-            print(exc.shown_traceback.rstrip(), file=sys.stderr)
-        print(f"shardwise: error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
         return _EXIT_USER_ERROR
     except Preempted as stop:  # SIGTERM or Ctrl-C: stopped after a step, as it says
         print(f"shardwise: {stop}", file=sys.stderr, flush=True)

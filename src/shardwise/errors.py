@@ -8,6 +8,8 @@ traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class ShardwiseError(Exception):
     """A problem with the user's input or environment, with a message that names the fix.
@@ -37,6 +39,17 @@ class WorkerFailedError(ShardwiseError):
     def __init__(self, message: str, worker_traceback: str = "") -> None:
         super().__init__(message, shown_traceback=worker_traceback)
         self.worker_traceback = worker_traceback
+
+
+def print_error(error: ShardwiseError) -> None:
+    """A user's mistake as the CLI and an own-loop script end on it: the traceback of the user's
+    own code that raised (if any) once, then the one line.
+
+        print_error(ShardwiseError("--data x: file not found"))   # shardwise: error: --data x: ...
+    """
+    if error.shown_traceback:  # a worker's bug or the user's own code, which nobody printed yet
+        print(error.shown_traceback.rstrip(), file=sys.stderr)
+    print(f"shardwise: error: {error}", file=sys.stderr, flush=True)
 
 
 def first_line(error: BaseException | str, *, with_type: bool = False, whole: bool = False) -> str:

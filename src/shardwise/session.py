@@ -49,7 +49,7 @@ from shardwise.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, print_error
 from shardwise.loss import count_targets, token_loss_sum
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
@@ -384,13 +384,10 @@ def _user_errors_in_one_line() -> None:
         return
 
     def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-        shown = getattr(error, "shown_traceback", "") or getattr(error, "worker_traceback", "")
-        if not isinstance(error, ShardwiseError):
+        if isinstance(error, ShardwiseError):
+            print_error(error)
+        else:
             previous(kind, error, trace)
-            return
-        if shown:  # a traceback of the user's own code (a model, a worker): shown once
-            print(shown.rstrip(), file=sys.stderr)
-        print(f"shardwise: error: {error}", file=sys.stderr)
 
     hook.shardwise = True  # type: ignore[attr-defined]
     sys.excepthook = hook
