@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -80,23 +80,7 @@ class Parallelism:
     def with_cuts(self, cuts: Sequence[str]) -> Parallelism:
         """The same, with the pipeline's stages beginning at `cuts`."""
         assert self.pipeline is not None, "cuts need a pipeline"
-        stages = PipelineStages(
-            tuple(cuts),
-            self.pipeline.schedule,
-            self.pipeline.microbatches,
-            self.pipeline.length_bucket,
-        )
-        return Parallelism(
-            self.layout,
-            self.sync,
-            stages,
-            self.tensor,
-            self.precision,
-            self.autocast,
-            self.backward,
-            self.sharding,
-            self.recompute,
-        )
+        return replace(self, pipeline=replace(self.pipeline, cuts=tuple(cuts)))
 
     def describe(self) -> str:
         """One line per technique in effect, the layout first.
