@@ -94,16 +94,24 @@ def job_worker(monkeypatch: pytest.MonkeyPatch, rank: int, **other: str) -> subp
     return process
 
 
+def watched_until_silent(
+    process: subprocess.Popen, world_size: int = 2, expendable: frozenset[int] = frozenset()
+) -> tuple[Heartbeat, str | None]:
+    """Rank 0 watching rank 1, recorded in the store as `process` here, past its silence."""
+    store = dist.HashStore()
+    clock = Clock()
+    watcher = Heartbeat(store, 0, world_size, 5.0, print, clock, expendable=expendable)
+    store.set("host/1", f"{socket.gethostname()} {process.pid}")
+    watcher.watch()
+    clock.now += 5.0
+    return watcher, watcher.watch()
+
+
 def test_a_silent_neighbour_on_this_machine_is_killed(monkeypatch) -> None:
     stopped = job_worker(monkeypatch, rank=1)
     try:
-        store = dist.HashStore()
-        clock = Clock()
-        watcher = Heartbeat(store, 0, 2, 5.0, print, clock)
-        store.set("host/1", f"{socket.gethostname()} {stopped.pid}")
-        watcher.watch()
-        clock.now += 5.0
-        assert watcher.watch() is not None
+        _, line = watched_until_silent(stopped)
+        assert line is not None
         assert stopped.wait(timeout=10) == -9
     finally:
         stopped.kill()
@@ -148,13 +156,8 @@ def test_a_process_the_store_names_is_killed_only_when_it_proves_to_be_the_job_s
 ) -> None:
     bystander = job_worker(monkeypatch, rank=1, **unlike)
     try:
-        store = dist.HashStore()
-        clock = Clock()
-        watcher = Heartbeat(store, 0, 2, 5.0, print, clock)
-        store.set("host/1", f"{socket.gethostname()} {bystander.pid}")
-        watcher.watch()
-        clock.now += 5.0
-        assert watcher.watch() is not None  # still reported as silent
+        _, line = watched_until_silent(bystander)
+        assert line is not None  # still reported as silent
         time.sleep(0.5)
         assert bystander.poll() is None, "killed on the store's word alone"
     finally:
@@ -173,13 +176,8 @@ def test_the_watcher_never_kills_itself_or_init(monkeypatch) -> None:
 def test_a_silent_expendable_rank_is_killed_and_not_reported(monkeypatch) -> None:
     stopped = job_worker(monkeypatch, rank=1)
     try:
-        store = dist.HashStore()
-        clock = Clock()
-        watcher = Heartbeat(store, 0, 3, 5.0, print, clock, expendable=frozenset({1}))
-        store.set("host/1", f"{socket.gethostname()} {stopped.pid}")
-        watcher.watch()
-        clock.now += 5.0
-        assert watcher.watch() is None  # an asynchronous worker: the run goes on without it
+        watcher, line = watched_until_silent(stopped, 3, expendable=frozenset({1}))
+        assert line is None  # an asynchronous worker: the run goes on without it
         assert stopped.wait(timeout=10) == -9
         assert watcher.watched == 2
     finally:
