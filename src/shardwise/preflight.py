@@ -154,10 +154,10 @@ def preflight(config: TrainConfig) -> RunPlan:
     check_run_dir(config, config.run_dir or resolve_run_dir(config))
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
-    budget = _budget(config, corpus)
+    planned = with_step_budget(config, corpus, nproc * config.nnodes)  # once: it plans the batches
+    budget = _budget(config, planned.max_steps)
     if crowded:  # after the checks: a run that fails on them ends on its error line alone
         print(f"shardwise: warning: {crowded}", file=sys.stderr, flush=True)
-    planned = with_step_budget(config, corpus, nproc * config.nnodes)
     parallelism = parallelism_from(config, layout, precision)
     if stages is not None:
         parallelism = parallelism.with_cuts(stages.cuts)
@@ -208,11 +208,10 @@ def check_cores(processes: int, derived: bool) -> str | None:
     return line
 
 
-def _budget(config: TrainConfig, corpus: PreparedCorpus) -> str:
+def _budget(config: TrainConfig, steps: int) -> str:
+    """What --max-tokens or --epochs comes to (`steps`, as planned), for --dry-run."""
     if config.max_tokens is None and config.epochs is None:
         return ""
-    world = default_nproc(config) * config.nnodes
-    steps = with_step_budget(config, corpus, world).max_steps
     given = (
         f"--max-tokens {config.max_tokens}" if config.max_tokens else f"--epochs {config.epochs:g}"
     )
