@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from shardwise.config.train_config import TrainConfig
 from shardwise.parallel.mesh import Layout
-from shardwise.parallel.parallelism import Parallelism, PipelineStages, TensorSplit
+from shardwise.parallel.parallelism import Parallelism, PipelineStages
 from shardwise.parallel.schedules import pipeline_schedule
 from shardwise.parallel.sync import sync_strategy
 from shardwise.precision import Precision
@@ -30,7 +30,7 @@ def parallelism_from(config: TrainConfig, layout: Layout, precision: Precision) 
         layout,
         sync_strategy(config.sync, config.sync_options()),
         pipeline,
-        TensorSplit() if layout.tp > 1 else None,
+        None,  # Parallelism fills in the default split when layout.tp > 1
         config.precision,
         precision.autocast,
         precision.backward,
