@@ -120,11 +120,12 @@ class RunPlan:
         params = sum(p.numel() for p in model.parameters())
         if config.batching == "tokens":
             rank = f"{config.tokens_per_batch:,} token slots"
-            whole = f"{config.tokens_per_batch * self.layout.dp * config.grad_accum:,} token slots"
+            slots = config.tokens_per_batch * self.layout.data_ranks * config.grad_accum
+            whole = f"{slots:,} token slots"
         else:
             batch = config.batch_size or DEFAULT_BATCH_SIZE
             rank = f"{batch} sequences of up to {config.max_len} tokens"
-            whole = f"{batch * self.layout.dp * config.grad_accum} sequences"
+            whole = f"{batch * self.layout.data_ranks * config.grad_accum} sequences"
         accum = f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else ""
         low = config.lr * config.min_lr_ratio
         return [
@@ -146,7 +147,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     check_model_spec(config.model)
     corpus = load_corpus(config)
     contract = user_model_call(config, corpus)
-    build_sampler(config, sequence_lengths(corpus), layout.dp, rank=0)
+    build_sampler(config, sequence_lengths(corpus), layout.data_ranks, rank=0)
     stages = stage_plan(config, corpus)
     split = tensor_parallel_split(config, corpus.vocab_size, contract)
     if config.resume is not None:

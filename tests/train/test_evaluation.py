@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from helpers import quick_config
 from shardwise.distributed import DistEnv
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sync import AllReduceEveryStep, AsyncUpdates
 from shardwise.train.accounting import Window
 from shardwise.train.evaluation import (
@@ -81,7 +81,7 @@ class _CountingModel:
     owns_loss = True
 
     def __init__(self, dp: int, dp_rank: int, remote: bool = False) -> None:
-        self.layout = SimpleNamespace(dp=dp, dp_rank=dp_rank)
+        self.layout = Layout(dp=dp, rank=dp_rank)  # one rank per replica: rank is dp_rank
         self.strategy = AsyncUpdates() if remote else AllReduceEveryStep()
         self.seen: list[int] = []
         self.modes: list[str] = []

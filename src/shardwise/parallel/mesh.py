@@ -40,13 +40,17 @@ class Layout:
     Layout.for_world(8, tp=2).dp           # 4: what pp x tp leaves of the world
     """
 
-    dp: int = 1
+    dp: int = 1  # data ranks: ranks that read different data (replicas x shards)
     pp: int = 1
     tp: int = 1
-    # New degrees (a sharding degree, a sync-group degree) go here, before the `_` marker, so
-    # that callers' keyword arguments keep working: a field defaulting to 1, listed in `degrees`
-    # (which __post_init__ checks and to_dict records), counted in `world_size`, and, when it
-    # gets process groups, a name in DIMS with its axis in `build`.
+    # Of the dp data ranks, how many hold one copy of the model's state between them (sharded
+    # data parallel): dp / shard replicas, each sharded over `shard` data ranks. Not a degree
+    # of its own: the ranks are the data ranks, only what they hold differs.
+    shard: int = 1
+    # New degrees (a sync-group degree) go here, before the `_` marker, so that callers'
+    # keyword arguments keep working: a field defaulting to 1, listed in `degrees` (which
+    # __post_init__ checks and to_dict records), counted in `world_size`, and, when it gets
+    # process groups, a name in DIMS with its axis in `build`.
     _: KW_ONLY
     rank: int = 0
     device_mesh: DeviceMesh | None = None
@@ -56,6 +60,10 @@ class Layout:
         for name, size in self.degrees.items():
             if size < 1:
                 raise ShardwiseError(f"--{name} {size}: each parallel degree must be at least 1")
+        if self.shard < 1 or self.dp % self.shard:
+            raise ShardwiseError(
+                f"a sharding over {self.shard} ranks must divide the {self.dp} data ranks (--dp)"
+            )
 
     @classmethod
     def for_world(
@@ -87,6 +95,30 @@ class Layout:
     def replica_size(self) -> int:
         """Ranks that share one model replica: its stages times its shards (pp x tp)."""
         return self.pp * self.tp
+
+    @property
+    def data_ranks(self) -> int:
+        """Ranks that read different data (the data-parallel degree): what a batch splits over."""
+        return self.dp
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the data this rank reads, 0 to data_ranks - 1."""
+        return self.dp_rank
+
+    @property
+    def replicas(self) -> int:
+        """Whole copies of the model's state: the data ranks, less those that shard one copy.
+
+        >>> Layout(dp=4, shard=2).replicas
+        2
+        """
+        return self.dp // self.shard
+
+    @property
+    def replica_rank(self) -> int:
+        """Which replica this rank's state belongs to."""
+        return self.dp_rank // self.shard
 
     @property
     def world_size(self) -> int:

@@ -114,7 +114,7 @@ class ParallelModel(nn.Module):
 
         owned = model.forward_backward(tokens, targets, step_tokens, sync=is_last_micro_step)
         """
-        self._loss_scale = self.layout.dp / step_tokens
+        self._loss_scale = self.layout.data_ranks / step_tokens
         quiet = contextlib.nullcontext() if sync else self.strategy.skipping(self.module)
         with quiet:
             if self.pipeline is None:

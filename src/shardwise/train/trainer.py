@@ -107,7 +107,8 @@ class Trainer:
             return FitResult(None, self.resumed_from)  # a finished run: no step, no metrics row
         layout = self.model.layout
         start, device = self.state.position, self.env.device
-        steps = step_groups(self.config, self.corpus, layout.dp, layout.dp_rank, device, start)
+        ranks, rank = layout.data_ranks, layout.data_rank
+        steps = step_groups(self.config, self.corpus, ranks, rank, device, start)
         main = self.env.is_main
         with (
             MetricsWriter(self.run_dir, self.config.tensorboard)

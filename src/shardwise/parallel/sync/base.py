@@ -52,7 +52,7 @@ class StrategyDefaults:
     def evaluation_share(self, batches: int, layout: Layout, env: DistEnv) -> tuple[range, int]:
         """Which of `batches` held-out batches this rank evaluates, and how many ranks share
         them out: dealt to the data-parallel replicas in turn."""
-        return range(layout.dp_rank, batches, layout.dp), layout.dp
+        return range(layout.data_rank, batches, layout.data_ranks), layout.data_ranks
 
     def saves_here(self, env: DistEnv) -> bool:
         """Whether this rank writes its part of a checkpoint: every rank does."""

@@ -55,7 +55,7 @@ class PeriodicAveraging(StrategyDefaults):
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
         module = module.to(env.device)
-        self.replicas = self.group = layout.group("dp") if layout.dp > 1 else None
+        self.replicas = self.group = layout.group("dp") if layout.replicas > 1 else None
         if self.replicas is not None and self.options.sync_groups == "node":
             self.inner, self.group = node_groups(layout, env, self.options.timeout_s)
         if self.replicas is not None:  # start alike, as DDP makes sure of at its wrap
