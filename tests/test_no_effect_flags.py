@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shardwise.config import TrainConfig, build_config, load_config
-from shardwise.config.rules import ONLY_IN
+from shardwise.config.rules import only_in
 from shardwise.errors import ShardwiseError
 
 # Per setting: a value other than its default, a mode that ignores it, a mode that reads it.
@@ -19,6 +19,7 @@ CASES = {
     "schedule": ("gpipe", {}, {"pp": 2}),
     "sync_every": (4, {"sync": "async", "ps": 1}, {"sync": "local-sgd"}),
     "sync_warmup_steps": (2, {}, {"sync": "diloco"}),
+    "sync_groups": ("node", {}, {"sync": "local-sgd"}),
     "outer_lr": (0.5, {"sync": "local-sgd"}, {"sync": "diloco"}),
     "outer_momentum": (0.5, {}, {"sync": "diloco"}),
     "outer_bf16": (True, {"sync": "local-sgd"}, {"sync": "diloco"}),
@@ -32,7 +33,7 @@ CASES = {
 
 
 def test_every_setting_of_one_mode_has_a_case() -> None:
-    assert set(CASES) == set(ONLY_IN)
+    assert set(CASES) == set(only_in())
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -102,7 +103,7 @@ def test_config_toml_holds_only_what_the_run_reads_and_loads_back(
     path = tmp_path / "config.toml"
     path.write_text(text)
     assert load_config(path) == config
-    for name, rule in ONLY_IN.items():
+    for name, rule in only_in().items():
         assert (f"\n{name} = " in f"\n{text}") == rule.reads(config), name
 
 

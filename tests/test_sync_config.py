@@ -7,6 +7,7 @@ import pytest
 from shardwise.config import TrainConfig, build_config
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.sync import DiLoCo, PeriodicAveraging, SyncOptions, sync_strategy
+from shardwise.techniques.sync import SYNC
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,7 @@ from shardwise.parallel.sync import DiLoCo, PeriodicAveraging, SyncOptions, sync
         ({"outer_momentum": 1.0}, "outer_momentum (--outer-momentum) = 1.0"),
         ({"sync": "gossip"}, "sync (--sync) = 'gossip'"),
         ({"sync": "async"}, "--sync async needs parameter servers: add --ps 1"),
-        ({"sync_groups": "node"}, "--sync-groups node splits local-sgd's and diloco's meetings"),
+        ({"sync_groups": "node"}, "--sync-groups node has no effect with --sync allreduce"),
         ({"ps": 2}, "--ps 2 serves --sync async: drop --ps"),
         ({"sync": "async", "ps": 1, "pp": 2}, "--sync async does not work with --pp yet"),
         (
@@ -62,14 +63,14 @@ def test_bad_sync_settings_are_refused_in_one_line(values: dict, message: str) -
 
 def test_pipeline_stages_may_average_periodically() -> None:
     config = TrainConfig(sync="diloco", pp=2, sync_every=4)
-    assert config.sync_options().sync_every == 4
+    assert SYNC.entry(config, None).options.sync_every == 4
 
 
 def test_the_flags_reach_the_strategy() -> None:
     config = TrainConfig(
         sync="diloco", sync_every=5, sync_warmup_steps=2, outer_lr=0.5, outer_bf16=True
     )
-    strategy = sync_strategy(config.sync, config.sync_options())
+    strategy = SYNC.entry(config, None)
     assert isinstance(strategy, DiLoCo)
     assert strategy.options == SyncOptions(
         sync_every=5, sync_warmup_steps=2, outer_lr=0.5, outer_momentum=0.9, outer_bf16=True

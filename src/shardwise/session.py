@@ -57,15 +57,17 @@ from shardwise.parallel.model import ParallelModel
 from shardwise.parallel.parallelize import parallelize
 from shardwise.partition import profiled_cuts
 from shardwise.precision import Precision
+from shardwise.techniques import settings as technique_settings
 
 # The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's.
-SESSION_KEYS = (
-    "dp", "pp", "tp", "microbatches", "schedule", "split_points", "sync", "precision", "device",
-    "seed", "timeout_s", "sync_every", "sync_warmup_steps", "outer_lr", "outer_momentum",
-    "outer_bf16", "grad_compression", "powersgd_rank", "powersgd_warmup_steps", "bucket_mb",
-    "sync_groups", "keep_checkpoints", "resume", "vocab_size", "input_layout", "model_output",
-    "model",
+# The config's own settings a Session reads; every technique's own-loop settings join them.
+_OWN_KEYS = (
+    "dp", "pp", "tp", "device", "seed", "timeout_s", "keep_checkpoints", "resume", "vocab_size",
+    "input_layout", "model_output", "model",
 )  # fmt: skip
+SESSION_KEYS = _OWN_KEYS + tuple(
+    name for name, setting in technique_settings().items() if setting.own_loop
+)
 
 
 class Session:
@@ -151,7 +153,7 @@ class Session:
         """
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         if step_tokens is None:
-            step_tokens = int(self._over_replicas(count_targets(targets)))
+            step_tokens = int(self._over_data_ranks(count_targets(targets)))
         owned = model.forward_backward(inputs, targets, step_tokens, sync=sync, **model_kwargs)
         if not reduce:
             return owned
@@ -161,7 +163,7 @@ class Session:
     def evaluate(self, model: ParallelModel, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The token-mean loss of one batch per replica, over all replicas (every rank calls it)."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        tokens = self._over_replicas(count_targets(targets))
+        tokens = self._over_data_ranks(count_targets(targets))
         return float(self._over_world(model.evaluate(inputs, targets))) / max(tokens, 1.0)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -234,8 +236,8 @@ class Session:
             return TokenLoader(
                 dataset,  # type: ignore[arg-type]  # a sequence of token sequences
                 tokens_per_batch,
-                replicas=self.layout.dp,
-                rank=self.layout.dp_rank,
+                replicas=self.layout.data_ranks,
+                rank=self.layout.data_rank,
                 seed=self.config.seed,
                 device=self.device,
                 cost_model=kwargs.pop("cost_model", cost_model_for(self.config.model)),
@@ -244,8 +246,8 @@ class Session:
         return device_loader(
             dataset,
             batch_size,  # type: ignore[arg-type]  # given: checked above
-            replicas=self.layout.dp,
-            rank=self.layout.dp_rank,
+            replicas=self.layout.data_ranks,
+            rank=self.layout.data_rank,
             seed=self.config.seed,
             device=self.device,
             shuffle=shuffle,
@@ -262,7 +264,7 @@ class Session:
         the gradient is that of the global token mean, however the tokens fell on the ranks.
         `session.mean(loss)` is that mean.
         """
-        return token_loss_sum(logits, batch.targets) * self.layout.dp / batch.step_tokens
+        return token_loss_sum(logits, batch.targets) * self.layout.data_ranks / batch.step_tokens
 
     def save(
         self,
@@ -331,7 +333,7 @@ class Session:
         """The strategy's tensors, and whether this replica's own copy of the rest is kept."""
         if not isinstance(model, ParallelModel):
             return SyncState()
-        replica = self.layout.dp_rank if model.strategy.replicas_differ else None
+        replica = self.layout.replica_rank if model.strategy.replicas_differ else None
         return SyncState(model.strategy.state_dict(), replica)
 
     def no_sync(self, model: nn.Module, accumulating: bool = True) -> Any:
@@ -350,7 +352,7 @@ class Session:
         self.checkpoints.wait()
         shutdown_distributed()
 
-    def _over_replicas(self, value: float) -> float:
+    def _over_data_ranks(self, value: float) -> float:
         total = torch.tensor([float(value)], dtype=torch.float64)
         return float(all_reduce_sum(total, self.env, group=self.layout.group("dp")))
 

@@ -4,34 +4,30 @@
     model = parallelize(MyLM(), parallelism.with_cuts(cuts), env)
 
 `shardwise train` (through the trainer's Session) and the own-loop `shardwise.setup()` both come
-here, so the two cannot read the same settings two ways.
+here, so the two cannot read the same settings two ways. Each registered technique builds its
+own entry from the settings (techniques/).
 """
 
 from __future__ import annotations
 
 from shardwise.config.train_config import TrainConfig
 from shardwise.parallel.mesh import Layout
-from shardwise.parallel.parallelism import Parallelism, PipelineStages
-from shardwise.parallel.schedules import pipeline_schedule
-from shardwise.parallel.sync import sync_strategy
+from shardwise.parallel.parallelism import Parallelism
 from shardwise.precision import Precision
+from shardwise.techniques import registered
+
+# The techniques with a typed field of their own in Parallelism.
+_FIELDS = ("pipeline", "tensor", "sync", "precision")
 
 
 def parallelism_from(config: TrainConfig, layout: Layout, precision: Precision) -> Parallelism:
     """How `config` parallelises a model over `layout` (cuts: the config's split points)."""
-    pipeline = None
-    if layout.pp > 1:
-        pipeline = PipelineStages(
-            tuple(config.split_points or ()),
-            pipeline_schedule(config.schedule),
-            config.microbatches,
-        )
+    entries = {technique.name: technique.entry(config, layout) for technique in registered()}
+    fields = {name: entries.pop(name) for name in _FIELDS}
     return Parallelism(
         layout,
-        sync_strategy(config.sync, config.sync_options()),
-        pipeline,
-        None,  # Parallelism fills in the default split when layout.tp > 1
-        config.precision,
-        precision.autocast,
-        precision.backward,
+        autocast=precision.autocast,
+        backward=precision.backward,
+        entries={name: entry for name, entry in entries.items() if entry is not None},
+        **fields,
     )

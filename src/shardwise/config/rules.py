@@ -1,6 +1,7 @@
-"""The rules between a config's fields, checked as the config is built (pydantic's after-validator).
+"""The rules between the config's own fields, checked as the config is built (pydantic's
+after-validator); each technique checks its own settings (techniques/).
 
-    check_sync_rules(config)   # ValueError: --sync local-sgd does not average tensor-parallel ...
+    check_elastic_rules(config)   # ValueError: --nnodes 1:2 does not work with --dp ...
 
 They raise ValueError, which pydantic reports as a validation error naming the input.
 """
@@ -12,41 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shardwise.errors import ShardwiseError
-from shardwise.parallel.schedules import pipeline_schedule
+from shardwise.techniques import settings as technique_settings
 
 if TYPE_CHECKING:
     from shardwise.config.train_config import TrainConfig
-
-
-def check_sync_rules(config: TrainConfig) -> None:
-    """Refuse synchronisation settings that cannot work together (ValueError for pydantic)."""
-    if config.grad_compression != "none" and config.sync != "allreduce":
-        raise ValueError(
-            f"--grad-compression {config.grad_compression} compresses --sync allreduce's "
-            f"gradients; --sync {config.sync} sends parameters: drop --grad-compression"
-        )
-    if config.grad_compression != "none" and config.model_parallel > 1:
-        raise ValueError(
-            "--grad-compression works through DDP, which only whole-model replicas use; "
-            "drop it, or use --pp 1 --tp 1"
-        )
-    if config.sync != "allreduce" and config.tp > 1:
-        raise ValueError(
-            f"--sync {config.sync} does not average tensor-parallel shards yet; use --tp 1 "
-            "or --sync allreduce"
-        )
-    check_async_rules(config)
-    if config.sync_groups == "node" and config.sync not in ("local-sgd", "diloco"):
-        raise ValueError(
-            f"--sync-groups node splits local-sgd's and diloco's meetings by machine; --sync "
-            f"{config.sync} has none: drop --sync-groups or use --sync local-sgd or diloco"
-        )
-    if config.sync != "allreduce" and config.precision == "fp16":
-        raise ValueError(
-            f"--sync {config.sync} lets replicas step apart, so their fp16 loss scales would "
-            "drift apart; use --precision bf16 or --sync allreduce"
-        )
 
 
 def split_node_range(nnodes: str, min_nodes: object = None) -> dict[str, object]:
@@ -74,11 +44,6 @@ def check_elastic_rules(config: TrainConfig) -> None:
     refusals = {
         "--node-rank": (config.node_rank is not None, "the rendezvous must assign node ranks"),
         "--dp": (config.dp is not None, "the replicas follow the number of nodes"),
-        "--sync": (config.sync != "allreduce", "only allreduce's state reshards onto fewer"),
-        "--grad-compression": (
-            config.grad_compression == "powersgd",
-            "PowerSGD keeps one error feedback per replica",
-        ),
     }
     for flag, (refused, reason) in refusals.items():
         if refused:
@@ -93,43 +58,6 @@ def check_elastic_rules(config: TrainConfig) -> None:
         )
 
 
-def check_model_parallel_rules(config: TrainConfig) -> None:
-    """Refuse pipeline and tensor-parallel settings that cannot work together."""
-    # Checked here rather than in the workers, so a bad combination fails in the launcher
-    # within a second instead of after every worker has started and profiled the model.
-    if config.precision == "fp16" and config.model_parallel > 1:
-        raise ValueError(
-            "--precision fp16 is not supported with --pp or --tp above 1 yet (the stages "
-            "would have to agree on loss-scale overflows); use --precision bf16"
-        )
-    try:
-        pipeline_schedule(config.schedule).check(config.microbatches, config.pp)
-    except ShardwiseError as exc:  # pydantic reports only ValueError as a validation error
-        raise ValueError(str(exc)) from None
-
-
-def check_async_rules(config: TrainConfig) -> None:
-    """Parameter servers serve --sync async, on one machine, whole models, without resume."""
-    if config.sync != "async":
-        if config.ps:
-            raise ValueError(f"--ps {config.ps} serves --sync async: drop --ps, or add it")
-        return
-    if config.ps < 1:
-        raise ValueError("--sync async needs parameter servers: add --ps 1 (or more)")
-    refusals = {
-        "--pp": (config.pp > 1, "workers hold whole models"),
-        "--nnodes": (config.nnodes > 1, "servers and workers run on one machine for now"),
-        "--checkpoint-every": (config.checkpoint_every > 0, _SERVER_STATE),
-        "--resume": (config.resume is not None, _SERVER_STATE),
-    }
-    for flag, (refused, reason) in refusals.items():
-        if refused:
-            raise ValueError(f"--sync async does not work with {flag} yet ({reason}); drop {flag}")
-
-
-_SERVER_STATE = "the servers hold the optimizer state, which checkpoints do not keep yet"
-
-
 @dataclass(frozen=True)
 class _OnlyIn:
     """A setting only some runs read: which ones, what it is for there, and the way to use it."""
@@ -140,39 +68,11 @@ class _OnlyIn:
     fix: str
 
 
-def _sync(config: TrainConfig) -> str:
-    return f"--sync {config.sync}"
-
-
-def _whole_model_allreduce(config: TrainConfig) -> bool:
-    return config.sync == "allreduce" and config.model_parallel == 1
-
-
 _TOKEN_BATCHING = "drop it, or use --batching tokens"
-_PIPELINE = "drop it, or add --pp 2 or more"
-_LOCAL_STEPS = "drop it, or use --sync local-sgd or diloco"
-_DILOCO = "drop it, or use --sync diloco"
-_POWERSGD = "drop it, or add --grad-compression powersgd"
 
 
 def _token_batching(config: TrainConfig) -> bool:
     return config.batching == "tokens"
-
-
-def _pipeline(config: TrainConfig) -> bool:
-    return config.pp > 1
-
-
-def _local_steps(config: TrainConfig) -> bool:
-    return config.sync in ("local-sgd", "diloco")
-
-
-def _diloco(config: TrainConfig) -> bool:
-    return config.sync == "diloco"
-
-
-def _powersgd(config: TrainConfig) -> bool:
-    return config.grad_compression == "powersgd"
 
 
 def _own_model(config: TrainConfig) -> bool:
@@ -183,23 +83,16 @@ def _fixed(config: TrainConfig) -> str:
     return "--batching fixed"
 
 
-def _one_stage(config: TrainConfig) -> str:
-    return "--pp 1"
-
-
-def _compression(config: TrainConfig) -> str:
-    return f"--grad-compression {config.grad_compression}"
-
-
 def _builtin(config: TrainConfig) -> str:
     return f"the built-in --model {config.model}"
 
 
-# Every setting that one mode alone reads. Given another value than its default where nothing
+# Every setting of the config's own that one mode alone reads (the techniques' settings declare
+# theirs: `only_in()` joins both). Given another value than its default where nothing
 # reads it, it is refused: the user asked for something the run would not do (as --batch-size
 # under token batching once was, silently). Its default passes: it changes nothing, and a run's
 # recorded settings (the checkpoint's, an older config.toml) list every field.
-ONLY_IN: dict[str, _OnlyIn] = {
+_CORE_ONLY_IN: dict[str, _OnlyIn] = {
     "batch_size": _OnlyIn(
         lambda c: c.batching == "fixed",
         lambda c: "--batching tokens (the default)",
@@ -215,34 +108,6 @@ ONLY_IN: dict[str, _OnlyIn] = {
         "token batching's window of length-sorted sequences",
         _TOKEN_BATCHING,
     ),
-    "microbatches": _OnlyIn(_pipeline, _one_stage, "a pipeline's micro-batches", _PIPELINE),
-    "schedule": _OnlyIn(_pipeline, _one_stage, "a pipeline's schedule", _PIPELINE),
-    "sync_every": _OnlyIn(
-        _local_steps, _sync, "local-sgd's and diloco's steps between exchanges", _LOCAL_STEPS
-    ),
-    "sync_warmup_steps": _OnlyIn(
-        _local_steps, _sync, "local-sgd's and diloco's steps of all-reduce first", _LOCAL_STEPS
-    ),
-    "outer_lr": _OnlyIn(_diloco, _sync, "diloco's outer learning rate", _DILOCO),
-    "outer_momentum": _OnlyIn(_diloco, _sync, "diloco's outer momentum", _DILOCO),
-    "outer_bf16": _OnlyIn(_diloco, _sync, "diloco's outer exchange in bfloat16", _DILOCO),
-    "powersgd_rank": _OnlyIn(_powersgd, _compression, "PowerSGD's rank", _POWERSGD),
-    "powersgd_warmup_steps": _OnlyIn(
-        _powersgd, _compression, "PowerSGD's uncompressed steps", _POWERSGD
-    ),
-    "max_staleness": _OnlyIn(
-        lambda c: c.sync == "async",
-        _sync,
-        "how far --sync async's workers may run ahead",
-        "drop it, or use --sync async --ps 1",
-    ),
-    "bucket_mb": _OnlyIn(
-        _whole_model_allreduce,
-        lambda c: _sync(c) if c.sync != "allreduce" else f"--pp {c.pp} --tp {c.tp}",
-        "the size of DDP's gradient buckets, which only --sync allreduce over whole-model "
-        "replicas uses",
-        "drop it",
-    ),
     "input_layout": _OnlyIn(
         _own_model, _builtin, "how a model of your own takes its tokens", "drop it"
     ),
@@ -252,12 +117,31 @@ ONLY_IN: dict[str, _OnlyIn] = {
 }
 
 
+def only_in() -> dict[str, _OnlyIn]:
+    """Every setting that some runs do not read: the config's own and the techniques'.
+
+    >>> sorted(only_in())[:3]
+    ['batch_size', 'bucket_mb', 'input_layout']
+    """
+    declared = {
+        setting.name: _OnlyIn(
+            setting.read_when,
+            setting.ignored_by or (lambda config: "this run"),
+            setting.purpose or setting.help,
+            setting.fix,
+        )
+        for setting in technique_settings().values()
+        if setting.only_in_some_runs
+    }
+    return {**_CORE_ONLY_IN, **declared}
+
+
 def unread_settings(config: TrainConfig) -> set[str]:
     """The settings `config`'s run never reads, whatever their values (left out of config.toml).
 
     unread_settings(TrainConfig(batching="fixed"))   # {"tokens_per_batch", "sort_window", ...}
     """
-    return {name for name, rule in ONLY_IN.items() if not rule.reads(config)}
+    return {name for name, rule in only_in().items() if not rule.reads(config)}
 
 
 def check_no_effect_rules(config: TrainConfig) -> None:
@@ -266,7 +150,7 @@ def check_no_effect_rules(config: TrainConfig) -> None:
     for name in sorted(unread_settings(config) & config.model_fields_set):
         value = getattr(config, name)
         if value != fields[name].default:
-            rule = ONLY_IN[name]
+            rule = only_in()[name]
             raise ValueError(
                 f"{_as_flag(name, value)} has no effect with {rule.here(config)} (it is "
                 f"{rule.purpose}); {rule.fix}"

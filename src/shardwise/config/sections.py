@@ -1,11 +1,18 @@
-"""How `shardwise train --help` groups the config's fields."""
+"""How `shardwise train --help` groups the config's fields: the config's own sections, then one
+per technique, under the title it declares (techniques/).
+
+    >>> list(SECTIONS)[:2]
+    ['What to train on', 'Where and how wide']
+"""
 
 from __future__ import annotations
 
-# The sections of TrainConfig, in order (the comments in the class body): `shardwise train
-# --help` groups its flags under these titles. tests/test_cli.py checks that every field is in
-# exactly one section, so a new field cannot go missing from the help.
-SECTIONS: dict[str, tuple[str, ...]] = {
+from shardwise.techniques import sections as technique_sections
+
+# The sections of TrainConfig's own fields, in order (the comments in the class body).
+# tests/test_cli.py checks that every field is in exactly one section, so a new field cannot go
+# missing from the help.
+_OWN: dict[str, tuple[str, ...]] = {
     "What to train on": (
         "data",
         "model",
@@ -33,22 +40,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "dp",
         "pp",
         "tp",
-        "microbatches",
-        "schedule",
-        "split_points",
-        "sync",
-        "sync_every",
-        "sync_warmup_steps",
-        "sync_groups",
-        "outer_lr",
-        "outer_momentum",
-        "outer_bf16",
-        "grad_compression",
-        "powersgd_rank",
-        "powersgd_warmup_steps",
-        "ps",
-        "max_staleness",
-        "bucket_mb",
         "timeout_s",
         "heartbeat_timeout_s",
         "job_secret_file",
@@ -59,7 +50,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "epochs",
         "batch_size",
         "grad_accum",
-        "precision",
         "clip_norm",
         "on_nonfinite",
         "on_divergence",
@@ -83,4 +73,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "tensorboard",
         "sample_bytes",
     ),
+}
+
+_WIDTH = 2  # the techniques' sections follow "Where and how wide"
+SECTIONS: dict[str, tuple[str, ...]] = {
+    **dict(list(_OWN.items())[:_WIDTH]),
+    **technique_sections(),
+    **dict(list(_OWN.items())[_WIDTH:]),
 }

@@ -9,7 +9,6 @@ keys, the flags and `shardwise train --help` can never drift apart.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,25 +17,23 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
-    field_validator,
+    create_model,
     model_validator,
 )
 
 from shardwise.config.data_settings import DataSettings
 from shardwise.config.rules import (
     check_elastic_rules,
-    check_model_parallel_rules,
     check_no_effect_rules,
-    check_sync_rules,
     forget_old_batch_size,
     parse_endpoint,
     split_node_range,
     unread_settings,
 )
+from shardwise.techniques import Setting, registered, settings
 
 if TYPE_CHECKING:
     from shardwise.parallel.mesh import Layout
-    from shardwise.parallel.sync.options import SyncOptions
 
 # Measured at equal tokens (benchmarks/recipes.py, README "Defaults, and the measurements"):
 # recurrent models gain from a higher peak rate, the Transformer loses.
@@ -49,11 +46,31 @@ _RECORDED = "recorded"
 _PATHS = ("data", "job_secret_file")
 
 
-class TrainConfig(DataSettings):
+# allow_inf_nan: no float setting means anything as NaN or inf (--lr inf, --timeout-s nan).
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _technique_field(setting: Setting) -> tuple[Any, Any]:
+    extra = {"metavar": setting.metavar} if setting.metavar else None
+    field = Field(
+        setting.default, description=setting.help, json_schema_extra=extra, **setting.limits
+    )
+    return setting.type, field
+
+
+# The registered techniques' settings (techniques/), as fields: flags, TOML keys and help come
+# from their declarations like every other field's.
+TechniqueSettings = create_model(
+    "TechniqueSettings",
+    __config__=_STRICT,
+    **{name: _technique_field(setting) for name, setting in settings().items()},
+)
+
+
+class TrainConfig(TechniqueSettings, DataSettings):  # type: ignore[misc,valid-type]
     """Everything one training run needs; the resolved copy is saved as RUN_DIR/config.toml."""
 
-    # allow_inf_nan: no float setting means anything as NaN or inf (--lr inf, --timeout-s nan).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = _STRICT
 
     # Where and how wide.
     nproc: int | None = Field(
@@ -87,67 +104,6 @@ class TrainConfig(DataSettings):
     )
     pp: int = Field(1, ge=1, description="Pipeline stages: the model is cut into this many parts.")
     tp: int = Field(1, ge=1, description="Tensor-parallel shards of each large layer.")
-    microbatches: int = Field(4, ge=1, description="Pipeline micro-batches per batch.")
-    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="Pipeline schedule.")
-    split_points: list[str] | None = Field(
-        None,
-        description="Module names where pipeline stages begin, comma-separated "
-        "(e.g. blocks.2). Default: balanced automatically by profiling.",
-    )
-    sync: Literal["allreduce", "local-sgd", "diloco", "async"] = Field(
-        "allreduce",
-        description="How data-parallel replicas agree: allreduce averages gradients every step; "
-        "local-sgd averages parameters every --sync-every steps; diloco feeds that average to "
-        "an outer Nesterov SGD; async pushes gradients to --ps parameter servers without "
-        "waiting for the other workers.",
-    )
-    sync_every: int = Field(
-        8, ge=1, description="Optimizer steps between parameter exchanges (local-sgd, diloco)."
-    )
-    sync_warmup_steps: int = Field(
-        0,
-        ge=0,
-        description="Steps of every-step gradient all-reduce before local steps begin "
-        "(local-sgd, diloco: post-local SGD).",
-    )
-    sync_groups: Literal["all", "node"] = Field(
-        "all",
-        description="node: local-sgd and diloco average gradients every step among the "
-        "replicas on one machine and meet across machines every --sync-every steps.",
-    )
-    outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate.")
-    outer_momentum: float = Field(
-        0.9, ge=0, lt=1, description="DiLoCo's outer Nesterov momentum (0: plain outer SGD)."
-    )
-    outer_bf16: bool = Field(
-        False, description="Send DiLoCo's averaged pseudo-gradient in bfloat16."
-    )
-    grad_compression: Literal["none", "bf16", "fp16", "powersgd"] = Field(
-        "none",
-        description="Compress --sync allreduce's gradients through DDP comm hooks "
-        "(whole-model replicas only).",
-    )
-    powersgd_rank: int = Field(4, ge=1, description="Rank of PowerSGD's low-rank gradient factors.")
-    powersgd_warmup_steps: int = Field(
-        10,
-        ge=2,
-        description="Uncompressed steps before PowerSGD starts (PyTorch needs at least 2).",
-    )
-    ps: int = Field(
-        0,
-        ge=0,
-        description="Parameter servers for --sync async: extra processes beside the --nproc "
-        "workers, each holding a share of the parameters and their optimizer.",
-    )
-    max_staleness: int = Field(
-        32,
-        ge=0,
-        description="--sync async: how many updates a worker may run ahead of the slowest "
-        "before it waits (0: synchronous rounds).",
-    )
-    bucket_mb: float = Field(
-        25.0, gt=0, description="Megabytes of gradients per DDP all-reduce bucket."
-    )
     timeout_s: float = Field(
         300.0,
         ge=1,  # below a second not even the rendezvous completes
@@ -186,9 +142,6 @@ class TrainConfig(DataSettings):
         "token batching sizes its batches by --tokens-per-batch.",
     )
     grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated per optimizer step.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="bf16 autocast (CPU or GPU) or fp16 with loss scaling (GPU)."
-    )
     clip_norm: float = Field(
         1.0, ge=0, description="Clip the global gradient norm to this value (0: no clipping)."
     )
@@ -284,12 +237,17 @@ class TrainConfig(DataSettings):
         200, ge=0, description="Bytes of text to sample from the model at the end."
     )
 
-    @field_validator("split_points", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _split_comma_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
+    def _parse_technique_settings(cls, values: object) -> object:
+        """A technique's own reading of a flag's text or a TOML value (Setting.parse)."""
+        if not isinstance(values, dict):
+            return values
+        parsed = dict(values)
+        for name, setting in settings().items():
+            if setting.parse is not None and name in parsed:
+                parsed[name] = setting.parse(parsed[name])
+        return parsed
 
     @model_validator(mode="before")
     @classmethod
@@ -326,19 +284,9 @@ class TrainConfig(DataSettings):
             )
         if self.packing and self.model_parallel > 1:
             raise ValueError("packing does not run through --pp or --tp stages yet; drop it")
-        if self.split_points is not None and len(self.split_points) != self.pp - 1:
-            raise ValueError(
-                f"split_points names {len(self.split_points)} cut(s); --pp {self.pp} needs "
-                f"{self.pp - 1}"
-            )
-        if self.eval_every and self.sync == "async":  # its workers never meet mid-run
-            raise ValueError(
-                "--eval-every needs workers that meet between steps; --sync async evaluates "
-                "once, at the end: drop --eval-every"
-            )
-        check_model_parallel_rules(self)
-        check_sync_rules(self)
         check_elastic_rules(self)
+        for technique in registered():
+            technique.check(self)
         if not (info.context or {}).get(_RECORDED):
             check_no_effect_rules(self)
         return self
@@ -361,15 +309,11 @@ class TrainConfig(DataSettings):
         """
         from shardwise.parallel.mesh import Layout  # torch: not for `--help` and config files
 
-        return Layout.for_world(world_size, dp=self.dp, pp=self.pp, tp=self.tp)
-
-    def sync_options(self) -> SyncOptions:
-        """The synchronisation strategy's settings: the flags of the same names."""
-        from shardwise.parallel.sync.options import SyncOptions  # its package imports torch
-
-        return SyncOptions(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(SyncOptions)}
-        )
+        layout = Layout.for_world(world_size, dp=self.dp, pp=self.pp, tp=self.tp)
+        for technique in registered():  # e.g. a sharding degree over the data ranks
+            if technique.layout is not None:
+                layout = technique.layout(self, layout)
+        return layout
 
     def contract_settings(self) -> dict[str, Any]:
         """What a model contract is probed with (models/contract.py `contract_for`)."""

@@ -8,14 +8,15 @@
 It sits between the settings (a TrainConfig, or `shardwise.setup(...)`'s keywords) and
 `parallelize`: the one object that says which techniques a model gets and with what, so that
 `parallelize` takes it instead of a dozen loose arguments. An entry is None where its technique
-is off. `sharding` and `recompute` are the slots the memory techniques fill.
+is off. The structural techniques (stages, tensor split, sync, precision) have typed fields;
+every other registered technique (techniques/) keeps its entry in `entries`, by its name.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -65,9 +66,8 @@ class Parallelism:
     precision: str = "fp32"
     autocast: Autocast = field(default=contextlib.nullcontext, repr=False, compare=False)
     backward: Any = field(default=torch.Tensor.backward, repr=False, compare=False)
-    # Filled by the memory techniques (sharded data parallel, activation recompute).
-    sharding: Any = None
-    recompute: Any = None
+    # The other techniques' entries, by technique name, in the order they apply (techniques/).
+    entries: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layout.pp > 1 and self.pipeline is None:
@@ -76,6 +76,10 @@ class Parallelism:
             object.__setattr__(self, "tensor", TensorSplit())
         if self.pipeline is not None:
             self.pipeline.schedule.check(self.pipeline.microbatches, self.layout.pp)
+
+    def entry(self, name: str) -> Any:
+        """The entry of the technique called `name`; None when it is off."""
+        return self.entries.get(name)
 
     def with_cuts(self, cuts: Sequence[str]) -> Parallelism:
         """The same, with the pipeline's stages beginning at `cuts`."""
@@ -99,6 +103,7 @@ class Parallelism:
         ]
         lines += [entry.describe() for entry in (self.pipeline, self.tensor) if entry is not None]
         lines.append(f"precision: {self.precision}")
+        lines += [_describe(name, entry) for name, entry in self.entries.items()]
         return "\n".join(lines)
 
     def record(self) -> dict[str, Any]:
@@ -117,6 +122,21 @@ class Parallelism:
             },
             "tensor": None if self.tensor is None else {"parts": list(self.tensor.parts)},
             "precision": self.precision,
-            "sharding": None,
-            "recompute": None,
+            **{name: _record(entry) for name, entry in self.entries.items()},
         }
+
+
+def _describe(name: str, entry: Any) -> str:
+    describe = getattr(entry, "describe", None)
+    return describe() if callable(describe) else f"{name}: {entry}"
+
+
+def _record(entry: Any) -> Any:
+    """An entry as JSON values: its own `record()`, a dataclass's fields, or the value."""
+    if callable(getattr(entry, "record", None)):
+        return entry.record()
+    if is_dataclass(entry) and not isinstance(entry, type):
+        return {key: _record(value) for key, value in asdict(entry).items()}
+    if isinstance(entry, tuple | list):
+        return [_record(value) for value in entry]
+    return entry if isinstance(entry, str | int | float | bool | type(None)) else str(entry)

@@ -7,8 +7,10 @@
 1. `apply_stages`: keep this rank's pipeline stage (the rest moves to "meta").
 2. `apply_tensor_parallel`: split the stage's share of the plan over the tensor-parallel ranks,
    and check on a probe batch that the split part computes what it did whole.
-3. `apply_sync`: let the synchronisation strategy wrap what the replicas run (DDP today).
-4. `build_pipeline`: a schedule per input shape, when there are stages.
+3. `apply_techniques`: every other technique in effect changes the part, in registration order
+   (techniques/: activation recompute, sharding, ...).
+4. `apply_sync`: let the synchronisation strategy wrap what the replicas run (DDP today).
+5. `build_pipeline`: a schedule per input shape, when there are stages.
 
 Every rank must build the same model with the same seed first. Each step is a no-op when its
 degree is 1, so data-parallel-only runs go through the same path.
@@ -39,6 +41,7 @@ from shardwise.parallel.tensor_parallel import (
     require_split,
     split_plan,
 )
+from shardwise.techniques import registered
 
 
 def parallelize(
@@ -65,6 +68,7 @@ def parallelize(
     if plan is not None:
         probe = split_probe(part, layout, boundaries, plan, contract, env.device)
         apply_tensor_parallel(part, layout, plan, probe)
+    part = apply_techniques(part, parallelism)
     module = apply_sync(part, layout, env, parallelism.sync)
     pipeline = None
     if stages is not None and layout.pp > 1:
@@ -136,6 +140,15 @@ def split_probe(
     x = torch.randn((*tokens.shape, *shape), generator=generator)
     x = x.to(device, torch.float32 if dtype.is_floating_point else dtype)
     return lambda: part(x)
+
+
+def apply_techniques(part: nn.Module, parallelism: Parallelism) -> nn.Module:
+    """`part` after each technique in effect that changes it (its `apply`), in their order."""
+    for technique in registered():
+        entry = parallelism.entry(technique.name)
+        if entry is not None and technique.apply is not None:
+            part = technique.apply(part, entry, parallelism.layout)
+    return part
 
 
 def apply_sync(part: nn.Module, layout: Layout, env: DistEnv, strategy: SyncStrategy) -> nn.Module:

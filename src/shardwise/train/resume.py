@@ -37,10 +37,12 @@ from shardwise.data.prepare import PreparedCorpus
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.model import ParallelModel
 from shardwise.session import Session
+from shardwise.techniques import settings as technique_settings
 from shardwise.train.build import stream_identity
 from shardwise.train.schedule import follow_schedule, lr_factor
 
-# Another value makes it another run: the reason the resume is refused.
+# Another value makes it another run: the reason the resume is refused (the config's own settings;
+# the techniques' follow).
 REFUSED = {
     "model": "the checkpoint holds another model's weights",
     "max_len": "sequences would be cut differently, which changes the data",
@@ -53,26 +55,11 @@ REFUSED = {
     "seed": "the data order is part of the run",
     "batching": "the data order is part of the run",
     "sort_window": "the data order is part of the run",
-    "sync": "the checkpoint holds another synchronisation strategy's state",
-    "sync_every": "replicas would meet at other steps, mid-period state would not fit",
-    "sync_warmup_steps": "replicas would start their local steps at another step",
-    "outer_lr": "the outer optimizer's settings are part of the run",
-    "outer_momentum": "the outer optimizer's settings are part of the run",
-    "grad_compression": "the gradients the replicas average would change, and PowerSGD's state",
-    "powersgd_rank": "the checkpoint's PowerSGD factors have the saved rank",
-    "powersgd_warmup_steps": "PowerSGD would start compressing at another step",
-    "sync_groups": "replicas would meet in other groups than the saved state's",
 }
-# Settings of one strategy only: refused when the saved run used it, else a mere change.
-IN_EFFECT = {
-    "sync_every": lambda config: config.sync in ("local-sgd", "diloco"),
-    "sync_warmup_steps": lambda config: config.sync in ("local-sgd", "diloco"),
-    "sync_groups": lambda config: config.sync in ("local-sgd", "diloco"),
-    "outer_lr": lambda config: config.sync == "diloco",
-    "outer_momentum": lambda config: config.sync == "diloco",
-    "powersgd_rank": lambda config: config.grad_compression == "powersgd",
-    "powersgd_warmup_steps": lambda config: config.grad_compression == "powersgd",
-}
+# The techniques' settings that make another run (their declared `resume` reason), each refused
+# only where the saved run read it (its `read_when`), else a mere change.
+REFUSED |= {name: s.resume for name, s in technique_settings().items() if s.resume is not None}
+IN_EFFECT = {name: s.read_when for name, s in technique_settings().items() if s.resume is not None}
 # Not settings of the run itself (where it lives, how it survives failures and signals); the
 # data is compared by its tokens' fingerprint instead.
 IGNORED = {
@@ -374,7 +361,7 @@ def resume_training(
 
     def check_and_load(path: Path, state: TrainerState) -> tuple[TrainerState, list[str]]:
         changes = check_resume(path, state, config, corpus, fingerprints, live)
-        _check_error_feedback(path, state, session.layout.dp)
+        _check_error_feedback(path, state, session.layout.replicas)
         loaded = session.load(path, model, optimizer, verified=True)
         if loaded != state:  # the state checked above is the one training goes on from
             raise CheckpointRejected(path, "its trainer state changed while it was loaded")

@@ -1,0 +1,86 @@
+"""The registered techniques, and everything derived from their declarations.
+
+    >>> [technique.name for technique in registered()][:4]
+    ['pipeline', 'tensor', 'sync', 'precision']
+    >>> settings()["sync_every"].default
+    8
+
+Adding a technique is one module declaring a `Technique` (techniques/base.py) and one line in
+BUILT_IN below; a package of your own registers one through the entry point group
+`shardwise.techniques` (`[project.entry-points."shardwise.techniques"] name = "pkg.mod:TECHNIQUE"`).
+Its settings then become config fields, TOML keys and flags under its own heading in
+`shardwise train --help`, `setup()` keywords, has-no-effect rules and resume rules; its entry
+joins the `Parallelism` (--dry-run, summary.json) and its apply step `parallelize`.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import entry_points
+
+from shardwise.errors import ShardwiseError
+from shardwise.techniques.base import Cost, Footprint, Setting, Technique
+from shardwise.techniques.pipeline import PIPELINE
+from shardwise.techniques.precision import PRECISION
+from shardwise.techniques.sync import SYNC
+from shardwise.techniques.tensor_split import TENSOR_SPLIT
+
+# In the order parallelize applies them and --dry-run lists them.
+BUILT_IN: tuple[Technique, ...] = (
+    PIPELINE,
+    TENSOR_SPLIT,
+    SYNC,
+    PRECISION,
+)
+GROUP = "shardwise.techniques"
+
+
+@functools.cache
+def registered() -> tuple[Technique, ...]:
+    """The built-in techniques, then those installed packages register (entry points)."""
+    found = list(BUILT_IN)
+    for point in sorted(entry_points(group=GROUP), key=lambda point: point.name):
+        technique = point.load()
+        if not isinstance(technique, Technique):
+            raise ShardwiseError(
+                f"entry point {point.name} = {point.value} in {GROUP} is not a Technique"
+            )
+        found.append(technique)
+    names = [technique.name for technique in found]
+    if len(set(names)) != len(names):
+        raise ShardwiseError(f"two techniques share a name among {names}")
+    return tuple(found)
+
+
+def settings() -> dict[str, Setting]:
+    """Every technique's settings by name (each name belongs to one technique)."""
+    found: dict[str, Setting] = {}
+    for technique in registered():
+        for setting in technique.settings:
+            if setting.name in found:
+                raise ShardwiseError(f"setting {setting.name} is declared twice")
+            found[setting.name] = setting
+    return found
+
+
+def sections() -> dict[str, tuple[str, ...]]:
+    """`shardwise train --help`'s heading per technique with settings, and their names."""
+    return {t.title: t.setting_names for t in registered() if t.settings}
+
+
+def owner(name: str) -> Technique:
+    """The technique that declares setting `name`."""
+    return next(t for t in registered() if name in t.setting_names)
+
+
+__all__ = [
+    "BUILT_IN",
+    "Cost",
+    "Footprint",
+    "Setting",
+    "Technique",
+    "owner",
+    "registered",
+    "sections",
+    "settings",
+]

@@ -1,0 +1,116 @@
+"""Pipeline stages: the model cut into `--pp` parts that pass micro-batches along a schedule.
+
+    >>> [setting.name for setting in PIPELINE.settings]
+    ['microbatches', 'schedule', 'split_points']
+
+The degree itself (`--pp`) is the layout's; this declares the settings a pipeline reads, its
+checks, its `PipelineStages` entry and what it costs a rank: its share of the model's state and
+the micro-batches its schedule holds in flight (parallel/schedules.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from shardwise.errors import ShardwiseError
+from shardwise.parallel.schedules import pipeline_schedule
+from shardwise.techniques.base import Cost, Footprint, Setting, Technique
+
+
+def _pipeline(config: Any) -> bool:
+    return config.pp > 1
+
+
+def _one_stage(config: Any) -> str:
+    return "--pp 1"
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+_PIPELINE = "drop it, or add --pp 2 or more"
+
+SETTINGS = (
+    Setting(
+        "microbatches",
+        int,
+        4,
+        "Pipeline micro-batches per batch.",
+        {"ge": 1},
+        _pipeline,
+        _one_stage,
+        "a pipeline's micro-batches",
+        _PIPELINE,
+    ),
+    Setting(
+        "schedule",
+        Literal["gpipe", "1f1b"],
+        "1f1b",
+        "Pipeline schedule.",
+        read_when=_pipeline,
+        ignored_by=_one_stage,
+        purpose="a pipeline's schedule",
+        fix=_PIPELINE,
+    ),
+    Setting(
+        "split_points",
+        list[str] | None,
+        None,
+        "Module names where pipeline stages begin, comma-separated "
+        "(e.g. blocks.2). Default: balanced automatically by profiling.",
+        parse=_comma_list,
+    ),
+)
+
+
+def check(config: Any) -> None:
+    """The schedule must be able to run the micro-batches; the cuts must make --pp stages."""
+    try:
+        pipeline_schedule(config.schedule).check(config.microbatches, config.pp)
+    except ShardwiseError as exc:  # pydantic reports only ValueError as a validation error
+        raise ValueError(str(exc)) from None
+    if config.split_points is not None and len(config.split_points) != config.pp - 1:
+        raise ValueError(
+            f"split_points names {len(config.split_points)} cut(s); --pp {config.pp} needs "
+            f"{config.pp - 1}"
+        )
+
+
+def entry(config: Any, layout: Any) -> Any:
+    """The pipeline's stages (cuts empty: balanced by profiling later), or None for one stage."""
+    if layout.pp == 1:
+        return None
+    from shardwise.parallel.parallelism import PipelineStages
+
+    return PipelineStages(
+        tuple(config.split_points or ()),
+        pipeline_schedule(config.schedule),
+        config.microbatches,
+    )
+
+
+def cost(stages: Any, footprint: Footprint) -> Cost:
+    """A stage holds 1/pp of the state; its activations are those of the micro-batches its
+    schedule keeps in flight on the busiest (first) stage, each 1/microbatches of a batch."""
+    pp = footprint.layout.pp
+    keep = {part: footprint.parts.get(part, 0) for part in ("parameters", "gradients", "optimizer")}
+    memory = {part: -(size - size // pp) for part, size in keep.items()}
+    held = stages.schedule.in_flight(stages.microbatches, pp, stage=0)
+    activations = footprint.parts.get("activations", 0)
+    # Its own layers' activations (1/pp), for `held` of `microbatches` micro-batches at once.
+    stage_activations = activations * held // (pp * stages.microbatches)
+    memory["activations"] = stage_activations - activations
+    return Cost(memory=memory)
+
+
+PIPELINE = Technique(
+    name="pipeline",
+    title="Pipeline stages (--pp 2 or more)",
+    settings=SETTINGS,
+    check=check,
+    entry=entry,
+    cost=cost,
+)
