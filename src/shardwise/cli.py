@@ -143,14 +143,17 @@ def _launch(config: TrainConfig, dry: bool = False) -> int:
 
 def _run_dir_to_resume(config_file: Path | None, overrides: dict[str, typing.Any]) -> Path:
     """The run dir a bare `--resume` continues; choose_checkpoint picks its newest good one."""
-    without = {key: value for key, value in overrides.items() if key != "resume"}
-    run_dir = load_config(config_file, without).run_dir
+    # Only --run-dir is read here: the other flags may be settings of the run's own mode (a
+    # --sync-every of a local-sgd run), which only its record, read next, makes valid.
+    run_dir = overrides.get("run_dir")
+    if run_dir is None and config_file is not None:
+        run_dir = read_toml(config_file).get("run_dir")
     if run_dir is None:
         raise ShardwiseError(
             "--resume without a path continues the run in --run-dir, and none was given; "
             "add --run-dir RUN_DIR, or pass --resume CHECKPOINT_OR_RUN_DIR"
         )
-    return run_dir
+    return Path(run_dir)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
