@@ -80,7 +80,7 @@ def run_shardwise(config: TrainConfig, corpus: PreparedCorpus) -> float:
     # Each rank its own run dir, held as `shardwise train`'s launcher holds one: the Trainer
     # writes no checkpoint into a run dir nobody holds.
     with tempfile.TemporaryDirectory() as scratch, hold_run_dir(config, Path(scratch)) as run_dir:
-        trainer = Trainer(config, Session(env, config), corpus, model, run_dir)
+        trainer = Trainer(config, Session.from_config(env, config), corpus, model, run_dir)
         trainer.fit()
         return trainer.totals.train_s / config.max_steps
 

@@ -31,7 +31,7 @@ def sync_loop(
 ) -> Trained:
     """Train `steps` (indices into the cycled batches); optionally resume first, save last."""
     config = TrainConfig(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S, **settings)
-    session = Session(env, config)
+    session = Session.from_config(env, config)
     model = session.prepare(tiny_model("gru"))
     if optimizer_name == "sgd":  # plain SGD: no momentum, so averaging commutes with the update
         optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

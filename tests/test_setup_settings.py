@@ -24,4 +24,17 @@ def test_every_config_field_the_session_reads_is_a_setup_keyword() -> None:
 
 def test_setup_takes_keep_checkpoints(tmp_path: Path) -> None:
     session = shardwise.setup(keep_checkpoints=3, device="cpu")
-    assert session.config.keep_checkpoints == 3
+    assert session.settings.keep_checkpoints == 3
+
+
+def test_every_session_setting_is_a_setup_keyword() -> None:
+    from dataclasses import fields
+
+    from shardwise.session import SessionSettings
+
+    names = {f.name for f in fields(SessionSettings)} - {"contract"}
+    names |= {"vocab_size", "input_layout", "model_output"}  # the contract's settings
+    assert names <= set(SESSION_KEYS), sorted(names - set(SESSION_KEYS))
+    session = shardwise.setup(device="cpu", seed=7, timeout_s=30, model="gru", vocab_size=300)
+    assert session.settings.seed == 7 and session.settings.timeout_s == 30
+    assert session.settings.contract["vocab_size"] == 300 and session.settings.model == "gru"

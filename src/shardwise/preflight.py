@@ -143,7 +143,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     device = resolve_device(config.device, nproc)
     crowded = check_cores(nproc + config.ps, config.nproc is None) if device.type == "cpu" else None
     layout = config.layout(nproc * config.nnodes)
-    precision = Precision(config.precision, device)
+    Precision(config.precision, device)  # refuses fp16 without a GPU, before any worker
     check_model_spec(config.model)
     corpus = load_corpus(config)
     contract = user_model_call(config, corpus)
@@ -159,7 +159,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     budget = _budget(config, planned.max_steps)
     if crowded:  # after the checks: a run that fails on them ends on its error line alone
         print(f"shardwise: warning: {crowded}", file=sys.stderr, flush=True)
-    parallelism = parallelism_from(config, layout, precision)
+    parallelism = parallelism_from(config, layout)
     if stages is not None:
         parallelism = parallelism.with_cuts(stages.cuts)
     return RunPlan(

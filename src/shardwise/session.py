@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,14 @@ from shardwise.loss import count_targets, token_loss_sum
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
+from shardwise.parallel.parallelism import Parallelism
 from shardwise.parallel.parallelize import parallelize
 from shardwise.partition import profiled_cuts
 from shardwise.precision import Precision
 from shardwise.techniques import settings as technique_settings
 
-# The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's.
-# The config's own settings a Session reads; every technique's own-loop settings join them.
+# The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's:
+# the config's own settings a Session reads; every technique's own-loop settings join them.
 _OWN_KEYS = (
     "dp", "pp", "tp", "device", "seed", "timeout_s", "keep_checkpoints", "resume", "vocab_size",
     "input_layout", "model_output", "model",
@@ -70,15 +72,65 @@ SESSION_KEYS = _OWN_KEYS + tuple(
 )
 
 
-class Session:
-    """This process's place in the layout, and the calls a training loop needs."""
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a Session reads besides the `Parallelism`: seeds, timeouts, checkpoints, the model.
 
-    def __init__(self, env: DistEnv, config: TrainConfig) -> None:
+    >>> SessionSettings(seed=1, keep_checkpoints=3).keep_checkpoints
+    3
+    """
+
+    seed: int = 0
+    timeout_s: float = 300.0
+    keep_checkpoints: int = 0  # the K newest checkpoints `save` keeps (0: all)
+    resume: Path | None = None  # the checkpoint retention never deletes
+    model: str = ""  # a model spec ("package.module:factory") names it in messages; "" its type
+    contract: dict[str, Any] = field(default_factory=dict)  # contract_for's settings
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> SessionSettings:
+        """The settings of `config` a Session reads."""
+        return cls(
+            config.seed,
+            config.timeout_s,
+            config.keep_checkpoints,
+            config.resume,
+            config.model,
+            config.contract_settings(),
+        )
+
+
+class Session:
+    """This process's place in the layout, and the calls a training loop needs.
+
+    session = Session(env, parallelism, SessionSettings(seed=0))   # the core
+    session = Session.from_config(env, TrainConfig(pp=2))          # what setup() does
+    """
+
+    def __init__(
+        self, env: DistEnv, parallelism: Parallelism, settings: SessionSettings | None = None
+    ) -> None:
         self.env = env
-        self.config = config
-        self.layout = config.layout(env.world_size).build(env, config.timeout_s)
-        self.precision = Precision(config.precision, env.device)
-        self.checkpoints = CheckpointWriter(config.timeout_s)  # one background save at a time
+        self.settings = settings or SessionSettings()
+        layout = parallelism.layout
+        if env.distributed and not layout.groups:  # degrees only: this rank's groups first
+            layout = layout.build(env, self.settings.timeout_s)
+        self.layout = layout
+        self.precision = Precision(parallelism.precision, env.device)
+        # The parallelism prepare() applies, with this session's precision (its loss scaler).
+        self.parallelism = replace(
+            parallelism,
+            layout=layout,
+            autocast=self.precision.autocast,
+            backward=self.precision.backward,
+        )
+        self.checkpoints = CheckpointWriter(self.settings.timeout_s)  # one save at a time
+
+    @classmethod
+    def from_config(cls, env: DistEnv, config: TrainConfig) -> Session:
+        """A session for `config`'s layout and techniques (its Parallelism), over `env`."""
+        layout = config.layout(env.world_size).build(env, config.timeout_s)
+        return cls(env, parallelism_from(config, layout), SessionSettings.of(config))
 
     @property
     def device(self) -> torch.device:
@@ -112,19 +164,20 @@ class Session:
         where rank 0's profile on `example` tokens (default: zeros) balances time and memory.
         `contract`: how to call the model (models/contract.py); by default a probe finds out.
         """
-        config = self.config
-        name = config.model if ":" in config.model else type(model).__name__
-        contract = contract or contract_for(model, name, **config.contract_settings())
-        parallelism = parallelism_from(config, self.layout, self.precision)
-        if parallelism.pipeline is not None and (cuts or not parallelism.pipeline.cuts):
+        spec = self.settings.model
+        name = spec if ":" in spec else type(model).__name__
+        contract = contract or contract_for(model, name, **self.settings.contract)
+        parallelism = self.parallelism
+        stages = parallelism.pipeline
+        if stages is not None and (cuts or not stages.cuts):
             if not cuts:  # rank 0's profile balances time and memory, every rank takes its cut
                 cuts = profiled_cuts(
                     self.env,
                     model,
-                    config.pp,
+                    self.layout.pp,
                     example,
-                    microbatches=config.microbatches,
-                    schedule=config.schedule,
+                    microbatches=stages.microbatches,
+                    schedule=stages.schedule.name,
                 )
             parallelism = parallelism.with_cuts(cuts)
         self.parallelism = parallelism
@@ -238,9 +291,9 @@ class Session:
                 tokens_per_batch,
                 replicas=self.layout.data_ranks,
                 rank=self.layout.data_rank,
-                seed=self.config.seed,
+                seed=self.settings.seed,
                 device=self.device,
-                cost_model=kwargs.pop("cost_model", cost_model_for(self.config.model)),
+                cost_model=kwargs.pop("cost_model", cost_model_for(self.settings.model)),
                 **kwargs,
             )
         return device_loader(
@@ -248,7 +301,7 @@ class Session:
             batch_size,  # type: ignore[arg-type]  # given: checked above
             replicas=self.layout.data_ranks,
             rank=self.layout.data_rank,
-            seed=self.config.seed,
+            seed=self.settings.seed,
             device=self.device,
             shuffle=shuffle,
             **kwargs,
@@ -288,14 +341,14 @@ class Session:
         `background=True` returns once the tensors are copied to CPU memory; the files are
         written and sealed while you train on (`path` exists from then on), and the next save,
         `wait_for_checkpoint()` or `close()` waits for it and raises its error, if any.
-        `keep_checkpoints` in the session's config deletes older ones once a save is sealed.
+        The session's `keep_checkpoints` deletes older ones once a save is sealed.
         """
         state = state or TrainerState(step=step)
         if isinstance(model, ParallelModel) and not model.strategy.saves_here(self.env):
             return Path(directory) / checkpoint_name(state.step)  # another rank writes it
         state.world_size, state.scaler = self.world_size, self.precision.state_dict()
         sync = self._sync_state(model)
-        keep = Retention(self.config.keep_checkpoints, protect=self.config.resume)
+        keep = Retention(self.settings.keep_checkpoints, protect=self.settings.resume)
         snapshot = take_snapshot(Path(directory), _part(model), optimizer, state, sync, keep)
         return self.checkpoints.save(snapshot, self.env, background)
 
@@ -376,7 +429,7 @@ def setup(config: TrainConfig | str | Path | None = None, **settings: Any) -> Se
     config = _session_config(config, settings)
     env = init_distributed(config.device, config.timeout_s)
     torch.manual_seed(config.seed)
-    return Session(env, config)
+    return Session.from_config(env, config)
 
 
 def _user_errors_in_one_line() -> None:

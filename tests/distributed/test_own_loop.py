@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def session_for(env: DistEnv, **layout: Any) -> Session:
     config = TrainConfig(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S, **layout)
-    return Session(env, config)
+    return Session.from_config(env, config)
 
 
 def user_loop(env: DistEnv, kind: str, layout: dict[str, Any], save_to: Path | None) -> Trained:
@@ -110,7 +110,7 @@ def test_pipeline_loops_on_two_stages_equal_one_process(two_ranks: tuple) -> Non
         assert_ranks_match(list(results), train_single(kind))
     kind, reference = "lstm", train_single("lstm")
     # Written once, under the names the user's model gives its parameters: it loads whole.
-    alone = Session(DistEnv(0, 1, 0, 1, torch.device("cpu")), TrainConfig(device="cpu"))
+    alone = Session.from_config(DistEnv(0, 1, 0, 1, torch.device("cpu")), TrainConfig(device="cpu"))
     model = tiny_model(kind)
     state = alone.load(saved, model, torch.optim.AdamW(model.parameters(), lr=LR))
     assert state.step == len(step_batches())

@@ -96,7 +96,7 @@ def powersgd_refusal(env: DistEnv) -> str:
     """The error preparing PowerSGD with buckets far smaller than the model's gradients."""
     config = TrainConfig(device="cpu", grad_compression="powersgd", bucket_mb=0.001)
     try:
-        Session(env, config).prepare(tiny_model("gru"))
+        Session.from_config(env, config).prepare(tiny_model("gru"))
     except ShardwiseError as exc:
         return str(exc)
     return "prepared"

@@ -31,7 +31,7 @@ Step = tuple[int, int, float]  # bytes, exchanges, seconds blocked after the ste
 def traffic_per_step(env: DistEnv, settings: dict[str, Any], steps: int) -> list[Step]:
     """Train `steps` steps with `settings`; what the strategy counted in each of them."""
     config = TrainConfig(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S, **settings)
-    session = Session(env, config)
+    session = Session.from_config(env, config)
     model = session.prepare(tiny_model("gru"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     traffic = model.strategy.traffic

@@ -33,7 +33,9 @@ def sequences() -> list[np.ndarray]:
 
 def user_loop(env: DistEnv) -> tuple[dict[str, torch.Tensor], list[int], list[list[int]]]:
     """What README shows: session.loader(tokens_per_batch=...) and session.loss."""
-    session = Session(env, TrainConfig(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S, model="gru"))
+    session = Session.from_config(
+        env, TrainConfig(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S, model="gru")
+    )
     model = session.prepare(tiny_model("gru"))
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
     loader = session.loader(sequences(), tokens_per_batch=TOKENS)
@@ -99,6 +101,8 @@ def test_every_epoch_visits_every_sequence_once_in_equal_batch_counts(ranks: lis
 
 
 def test_a_loader_wants_one_batch_size() -> None:
-    session = Session(DistEnv(0, 1, 0, 1, torch.device("cpu")), TrainConfig(device="cpu"))
+    session = Session.from_config(
+        DistEnv(0, 1, 0, 1, torch.device("cpu")), TrainConfig(device="cpu")
+    )
     with pytest.raises(Exception, match="batch_size or tokens_per_batch"):
         session.loader(sequences(), batch_size=4, tokens_per_batch=64)

@@ -46,7 +46,7 @@ class RecordingStrategy(AllReduceEveryStep):
 
 def test_a_strategy_is_called_once_per_hook_at_its_place_in_a_step() -> None:
     strategy = RecordingStrategy()
-    session = Session(ALONE, TrainConfig(device="cpu"))
+    session = Session.from_config(ALONE, TrainConfig(device="cpu"))
     model = parallelize(tiny_model("gru"), parallelism(session.layout, sync=strategy), ALONE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = step_batches()[0]
@@ -59,7 +59,7 @@ def test_a_strategy_is_called_once_per_hook_at_its_place_in_a_step() -> None:
 
 
 def test_the_session_uses_the_configured_strategy() -> None:
-    session = Session(ALONE, TrainConfig(device="cpu", sync="allreduce"))
+    session = Session.from_config(ALONE, TrainConfig(device="cpu", sync="allreduce"))
     model = session.prepare(tiny_model("gru"))
     assert isinstance(model.strategy, AllReduceEveryStep)
 

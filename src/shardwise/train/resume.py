@@ -339,6 +339,7 @@ def _flag(name: str) -> str:
 
 
 def resume_training(
+    config: TrainConfig,
     session: Session,
     model: ParallelModel,
     optimizer: torch.optim.Optimizer,
@@ -348,13 +349,13 @@ def resume_training(
 ) -> tuple[TrainerState, Path, list[str]]:
     """Load `--resume`'s newest good checkpoint after every check; its state, path and notes.
 
-    state, path, notes = resume_training(session, model, optimizer, scheduler, corpus, print_)
+    state, path, notes = resume_training(config, session, model, optimizer, scheduler, corpus, p)
 
     `model_print` is the whole model's fingerprint, taken before it was cut into stages. From a
     run directory, a checkpoint that fails a check or its load is skipped for an older one.
     """
     fingerprints = Fingerprints(model_print, data_fingerprint(corpus))
-    config, env = session.config, session.env
+    env = session.env
     assert config.resume is not None
     # Taken before any load: a checkpoint that fails half-way has changed the optimizer.
     live = LiveState([dict(group) for group in optimizer.param_groups], scheduler.state_dict())

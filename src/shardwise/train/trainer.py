@@ -1,6 +1,6 @@
 """The training loop: read it top to bottom in `Trainer.fit`.
 
-    trainer = Trainer(config, Session(env, config), corpus, model, run_dir, stages)
+    trainer = Trainer(config, Session.from_config(env, config), corpus, model, run_dir, stages)
     result = trainer.fit()   # result.summary (a dict), result.checkpoint (the last one saved)
 
 Loss normalisation is what makes every layout exact: each micro-batch's summed token loss is
@@ -201,7 +201,9 @@ class Trainer:
     def _resume_if_asked(self) -> None:
         if self.config.resume is not None:
             parts = self.model, self.optimizer, self.scheduler, self.corpus, self.model_fingerprint
-            self.state, self.resumed_from, self.resume_notes = resume_training(self.session, *parts)
+            self.state, self.resumed_from, self.resume_notes = resume_training(
+                self.config, self.session, *parts
+            )
 
     def _save(self, background: bool = False) -> None:
         if not holds_lease(self.run_dir):

@@ -177,7 +177,7 @@ def train(
     config = with_step_budget(config, corpus, env.world_size)
     stages = stage_plan(config, corpus, env)  # before the model: profiling draws random numbers
     model = seeded_model(config, corpus.vocab_size)
-    session = Session(env, config)
+    session = Session.from_config(env, config)
     # Usually the launching process holds the run dir; only when the rendezvous picked which
     # node is node 0 does rank 0 learn here that the run is its to hold.
     owns_it = env.is_main and rank_zero_holds_lock(config)
