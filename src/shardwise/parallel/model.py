@@ -78,7 +78,8 @@ class ParallelModel(nn.Module):
     @property
     def owns_loss(self) -> bool:
         """Whether this rank's returns count (not a copy of another rank's)."""
-        return self.layout.pp_rank == self.layout.pp - 1 and self.layout.tp_rank == 0
+        last = self.pipeline is None or self.pipeline.is_last  # holds the stage with the loss
+        return last and self.layout.tp_rank == 0
 
     def named_parameters(self, *args: object, **kwargs: object) -> Iterator:  # type: ignore[override]
         return self.part.named_parameters(*args, **kwargs)  # no "module." prefix

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from shardwise.distributed import DistEnv
+from shardwise.errors import ShardwiseError
 from shardwise.loss import token_loss_sum
 from shardwise.models.contract import PLAIN, ModelContract
 from shardwise.parallel.faithful import check_faithful_chain, probe_tokens, token_bound
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.model import ParallelModel
-from shardwise.parallel.parallelism import Parallelism
+from shardwise.parallel.parallelism import Parallelism, PipelineStages
 from shardwise.parallel.pipeline import StagePipeline
 from shardwise.parallel.stages import Autocast, Boundary, keep_stage
 from shardwise.parallel.sync import SyncStrategy
@@ -62,8 +63,7 @@ def parallelize(
     max_len = getattr(model, "max_len", None)
     parts = parallelism.tensor.parts if parallelism.tensor is not None else PARTS
     plan = plan_split(model, layout.tp, parts, contract)  # before stages: probes the whole model
-    cuts = stages.cuts if stages is not None else ()
-    part, boundaries = apply_stages(model, layout, cuts, parallelism.autocast)
+    part, boundaries = apply_stages(model, layout, stages, parallelism.autocast)
     part = part.to(env.device)
     if plan is not None:
         probe = split_probe(part, layout, boundaries, plan, contract, env.device)
@@ -87,12 +87,19 @@ def parallelize(
 
 
 def apply_stages(
-    model: nn.Module, layout: Layout, cuts: Sequence[str], autocast: Autocast
+    model: nn.Module, layout: Layout, stages: PipelineStages | None, autocast: Autocast
 ) -> tuple[nn.Module, list[Boundary]]:
     """This rank's stage and the stage boundaries; the whole model without stages."""
-    if layout.pp == 1:  # tensor parallelism alone splits layers in place: no pieces needed
+    if layout.pp == 1 or stages is None:  # tensor parallelism alone splits layers in place
         return model, []
-    return keep_stage(model, cuts, layout.pp, layout.pp_rank, autocast)
+    schedule = stages.schedule
+    held = schedule.stages_of(layout.pp_rank, layout.pp)
+    if len(held) != 1:
+        raise ShardwiseError(
+            f"--schedule {schedule.name} holds {len(held)} stages a rank; this version runs one"
+        )
+    count = schedule.stage_count(layout.pp)
+    return keep_stage(model, stages.cuts, count, held[0], autocast)
 
 
 def plan_split(
@@ -133,9 +140,9 @@ def split_probe(
     tokens = probe_tokens(plan.token_bound, device)
     if layout.pp == 1:
         return lambda: contract(part, tokens)
-    if layout.pp_rank == 0:
+    if layout.pp_rank == 0:  # the first stage (with one stage a rank, see apply_stages)
         return lambda: part(tokens)
-    shape, dtype = boundaries[layout.pp_rank - 1]
+    shape, dtype = boundaries[layout.pp_rank - 1]  # what the stage before it sends
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((*tokens.shape, *shape), generator=generator)
     x = x.to(device, torch.float32 if dtype.is_floating_point else dtype)

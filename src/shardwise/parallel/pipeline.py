@@ -69,12 +69,17 @@ class StagePipeline:
         self._schedules: OrderedDict[tuple, PipelineScheduleSingle] = OrderedDict()
 
     @property
+    def stages(self) -> tuple[int, ...]:
+        """The stages this rank holds (its schedule says how many a rank)."""
+        return self.schedule.stages_of(self.layout.pp_rank, self.layout.pp)
+
+    @property
     def is_first(self) -> bool:
-        return self.layout.pp_rank == 0
+        return 0 in self.stages
 
     @property
     def is_last(self) -> bool:
-        return self.layout.pp_rank == self.layout.pp - 1
+        return self.schedule.stage_count(self.layout.pp) - 1 in self.stages
 
     def train(
         self, tokens: torch.Tensor, targets: torch.Tensor, scale: float = 1.0
@@ -115,11 +120,11 @@ class StagePipeline:
             return self._schedules[key]
         from torch.distributed import pipelining
 
-        k = self.layout.pp_rank
+        (k,) = self.stages  # one stage a rank: the single-stage schedules' PipelineStage
         stage = pipelining.PipelineStage(
             self._runnable,
             k,
-            self.layout.pp,
+            self.schedule.stage_count(self.layout.pp),
             self.device,
             input_args=self._meta(k - 1, rows, length, train),
             output_args=self._meta(k, rows, length, train),

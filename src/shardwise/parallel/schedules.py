@@ -28,6 +28,23 @@ class Schedule:
     needs_a_microbatch_per_stage: bool
     stages_per_rank: int = 1
 
+    def stage_count(self, ranks: int) -> int:
+        """Stages the model is cut into over `ranks` pipeline ranks.
+
+        >>> pipeline_schedule("1f1b").stage_count(4)
+        4
+        """
+        return ranks * self.stages_per_rank
+
+    def stages_of(self, rank: int, ranks: int) -> tuple[int, ...]:
+        """The stages pipeline rank `rank` of `ranks` holds, in the order it runs them: one per
+        loop round the ranks (an interleaved schedule with 2 a rank: rank and rank + ranks).
+
+        >>> pipeline_schedule("gpipe").stages_of(1, 4)
+        (1,)
+        """
+        return tuple(rank + loop * ranks for loop in range(self.stages_per_rank))
+
     def check(self, microbatches: int, stages: int) -> None:
         """Raise `ShardwiseError` when this schedule cannot run `microbatches` over `stages`.
 

@@ -72,10 +72,10 @@ def check(config: Any) -> None:
         pipeline_schedule(config.schedule).check(config.microbatches, config.pp)
     except ShardwiseError as exc:  # pydantic reports only ValueError as a validation error
         raise ValueError(str(exc)) from None
-    if config.split_points is not None and len(config.split_points) != config.pp - 1:
+    needed = pipeline_schedule(config.schedule).stage_count(config.pp) - 1
+    if config.split_points is not None and len(config.split_points) != needed:
         raise ValueError(
-            f"split_points names {len(config.split_points)} cut(s); --pp {config.pp} needs "
-            f"{config.pp - 1}"
+            f"split_points names {len(config.split_points)} cut(s); --pp {config.pp} needs {needed}"
         )
 
 

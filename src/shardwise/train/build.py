@@ -38,6 +38,7 @@ from shardwise.models import BUILTIN_MODELS, build_model
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.faithful import check_faithful_chain
 from shardwise.parallel.parallelize import plan_split
+from shardwise.parallel.schedules import pipeline_schedule
 from shardwise.parallel.split_plan import SplitPlan
 from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.parallel.tensor_parallel import PARTS
@@ -141,15 +142,16 @@ def stage_plan(
     model = seeded_model(config, corpus.vocab_size)
     check_pipeline_split(config, corpus.vocab_size, model)
     sample = profile_sample(config, corpus)
+    count = stage_count(config)
     key = plan_key(
-        model, sample, stages=config.pp, microbatches=config.microbatches, schedule=config.schedule
+        model, sample, stages=count, microbatches=config.microbatches, schedule=config.schedule
     )
     cuts = config.split_points or remembered_cuts(key)
 
     def make() -> Plan:
         return plan_stages(
             model,
-            config.pp,
+            count,
             sample,
             microbatches=config.microbatches,
             schedule=config.schedule,
@@ -160,6 +162,11 @@ def stage_plan(
     if cuts is None and (env is None or env.is_main):
         remember_cuts(key, plan.cuts)
     return plan
+
+
+def stage_count(config: TrainConfig) -> int:
+    """Stages the model is cut into: its schedule's stages a rank times --pp."""
+    return pipeline_schedule(config.schedule).stage_count(config.pp)
 
 
 def profile_sample(config: TrainConfig, corpus: PreparedCorpus) -> torch.Tensor:
@@ -174,13 +181,13 @@ def check_pipeline_split(
     pieces that, chained, compute what the model's forward does (`model`: the seeded one)."""
     model = model if model is not None else seeded_model(config, vocab_size)
     pieces = model_pieces(model)
-    if config.pp > len(pieces):
+    if stage_count(config) > len(pieces):
         raise ShardwiseError(
             f"--pp {config.pp}: model {config.model!r} has only {len(pieces)} pieces that can "
             f"start a stage ({', '.join(p.name for p in pieces)}); use --pp {len(pieces)} or less"
         )
     if config.split_points is not None:
-        stage_starts(model, pieces, config.split_points, config.pp)
+        stage_starts(model, pieces, config.split_points, stage_count(config))
     check_faithful_chain(model, vocab_size)
 
 
