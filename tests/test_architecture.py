@@ -28,6 +28,19 @@ def test_parallel_modules_import_neither_data_nor_train(path: Path) -> None:
     assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)}"
 
 
+def test_technique_declarations_load_no_torch_and_no_config() -> None:
+    """Declarations are read by the CLI's --help, which stays instant: their runtime (torch) is
+    imported when a technique is applied or costed, and they read settings, not the config."""
+    probe = "import sys, shardwise.techniques; print(sorted(m for m in sys.modules))"
+    loaded = eval(
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )
+    assert "torch" not in loaded
+    assert not [m for m in loaded if m.startswith(("shardwise.config", "shardwise.train"))]
+
+
 def test_the_preflight_reaches_no_train_module_but_the_builder() -> None:
     probe = "import sys, shardwise.preflight; print(sorted(m for m in sys.modules))"
     loaded = subprocess.run(
