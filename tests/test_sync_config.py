@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 
 from shardwise.config import TrainConfig, build_config
@@ -86,3 +88,11 @@ def test_a_strategy_alone_counts_its_steps_and_keeps_them_as_a_tensor() -> None:
     fresh = PeriodicAveraging()
     fresh.load_state_dict(state)
     assert fresh.steps == 3
+
+
+def test_the_declared_strategies_are_the_ones_that_exist() -> None:
+    from shardwise.parallel.sync import SYNC_STRATEGIES
+    from shardwise.techniques.sync import STRATEGIES
+
+    assert set(STRATEGIES) == set(SYNC_STRATEGIES)
+    assert set(typing.get_args(SYNC.settings[0].type)) == set(SYNC_STRATEGIES)

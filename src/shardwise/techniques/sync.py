@@ -56,7 +56,7 @@ _OUTER = "the outer optimizer's settings are part of the run"
 SETTINGS = (
     Setting(
         "sync",
-        Literal["allreduce", "local-sgd", "diloco", "async"],
+        Literal[STRATEGIES],
         "allreduce",
         "How data-parallel replicas agree: allreduce averages gradients every step; "
         "local-sgd averages parameters every --sync-every steps; diloco feeds that average to "
@@ -267,15 +267,12 @@ def _check_async(config: Any) -> None:
 
 def entry(config: Any, layout: Any) -> Any:
     """The run's strategy object, with its settings."""
+    from dataclasses import fields
+
     from shardwise.parallel.sync import SyncOptions, sync_strategy
 
-    names = {"grad_compression", "powersgd_rank", "powersgd_warmup_steps", "bucket_mb"}
-    names |= {"sync_every", "sync_warmup_steps", "sync_groups", "outer_lr", "outer_momentum"}
-    options = SyncOptions(
-        **{name: getattr(config, name) for name in names},
-        outer_bf16=config.outer_bf16,
-        timeout_s=config.timeout_s,
-    )
+    # SyncOptions' fields are these settings (and the run's timeout_s), by the same names.
+    options = SyncOptions(**{f.name: getattr(config, f.name) for f in fields(SyncOptions)})
     return sync_strategy(config.sync, options)
 
 
