@@ -8,7 +8,8 @@ costs `time_weight` times its share of the model's time plus the rest times its 
 model's memory, and the stages are chosen to make the most expensive stage as cheap as possible
 (an exact dynamic programme over contiguous cuts). A stage's memory counts its training state
 and the activations its schedule keeps in flight: all M micro-batches under GPipe, and
-min(M, K - k) on stage k under 1F1B, so 1F1B's early stages get less.
+min(M, K - k) on stage k under 1F1B, so 1F1B's early stages get less; under activation
+recompute a block holds only what recompute keeps, plus one block's activations made again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from shardwise.errors import ShardwiseError
 from shardwise.parallel.schedules import pipeline_schedule
 from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.partition.profile import PieceCost, profile_pieces
+
+# How a technique changes the measured piece costs (parallel/recompute.py `piece_costs`).
+Adjust = Callable[[list[PieceCost]], list[PieceCost]]
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ def plan_stages(
     time_weight: float = 0.5,
     cuts: Sequence[str] | None = None,
     repeats: int = 3,
+    adjust: Adjust | None = None,
 ) -> Plan:
     """Profile `model` on one micro-batch of `sample_batch` and cut it into `num_stages`.
 
@@ -115,7 +120,8 @@ def plan_stages(
     profile runs its first ceil(B / M) rows. `time_weight` 1 balances time only, 0 memory only.
     Given `cuts` (split points), the plan keeps them and only predicts. Asking for more stages
     than the model has pieces, or giving cuts that do not make `num_stages`, raises
-    `ShardwiseError`.
+    `ShardwiseError`. `adjust`: how a technique changes the measured costs (activation
+    recompute: `Recompute.piece_costs`, blocks that hold less and take longer).
     """
     pieces = model_pieces(model)
     if not 1 <= num_stages <= len(pieces):
@@ -127,6 +133,8 @@ def plan_stages(
     tokens = sample_batch.tokens if isinstance(sample_batch, Batch) else sample_batch
     micro = tokens[: -(-tokens.shape[0] // microbatches)]
     costs = profile_pieces(model, micro, repeats)
+    if adjust is not None:
+        costs = adjust(costs)
     return plan_from_costs(costs, num_stages, microbatches, schedule, time_weight, starts)
 
 
@@ -149,7 +157,8 @@ def plan_from_costs(
         return pipeline_schedule(schedule).in_flight(microbatches, num_stages, stage)
 
     def memory(stage: int, group: Sequence[PieceCost]) -> int:
-        return sum(c.state_bytes + in_flight(stage) * c.activation_bytes for c in group)
+        held = sum(c.state_bytes + in_flight(stage) * c.activation_bytes for c in group)
+        return held + max((c.recompute_bytes for c in group), default=0)  # one at a time
 
     total_time = sum(c.time_s for c in costs) or 1.0
     total_memory = memory(0, costs) or 1
@@ -224,6 +233,7 @@ def profiled_cuts(
     *,
     microbatches: int,
     schedule: str,
+    adjust: Adjust | None = None,
 ) -> list[str]:
     """Where rank 0's profile of `model` on `sample` (default: 8 x 32 zeros) cuts it into
     `stages`, on every rank.
@@ -234,7 +244,9 @@ def profiled_cuts(
         sample = torch.zeros(8, 32, dtype=torch.long)
     plan = shared_plan(
         env,
-        lambda: plan_stages(model, stages, sample, microbatches=microbatches, schedule=schedule),
+        lambda: plan_stages(
+            model, stages, sample, microbatches=microbatches, schedule=schedule, adjust=adjust
+        ),
     )
     return plan.cuts
 

@@ -33,7 +33,9 @@ class PieceCost:
     time_s: float
     param_count: int
     param_bytes: int
-    activation_bytes: int
+    activation_bytes: int  # saved for its backward, per micro-batch in flight
+    output_bytes: int = 0  # what it passes on (the next piece's input)
+    recompute_bytes: int = 0  # made again in its backward, one piece at a time (recompute)
 
     @property
     def state_bytes(self) -> int:
@@ -66,6 +68,7 @@ def profile_pieces(model: nn.Module, tokens: torch.Tensor, repeats: int = 3) -> 
                     param_count=sum(p.numel() for p in params),
                     param_bytes=sum(p.numel() * p.element_size() for p in params),
                     activation_bytes=activation_bytes,
+                    output_bytes=x.numel() * x.element_size(),
                 )
             )
     return costs

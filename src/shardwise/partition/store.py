@@ -29,12 +29,20 @@ FORMAT_VERSION = 1
 
 
 def plan_key(
-    model: nn.Module, sample: torch.Tensor, *, stages: int, microbatches: int, schedule: str
+    model: nn.Module,
+    sample: torch.Tensor,
+    *,
+    stages: int,
+    microbatches: int,
+    schedule: str,
+    adjusted: str = "",
 ) -> str:
-    """A hash of the model's structure and weights' shapes, the sample and the settings."""
+    """A hash of the model's structure and weights' shapes, the sample and the settings
+    (`adjusted`: what changes the profiled costs, e.g. the recompute entry, when any)."""
     digest = hashlib.sha256()
     shapes = [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()]
     what = [FORMAT_VERSION, type(model).__qualname__, shapes, stages, microbatches, schedule]
+    what += [adjusted] if adjusted else []  # keys made before `adjusted` stay as they were
     digest.update(json.dumps(what).encode())
     digest.update(sample.cpu().contiguous().numpy().tobytes())
     digest.update(str(tuple(sample.shape)).encode())
