@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -318,3 +319,20 @@ def test_recompute_on_a_stage_on_split_blocks_and_under_ddp_equals_storing() -> 
             assert state.keys() == want.keys()
             for name in want:
                 assert torch.equal(state[name], want[name]), (sizes, mode, name)
+
+
+def test_the_dry_run_s_pipeline_plan_counts_recompute(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    def stage_mib(*flags: str) -> list[float]:
+        command = ["train", "--data", str(corpus), "--run-dir", str(tmp_path / "run")]
+        command += ["--model", "transformer", "--pp", "2", "--nproc", "2", "--dry-run"]
+        command += ["--schedule", "gpipe"]  # every stage holds all 4 micro-batches
+        assert main([*command, "--split-points", "blocks.1", *flags]) == 0
+        return [float(m) for m in re.findall(r"([\d.]+) MiB", capsys.readouterr().out)]
+
+    # Under 1F1B the last stage holds one micro-batch, and recompute, making one block's
+    # activations again beside what it keeps, holds more there, as the plan would say.
+    storing, recomputing = stage_mib(), stage_mib("--recompute", "full")
+    assert len(storing) == len(recomputing) == 2
+    assert all(r < s for r, s in zip(recomputing, storing, strict=True)), (storing, recomputing)

@@ -171,6 +171,7 @@ class Session:
         stages = parallelism.pipeline
         if stages is not None and (cuts or not stages.cuts):
             if not cuts:  # rank 0's profile balances time and memory, every rank takes its cut
+                recompute = parallelism.entry("recompute")  # its blocks hold less, take longer
                 cuts = profiled_cuts(
                     self.env,
                     model,
@@ -178,6 +179,7 @@ class Session:
                     example,
                     microbatches=stages.microbatches,
                     schedule=stages.schedule.name,
+                    adjust=recompute.piece_costs if recompute else None,
                 )
             parallelism = parallelism.with_cuts(cuts)
         self.parallelism = parallelism

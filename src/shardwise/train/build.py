@@ -44,6 +44,7 @@ from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.parallel.tensor_parallel import PARTS
 from shardwise.partition import Plan, plan_stages, shared_plan
 from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
+from shardwise.techniques.recompute import RECOMPUTE
 
 
 def load_corpus(config: TrainConfig) -> PreparedCorpus:
@@ -143,8 +144,14 @@ def stage_plan(
     check_pipeline_split(config, corpus.vocab_size, model)
     sample = profile_sample(config, corpus)
     count = stage_count(config)
+    recompute = RECOMPUTE.entry(config, None)  # its blocks hold less and take longer
     key = plan_key(
-        model, sample, stages=count, microbatches=config.microbatches, schedule=config.schedule
+        model,
+        sample,
+        stages=count,
+        microbatches=config.microbatches,
+        schedule=config.schedule,
+        adjusted=repr(recompute) if recompute else "",
     )
     cuts = config.split_points or remembered_cuts(key)
 
@@ -156,6 +163,7 @@ def stage_plan(
             microbatches=config.microbatches,
             schedule=config.schedule,
             cuts=cuts,
+            adjust=recompute.piece_costs if recompute else None,
         )
 
     plan = make() if env is None else shared_plan(env, make)
