@@ -30,6 +30,9 @@ from shardwise.parallel.schedules import pipeline_schedule
 DIMS = ("pp", "dp", "tp")
 # The ranks of one model replica (all its stages and shards): where a global gradient norm sums.
 MODEL = "model"
+# Sharded data parallel's groups: the data ranks that share one copy of the state, and (when
+# there are several copies) those that hold the same shard of each.
+SHARD, REPLICATE = "shard", "replicate"
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,46 @@ class Layout:
         }
         model_ranks = [ranks[:, d, :].flatten().tolist() for d in range(self.dp)]
         groups[MODEL] = my_group(model_ranks, env.rank, timeout)
+        groups |= self._sharding_groups(ranks, env.rank, timeout)
         device_mesh = DeviceMesh.from_group(
             [groups[dim] for dim in DIMS], env.device.type, mesh=ranks, mesh_dim_names=DIMS
         )
         return replace(self, rank=env.rank, device_mesh=device_mesh, groups=groups)
+
+    def _sharding_groups(
+        self, ranks: torch.Tensor, rank: int, timeout: timedelta
+    ) -> dict[str, dist.ProcessGroup]:
+        """ "shard": the data ranks that share one copy of the state; "replicate": the ranks
+        holding the same shard of every copy (only when there are several copies)."""
+        if self.shard in (1, self.dp):  # none, or the "dp" group itself (see `group`)
+            return {}
+        # Along dp, contiguous blocks of `shard` ranks: one machine's, as the launcher numbers.
+        blocks = ranks.movedim(1, -1).reshape(-1, self.replicas, self.shard)
+        shards = blocks.reshape(-1, self.shard).tolist()
+        copies = blocks.transpose(1, 2).reshape(-1, self.replicas).tolist()
+        return {
+            SHARD: my_group(shards, rank, timeout),
+            REPLICATE: my_group(copies, rank, timeout),
+        }
+
+    def shard_mesh(self) -> DeviceMesh:
+        """The DeviceMesh sharded data parallel shards over: the data ranks' 1-D mesh, or a 2-D
+        (replicate, shard) mesh when several copies of the state are each sharded (hybrid).
+
+            fully_shard(block, mesh=layout.shard_mesh())
+        """
+        if self.shard == self.dp:
+            return self.submesh("dp")
+        if self.device_mesh is None:
+            raise RuntimeError("a single process without a process group has no DeviceMesh")
+        along = self.all_ranks_along("dp")
+        mine = next(ranks for ranks in along if self.rank in ranks)
+        return DeviceMesh.from_group(
+            [self.groups[REPLICATE], self.groups[SHARD]],
+            self.device_mesh.device_type,
+            mesh=torch.tensor(mine).view(self.replicas, self.shard),
+            mesh_dim_names=(REPLICATE, SHARD),
+        )
 
     def all_ranks_along(self, dim: str) -> list[list[int]]:
         """Every group of ranks along `dim` ("pp", "dp" or "tp"), as `build` lays them out.
@@ -182,7 +221,10 @@ class Layout:
         return _ranks_along(ranks, DIMS.index(dim))
 
     def group(self, dim: str) -> dist.ProcessGroup | None:
-        """This rank's group along `dim` ("pp", "dp", "tp" or "model"); None for one process."""
+        """This rank's group along `dim` ("pp", "dp", "tp", "model", and with sharding "shard"
+        and, for several sharded copies, "replicate"); None for one process or no such group."""
+        if dim == SHARD and self.shard > 1 and self.shard == self.dp:
+            return self.groups.get("dp")
         return self.groups.get(dim)
 
     def submesh(self, dim: str) -> DeviceMesh:
