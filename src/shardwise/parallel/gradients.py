@@ -3,9 +3,9 @@
     norm = clip_grad_norm(stage.parameters(), 1.0, layout)       # the norm of the whole model
 
 With pipeline and tensor parallelism `torch.nn.utils.clip_grad_norm_` sees one stage's shard
-only: the norm adds every stage's and every shard's share over the replica's ranks. With data
-parallelism alone the group is empty and this is the local norm, which after the all-reduce is
-the global one.
+only: the norm adds every stage's and every shard's share over the replica's ranks, and with
+sharded data parallelism over the data ranks that share the state. With data parallelism alone
+the groups are empty and this is the local norm, which after the all-reduce is the global one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from shardwise.parallel.mesh import MODEL, Layout
+from shardwise.parallel.mesh import MODEL, REPLICATE, SHARD, Layout
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter], layout: Layout) -> torch.Tensor:
@@ -25,21 +25,23 @@ def grad_norm(params: Iterable[torch.nn.Parameter], layout: Layout) -> torch.Ten
     norm = grad_norm(stage.parameters(), layout)
 
     Each rank adds the squares it alone owns: a shard of a tensor-parallel weight on every
-    tensor-parallel rank, a replicated tensor only on tensor-parallel rank 0. The sum then runs
-    over the replica's stages and shards; data-parallel replicas hold equal gradients already.
+    tensor-parallel rank, a replicated tensor only on tensor-parallel rank 0, and its own shard
+    of a sharded data-parallel model's. The sum then runs over the replica's stages and shards,
+    and over the data ranks that share one copy of the state; whole copies hold equal
+    gradients already.
     """
     owned = [
         local_grad(p.grad).detach().double().square().sum()
         for p in params
-        if p.grad is not None and (_is_sharded(p.grad) or layout.tp_rank == 0)
+        if p.grad is not None and (layout.tp_rank == 0 or _split_over_tp(p.grad))
     ]
     # Summed where the gradients live: one transfer at most, and NCCL reduces CUDA tensors only.
     total = torch.stack(owned).sum() if owned else torch.zeros((), dtype=torch.float64)
-    group = layout.group(MODEL)
-    if group is not None and dist.get_world_size(group) > 1:
-        if not owned and dist.get_backend(group) == "nccl":
-            total = total.cuda()
-        dist.all_reduce(total, group=group)
+    for group in (layout.group(MODEL), layout.group(SHARD)):
+        if group is not None and dist.get_world_size(group) > 1:
+            if total.device.type != "cuda" and dist.get_backend(group) == "nccl":
+                total = total.cuda()  # none owned here, or gradients offloaded to the host
+            dist.all_reduce(total, group=group)
     return total.sqrt().float().cpu()
 
 
@@ -71,5 +73,13 @@ def local_grad(grad: torch.Tensor) -> torch.Tensor:
         return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
-def _is_sharded(grad: torch.Tensor) -> bool:
-    return isinstance(grad, DTensor) and any(isinstance(p, Shard) for p in grad.placements)
+def _split_over_tp(grad: torch.Tensor) -> bool:
+    """Whether tensor-parallel ranks hold different parts of `grad` (else rank 0 counts it)."""
+    if not isinstance(grad, DTensor):
+        return False
+    names = grad.device_mesh.mesh_dim_names or ()
+    if "tp" in names:  # sharded data parallel may add a "dp" or "shard" dimension to it
+        return isinstance(grad.placements[names.index("tp")], Shard)
+    if names and set(names) <= {"dp", SHARD, REPLICATE}:  # sharded over data ranks alone
+        return False
+    return any(isinstance(p, Shard) for p in grad.placements)  # a mesh of a user's own
