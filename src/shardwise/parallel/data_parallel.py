@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.distributed import DistEnv
 from shardwise.parallel.gradients import local_grad
+from shardwise.parallel.sharding import accumulating, is_sharded
 
 if TYPE_CHECKING:  # sync/ imports this module: at run time the traffic is only duck-typed
     from shardwise.parallel.sync.traffic import SyncTraffic
@@ -69,11 +70,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip DDP's all-reduce on inner accumulation micro-steps (`enabled=False`)."""
-    if enabled or not isinstance(model, DistributedDataParallel):
+    """Skip DDP's all-reduce, or a sharded model's reduce-scatter, on inner accumulation
+    micro-steps (`enabled=False`)."""
+    if enabled:
         yield
-        return
-    with model.no_sync():
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        with accumulating(model):
+            yield
+    else:
         yield
 
 

@@ -30,6 +30,7 @@ from shardwise.parallel.gradients import clip_grad_norm
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.microbatch import bucket_length, pad_batch, rows_for
 from shardwise.parallel.pipeline import StagePipeline
+from shardwise.parallel.sharding import is_sharded, keep_gathered
 from shardwise.parallel.stages import Autocast
 from shardwise.parallel.sync import SyncStrategy
 
@@ -73,7 +74,8 @@ class ParallelModel(nn.Module):
 
     @property
     def holds_whole_model(self) -> bool:
-        return self.layout.replica_size == 1
+        """Whether this rank holds every parameter whole (no stages, splits or shards)."""
+        return self.layout.replica_size == 1 and not is_sharded(self.part)
 
     @property
     def owns_loss(self) -> bool:
@@ -89,6 +91,13 @@ class ParallelModel(nn.Module):
 
     def load_state_dict(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
         return self.part.load_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ParallelModel:
+        """Training or evaluation mode; a sharded model keeps its parameters gathered while
+        it evaluates (every rank must switch alike: see sharding.keep_gathered)."""
+        if mode != self.training and is_sharded(self.part):
+            keep_gathered(self.part, gathered=not mode)
+        return super().train(mode)
 
     # ---- the loop's calls --------------------------------------------------------------------
 
@@ -156,7 +165,7 @@ class ParallelModel(nn.Module):
     def _plain_loss_sum(
         self, tokens: torch.Tensor, targets: torch.Tensor, model_kwargs: dict, module: nn.Module
     ) -> torch.Tensor:
-        if not self.holds_whole_model:
+        if self.layout.replica_size > 1:  # a sharded whole model takes what the model takes
             self._refuse_packed(model_kwargs)
             model_kwargs = {}  # a stage takes tokens only; trailing padding changes nothing
         with self._autocast():

@@ -6,7 +6,8 @@
 The right default on one fast machine: after every backward all replicas hold the same
 gradient, so they stay bit-identical. Whole-model replicas use DDP (overlap with backward,
 buckets of `bucket_mb`, compression through PyTorch's comm hooks: see compression.py);
-pipeline stages and tensor-parallel shards average after their schedule (see data_parallel).
+pipeline stages and tensor-parallel shards average after their schedule (see data_parallel);
+a sharded model (parallel/sharding.py) is left as it is: its reduce-scatter averages.
 Either way `traffic` counts the bytes each all-reduce carries; the time they block this rank is
 the loop's StepClock wait, since they end the backward (see traffic.py). PowerSGD's state
 is the strategy's checkpoint state, each replica's own (see powersgd_state.py).
@@ -21,8 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.distributed import DistEnv
+from shardwise.errors import ShardwiseError
 from shardwise.parallel.data_parallel import average_over_group, gradient_sync, wrap_data_parallel
 from shardwise.parallel.mesh import Layout
+from shardwise.parallel.sharding import gradient_payload, is_sharded
 from shardwise.parallel.sync.base import StrategyDefaults
 from shardwise.parallel.sync.compression import register_compression
 from shardwise.parallel.sync.options import SyncOptions
@@ -42,6 +45,13 @@ class AllReduceEveryStep(StrategyDefaults):
         self.traffic = SyncTraffic()
 
     def wrap(self, module: nn.Module, layout: Layout, env: DistEnv) -> nn.Module:
+        if is_sharded(module):  # its own reduce-scatter averages over the data ranks
+            if self.options.grad_compression != "none":
+                raise ShardwiseError(
+                    f"--grad-compression {self.options.grad_compression} works through DDP's "
+                    "hooks, which a sharded model does not use: drop --grad-compression"
+                )
+            return module
         if layout.replica_size == 1:  # the "dp" group is the whole world: DDP's default group
             module = wrap_data_parallel(module, env, self.options.bucket_mb)
             if isinstance(module, DistributedDataParallel):
@@ -53,7 +63,9 @@ class AllReduceEveryStep(StrategyDefaults):
         return gradient_sync(module, enabled=False)
 
     def after_backward(self, module: nn.Module, layout: Layout) -> None:
-        if layout.replica_size > 1:  # DDP averaged during backward otherwise
+        if is_sharded(module):  # its reduce-scatter averaged during backward
+            self.traffic.count(*gradient_payload(module, layout))
+        elif layout.replica_size > 1:  # DDP averaged during backward otherwise
             average_over_group(module.parameters(), layout.group("dp"), self.traffic)
 
     def after_step(self, module: nn.Module, layout: Layout) -> None:
