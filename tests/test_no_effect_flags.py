@@ -30,6 +30,7 @@ CASES = {
     "input_layout": ("time-major", {"model": "gru"}, {"model": "user_models:time_major_lstm"}),
     "model_output": ("0", {}, {"model": "user_models:odd_names"}),
     "recompute_every": (2, {}, {"recompute": "full"}),
+    "offload": (True, {}, {"shard": "full"}),
 }
 
 

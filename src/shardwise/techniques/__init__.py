@@ -23,6 +23,7 @@ from shardwise.techniques.base import Cost, Footprint, Setting, Technique
 from shardwise.techniques.pipeline import PIPELINE
 from shardwise.techniques.precision import PRECISION
 from shardwise.techniques.recompute import RECOMPUTE
+from shardwise.techniques.sharding import SHARDING
 from shardwise.techniques.sync import SYNC
 from shardwise.techniques.tensor_split import TENSOR_SPLIT
 
@@ -31,6 +32,7 @@ BUILT_IN: tuple[Technique, ...] = (
     PIPELINE,
     TENSOR_SPLIT,
     RECOMPUTE,
+    SHARDING,
     SYNC,
     PRECISION,
 )
