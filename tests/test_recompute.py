@@ -329,7 +329,8 @@ def test_the_dry_run_s_pipeline_plan_counts_recompute(
         command += ["--model", "transformer", "--pp", "2", "--nproc", "2", "--dry-run"]
         command += ["--schedule", "gpipe"]  # every stage holds all 4 micro-batches
         assert main([*command, "--split-points", "blocks.1", *flags]) == 0
-        return [float(m) for m in re.findall(r"([\d.]+) MiB", capsys.readouterr().out)]
+        table = re.findall(r"^\d+ +\S.* ([\d.]+) MiB$", capsys.readouterr().out, re.MULTILINE)
+        return [float(mib) for mib in table]  # the plan's rows: stage, layers, ..., memory
 
     # Under 1F1B the last stage holds one micro-batch, and recompute, making one block's
     # activations again beside what it keeps, holds more there, as the plan would say.
