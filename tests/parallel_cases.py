@@ -31,6 +31,7 @@ from shardwise.parallel.mesh import Layout
 from shardwise.parallel.parallelism import Parallelism, PipelineStages
 from shardwise.parallel.parallelize import parallelize
 from shardwise.parallel.schedules import pipeline_schedule
+from shardwise.parallel.sharding import Sharding
 from shardwise.parallel.sync import SyncStrategy, sync_strategy
 
 LENGTHS = (5, 9, 12, 5)
@@ -58,15 +59,19 @@ def parallelism(
     sync: str | SyncStrategy = "allreduce",
     length_bucket: int = 32,
     autocast: Any = None,
+    shard: str = "none",
 ) -> Parallelism:
-    """The Parallelism a test asks for in the words of its settings (pipeline only with pp>1)."""
+    """The Parallelism a test asks for in the words of its settings (pipeline only with pp>1;
+    `shard`: a sharding mode over the layout's `shard` data ranks)."""
     stages = None
     if layout.pp > 1:
         stages = PipelineStages(
             tuple(cuts), pipeline_schedule(schedule), microbatches, length_bucket
         )
     strategy = sync_strategy(sync) if isinstance(sync, str) else sync
-    extra = {} if autocast is None else {"autocast": autocast}
+    extra: dict[str, Any] = {} if autocast is None else {"autocast": autocast}
+    if shard != "none":
+        extra["entries"] = {"sharding": Sharding(shard, layout.shard, layout.replicas)}
     return Parallelism(layout, strategy, stages, **extra)
 
 
@@ -140,9 +145,11 @@ def train_layout(env: DistEnv, kind: str, sizes: dict[str, int], **options: Any)
     return trained
 
 
-def layout_for(env: DistEnv, **sizes: int) -> Layout:
-    """The layout for `sizes`, its groups timing out as quickly as the test's default group."""
-    return Layout.for_world(env.world_size, **sizes).build(env, COLLECTIVE_TIMEOUT_S)
+def layout_for(env: DistEnv, shard: int = 1, **sizes: int) -> Layout:
+    """The layout for `sizes` (`shard`: data ranks per copy of the state), its groups timing
+    out as quickly as the test's default group."""
+    layout = dataclasses.replace(Layout.for_world(env.world_size, **sizes), shard=shard)
+    return layout.build(env, COLLECTIVE_TIMEOUT_S)
 
 
 def whole_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
