@@ -14,6 +14,8 @@ Each one is the shape of a model people arrive with:
 - `MaskInBlocks`: the same model with each block building its own mask, which a pipeline can
   cut faithfully.
 - `OddNames`: two Linear projections, a GRU and a head under names shardwise never uses.
+- `LayeredLM`: a model that says how its forward runs layer by layer (`forward_layer`,
+  `layer_uses`: positions added to the tokens, a residual, dropout), as the built-ins do.
 """
 
 from __future__ import annotations
@@ -148,3 +150,41 @@ class OddNames(nn.Module):
 
 def odd_names(vocab_size: int = 256) -> OddNames:
     return OddNames(vocab_size)
+
+
+class LayeredLM(nn.Module):
+    def __init__(self, vocab_size: int = 256, dim: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim)
+        self.places = nn.Embedding(64, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.mixer = nn.GRU(dim, dim, batch_first=True)
+        self.out = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        places = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.dropout(self.tokens(tokens) + self.places(places))
+        x = x + self.ff(x)
+        x, _ = self.mixer(x)
+        return self.out(self.dropout(x))
+
+    def layer_names(self) -> list[str]:
+        return ["tokens", "places", "ff", "mixer", "out"]
+
+    def layer_uses(self, name: str) -> tuple[str, ...]:
+        return {"tokens": ("places", "dropout"), "mixer": ("dropout",)}.get(name, ())
+
+    def forward_layer(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == "tokens":
+            places = torch.arange(x.shape[1], device=x.device)
+            return self.dropout(self.tokens(x) + self.places(places))
+        if name == "ff":
+            return x + self.ff(x)
+        if name == "mixer":
+            return self.dropout(self.mixer(x)[0])
+        return self.out(x)
+
+
+def layered_lm(vocab_size: int = 256) -> LayeredLM:
+    return LayeredLM(vocab_size)

@@ -9,7 +9,9 @@ from torch import nn
 from parallel_cases import tiny_model
 from shardwise.errors import ShardwiseError
 from shardwise.models import RecurrentLM
+from shardwise.parallel.faithful import check_faithful_chain
 from shardwise.parallel.stages import model_pieces, split_into_stages
+from user_models import LayeredLM
 
 KINDS = ["lstm", "gru", "transformer"]
 
@@ -106,3 +108,84 @@ def test_bad_split_points_are_user_errors_naming_the_valid_ones(
 def test_a_model_without_pieces_is_a_user_error() -> None:
     with pytest.raises(ShardwiseError, match="layer_names"):
         model_pieces(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (
+            "lstm",
+            [
+                (("embed",), ("drop",)),
+                (("blocks.0",), ("drop",)),
+                (("blocks.1",), ("drop",)),
+                (("blocks.2",), ("drop",)),
+                (("head",), ()),
+            ],
+        ),
+        (
+            "transformer",
+            [
+                (("embed", "pos"), ("drop",)),
+                (("blocks.0",), ()),
+                (("blocks.1",), ()),
+                (("blocks.2",), ()),
+                (("head",), ()),
+            ],
+        ),
+    ],
+)
+def test_built_in_pieces_hold_the_same_modules_and_helpers(kind: str, expected: list) -> None:
+    # What recompute and sharding find blocks through: the same list as when shardwise cut the
+    # built-ins by their type.
+    assert [(p.names, p.helpers) for p in model_pieces(tiny_model(kind))] == expected
+
+
+def test_a_model_says_how_its_layers_run_and_which_modules_they_share() -> None:
+    torch.manual_seed(0)
+    model = LayeredLM(64, dropout=0.5)
+    pieces = model_pieces(model)
+    assert [(p.names, p.helpers) for p in pieces] == [
+        (("tokens", "places"), ("dropout",)),
+        (("ff",), ()),
+        (("mixer",), ("dropout",)),
+        (("out",), ()),
+    ]
+    stages = [stage.eval() for stage in split_into_stages(model, ["mixer"])]
+    tokens = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(chain(stages, tokens), model.eval()(tokens), atol=0, rtol=0)
+    check_faithful_chain(model, 64)
+    first = stages[0].train()
+    assert not torch.equal(first(tokens), first(tokens))  # the dropout it uses went with it
+    with pytest.raises(ShardwiseError, match="'places' is inside a piece"):
+        split_into_stages(model, ["places"])
+
+
+class UsesTheHead(LayeredLM):
+    def layer_uses(self, name: str) -> tuple[str, ...]:
+        return {"tokens": ("places", "out"), "ff": ("out",)}.get(name, ())
+
+
+class UsesAStatefulModule(LayeredLM):
+    def layer_names(self) -> list[str]:
+        return ["tokens", "ff", "mixer", "out"]  # no "places", which `tokens` uses
+
+
+class UsesNothingThere(LayeredLM):
+    def layer_uses(self, name: str) -> tuple[str, ...]:
+        return ("nowhere",) if name == "ff" else ()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (UsesTheHead, "joins layer 'out' to both 'tokens' and 'ff'; a layer belongs to one piece"),
+        (UsesAStatefulModule, "names 'places', which holds parameters or buffers but is not in "),
+        (UsesNothingThere, r"UsesNothingThere.layer_uses\('ff'\) lists 'nowhere', which is not a"),
+    ],
+)
+def test_layer_uses_that_cannot_make_pieces_are_user_errors(model: type, message: str) -> None:
+    with pytest.raises(ShardwiseError, match=message) as error:
+        model_pieces(model())
+    assert "\n" not in str(error.value)

@@ -22,9 +22,10 @@ class RecurrentLM(nn.Module):
         loss = F.cross_entropy(model(x, lengths).flatten(0, 1), y.flatten())
 
     Each recurrent layer is its own module in `self.blocks` (rather than one `nn.LSTM` with
-    `num_layers`) so that a pipeline can place layers on different stages; `layer_names()`
-    lists the pieces in order. Dropout, when asked for, is applied to the input of every
-    block and of the head; it has no parameters, so it does not belong to any piece.
+    `num_layers`) so that a pipeline can place layers on different stages: `layer_names()`
+    lists them in order and `forward_layer()` runs one as a stage does (the convention any
+    model may follow; README, "Your own model"). Dropout, when asked for, is applied to the
+    input of every block and of the head.
 
     With `lengths`, the sequences are packed once after the embedding: padding costs no
     recurrent compute, and the logits at padded positions come from zero features (mask
@@ -62,6 +63,27 @@ class RecurrentLM(nn.Module):
         stage0 = [model.get_submodule(n) for n in names[:2]]
         """
         return ["embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "head"]
+
+    def layer_uses(self, name: str) -> tuple[str, ...]:
+        """What `forward_layer(name, x)` calls besides the layer: the dropout after it.
+
+        >>> RecurrentLM().layer_uses("blocks.0"), RecurrentLM().layer_uses("head")
+        (('drop',), ())
+        """
+        return () if name == "head" else ("drop",)
+
+    def forward_layer(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Layer `name`'s share of `forward` on unpacked rows, as a pipeline stage runs it.
+
+        x = model.forward_layer("embed", tokens)   # [B, T, embed_dim], dropout applied
+        x = model.forward_layer("blocks.0", x)     # the layer's outputs; its state is dropped
+        """
+        if name == "head":
+            return self.head(x)
+        out = self.get_submodule(name)(x)
+        # A block returns (outputs, state): the next layer reads the outputs, and the state
+        # starts at zero on every call, as in forward.
+        return self.drop(out[0] if isinstance(out, tuple) else out)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, vocab_size]` for `tokens [B, T]`; `lengths [B]` marks real tokens."""

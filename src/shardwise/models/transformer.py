@@ -96,8 +96,9 @@ class TransformerLM(nn.Module):
     so trailing padding never reaches a real position. Rows that pack several sequences pass
     `positions` (restarting at 0 for each sequence) and `segment_ids` (equal within a sequence):
     attention then stays inside each sequence, so every packed sequence gets exactly the logits
-    it would get alone. `layer_names()` lists the pieces a pipeline may place on stages; `embed`
-    and `pos` are summed, so keep them on one stage.
+    it would get alone. `layer_names()` lists the pieces a pipeline may place on stages, and
+    `forward_layer()` runs one as a stage does: `embed` uses `pos` (`layer_uses`), as the two
+    are summed, so they stay on one stage.
     """
 
     def __init__(
@@ -147,6 +148,24 @@ class TransformerLM(nn.Module):
         """
         return ["embed", "pos", *(f"blocks.{i}" for i in range(len(self.blocks))), "head"]
 
+    def layer_uses(self, name: str) -> tuple[str, ...]:
+        """What `forward_layer(name, x)` calls besides the layer: `pos` and dropout for `embed`.
+
+        >>> TransformerLM().layer_uses("embed"), TransformerLM().layer_uses("blocks.0")
+        (('pos', 'drop'), ())
+        """
+        return ("pos", "drop") if name == "embed" else ()
+
+    def forward_layer(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Layer `name`'s share of `forward` on unpacked rows, as a pipeline stage runs it.
+
+        x = model.forward_layer("embed", tokens)   # token plus position embeddings
+        x = model.forward_layer("blocks.0", x)     # causal over the whole row
+        """
+        if name == "embed":
+            return self._embedded(x)
+        return self.get_submodule(name)(x)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -159,6 +178,15 @@ class TransformerLM(nn.Module):
 
         logits = model(batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids)
         """
+        x = self._embedded(tokens, positions)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(x)
+
+    def _embedded(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         length = tokens.shape[1]
         # Positions never exceed the row, so checking the row's width needs no device sync.
         if length > self.max_len:
@@ -168,11 +196,7 @@ class TransformerLM(nn.Module):
             )
         if positions is None:
             positions = torch.arange(length, device=tokens.device)
-        mask = None if segment_ids is None else segment_mask(segment_ids)
-        x = self.drop(self.embed(tokens) + self.pos(positions))
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(x)
+        return self.drop(self.embed(tokens) + self.pos(positions))
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from shardwise.errors import ShardwiseError, first_line
-from shardwise.models import RecurrentLM, TransformerLM
 from shardwise.models.contract import probe_tokens as contract_probe_tokens
 from shardwise.models.contract import probing
 from shardwise.parallel.stages import model_pieces
@@ -109,10 +108,10 @@ def _run(step: Forward, x: torch.Tensor, where: str, fix: str) -> torch.Tensor:
 
 
 def _how_listed(model: nn.Module) -> str:
-    if isinstance(model, RecurrentLM | TransformerLM):
-        return "shardwise cuts them"
     if isinstance(model, nn.Sequential):
         return "nn.Sequential orders them"
+    if callable(getattr(model, "forward_layer", None)):
+        return "layer_names() lists and forward_layer() runs them"
     return "layer_names() lists them"
 
 

@@ -3,12 +3,13 @@
     stages = split_into_stages(model, cuts=["blocks.2"])   # stage 1 starts at blocks.2
     stages[1].state_dict().keys()   # "blocks.2.weight_ih_l0", ..., "head.1.bias": same as model's
 
-A model is first turned into an ordered list of *pieces* (`model_pieces`): for the built-in
-models these are the embedding (with the position embedding, for the Transformer), each block,
-and the head. Every piece maps one tensor to one tensor, so any contiguous run of pieces is a
-stage a pipeline can send a single activation out of. Because a stage registers each module
-under its original dotted path, a stage's `state_dict()` and `named_parameters()` use exactly
-the model's names: a checkpoint written by K stages loads into one model, and back.
+A model is first turned into an ordered list of *pieces* (`model_pieces`), from the layers its
+`layer_names()` lists (the built-ins': the embedding, with the position embedding for the
+Transformer, each block, and the head). Every piece maps one tensor to one tensor, so any
+contiguous run of pieces is a stage a pipeline can send a single activation out of. Because a
+stage registers each module under its original dotted path, a stage's `state_dict()` and
+`named_parameters()` use exactly the model's names: a checkpoint written by K stages loads into
+one model, and back.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import itertools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from shardwise.errors import ShardwiseError
-from shardwise.models import RecurrentLM, TransformerLM
 
 Run = Callable[[torch.Tensor], torch.Tensor]
 Autocast = Callable[[], AbstractContextManager[None]]
@@ -51,20 +52,19 @@ class Piece:
 
 
 def model_pieces(model: nn.Module) -> list[Piece]:
-    """The ordered pieces of a built-in LM, an `nn.Sequential`, or a model with `layer_names()`.
+    """The ordered pieces of an `nn.Sequential` or of a model with `layer_names()`.
 
         pieces = model_pieces(TransformerLM(num_layers=2))
         [p.names for p in pieces]   # [("embed", "pos"), ("blocks.0",), ("blocks.1",), ("head",)]
 
-    For your own model, each name in `layer_names()` must be a module whose forward takes the
-    previous one's output (a tuple output counts as its first element, as for `nn.LSTM`); the
-    model's own `forward` is then not used by a pipeline, so `--pp` first checks that the chained
-    layers compute what it does (faithful.py).
+    Each name in `layer_names()` is a module whose forward takes the previous one's output (a
+    tuple output counts as its first element, as for `nn.LSTM`). A model whose forward does more
+    between its layers says how with `forward_layer(name, x)`, layer `name`'s share of it, and
+    `layer_uses(name)`, the modules that share calls: a listed layer there joins the piece (no
+    stage starts at it), an unlisted one holds no state (a dropout) and goes with the stage.
+    A pipeline never runs the model's own `forward`, so `--pp` first checks that the chained
+    pieces compute what it does (faithful.py).
     """
-    if isinstance(model, TransformerLM):
-        return _transformer_pieces(model)
-    if isinstance(model, RecurrentLM):
-        return _recurrent_pieces(model)
     if isinstance(model, nn.Sequential):
         names = [name for name, _ in model.named_children()]
     elif callable(getattr(model, "layer_names", None)):
@@ -74,7 +74,17 @@ def model_pieces(model: nn.Module) -> list[Piece]:
             f"{type(model).__name__} cannot be cut into pipeline stages: give it a layer_names() "
             "method listing its top-level modules in forward order, or build it as nn.Sequential"
         )
-    return [Piece((name,), _first_output(_submodule(model, name))) for name in names]
+    uses = {name: _layer_uses(model, name) for name in names}
+    joined = _joined_layers(model, names, uses)
+    forward_layer = getattr(model, "forward_layer", None)
+    pieces = []
+    for name in (name for name in names if name not in joined):
+        module = _submodule(model, name)
+        step = partial(forward_layer, name) if callable(forward_layer) else module
+        listed = tuple(used for used in uses[name] if used in names)
+        helpers = tuple(_helper(model, name, used) for used in uses[name] if used not in names)
+        pieces.append(Piece((name, *listed), _first_output(step), helpers))
+    return pieces
 
 
 def split_into_stages(model: nn.Module, cuts: Sequence[str]) -> list[nn.Module]:
@@ -220,12 +230,12 @@ def _register_path(root: nn.Module, path: str, module: nn.Module) -> None:
     node.add_module(leaf, module)
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
+def _submodule(model: nn.Module, name: str, lister: str = "layer_names()") -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
         raise ShardwiseError(
-            f"{type(model).__name__}.layer_names() lists {name!r}, which is not a submodule"
+            f"{type(model).__name__}.{lister} lists {name!r}, which is not a submodule"
         ) from None
 
 
@@ -241,46 +251,43 @@ def _bad_cut_message(model: nn.Module, cut: str, valid: list[str]) -> str:
     )
 
 
-def _first_output(module: nn.Module) -> Run:
+def _first_output(step: Callable[[torch.Tensor], object]) -> Run:
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = module(x)
+        out = step(x)
         return out[0] if isinstance(out, tuple) else out
 
     return run
 
 
-def _transformer_pieces(model: TransformerLM) -> list[Piece]:
-    embed, pos, drop, max_len = model.embed, model.pos, model.drop, model.max_len
-
-    def embed_positions(tokens: torch.Tensor) -> torch.Tensor:
-        length = tokens.shape[1]
-        if length > max_len:
-            raise ShardwiseError(
-                f"sequence length {length} exceeds the model's max_len={max_len}; "
-                "use shorter sequences or build the model with a larger max_len"
-            )
-        positions = torch.arange(length, device=tokens.device)
-        return drop(embed(tokens) + pos(positions))
-
-    blocks = [Piece((f"blocks.{i}",), block) for i, block in enumerate(model.blocks)]
-    return [
-        Piece(("embed", "pos"), embed_positions, ("drop",)),
-        *blocks,
-        Piece(("head",), model.head),
-    ]
+def _layer_uses(model: nn.Module, name: str) -> tuple[str, ...]:
+    layer_uses = getattr(model, "layer_uses", None)
+    used = tuple(u for u in layer_uses(name) if u != name) if callable(layer_uses) else ()
+    for other in used:
+        _submodule(model, other, f"layer_uses({name!r})")
+    return used
 
 
-def _recurrent_pieces(model: RecurrentLM) -> list[Piece]:
-    drop, embedding = model.drop, model.embed
+def _joined_layers(
+    model: nn.Module, names: list[str], uses: dict[str, tuple[str, ...]]
+) -> dict[str, str]:
+    """Listed layers that another layer uses -> that layer (they share its piece)."""
+    joined: dict[str, str] = {}
+    for name in names:
+        for used in (used for used in uses[name] if used in names):
+            if used in joined:
+                raise ShardwiseError(
+                    f"{type(model).__name__}.layer_uses() joins layer {used!r} to both "
+                    f"{joined[used]!r} and {name!r}; a layer belongs to one piece"
+                )
+            joined[used] = name
+    return joined
 
-    def embed(tokens: torch.Tensor) -> torch.Tensor:
-        return drop(embedding(tokens))
 
-    def recurrent(block: nn.Module) -> Run:
-        # The hidden state starts at zero on every call, as in RecurrentLM.forward without packing.
-        return lambda x: drop(block(x)[0])
-
-    blocks = [
-        Piece((f"blocks.{i}",), recurrent(block), ("drop",)) for i, block in enumerate(model.blocks)
-    ]
-    return [Piece(("embed",), embed, ("drop",)), *blocks, Piece(("head",), model.head)]
+def _helper(model: nn.Module, name: str, used: str) -> str:
+    module = model.get_submodule(used)
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        raise ShardwiseError(
+            f"{type(model).__name__}.layer_uses({name!r}) names {used!r}, which holds "
+            "parameters or buffers but is not in layer_names(); list it there"
+        )
+    return used
