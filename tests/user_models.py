@@ -15,7 +15,8 @@ Each one is the shape of a model people arrive with:
   cut faithfully.
 - `OddNames`: two Linear projections, a GRU and a head under names shardwise never uses.
 - `LayeredLM`: a model that says how its forward runs layer by layer (`forward_layer`,
-  `layer_uses`: positions added to the tokens, a residual, dropout), as the built-ins do.
+  `layer_uses`: positions added to the tokens, a residual, dropout) and how tensor parallelism
+  splits it (`tp_plan`), as the built-ins do.
 """
 
 from __future__ import annotations
@@ -184,6 +185,13 @@ class LayeredLM(nn.Module):
         if name == "mixer":
             return self.dropout(self.mixer(x)[0])
         return self.out(x)
+
+    def tp_plan(self) -> dict[str, dict[str, str]]:
+        return {
+            "embed": {"tokens": "row-wise"},
+            "mlp": {"ff.0": "column-wise", "ff.2": "row-wise"},
+            "head": {"out": "column-wise, output gathered"},
+        }
 
 
 def layered_lm(vocab_size: int = 256) -> LayeredLM:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from parallel_cases import tiny_model
 from shardwise.errors import ShardwiseError
 from shardwise.models import TransformerLM
 from shardwise.parallel.stages import split_into_stages
-from shardwise.parallel.tensor_parallel import tensor_parallel_plan
+from shardwise.parallel.tensor_parallel import split_plan, tensor_parallel_plan
+from user_models import LayeredLM
 
 
 def kinds(plan: dict) -> dict[str, str]:
@@ -60,3 +62,53 @@ def test_the_vocabulary_projection_gathers_whole_logits() -> None:
 def test_layers_that_do_not_split_evenly_are_user_errors(model, tp: int, message: str) -> None:
     with pytest.raises(ShardwiseError, match=message):
         tensor_parallel_plan(model(), tp)
+
+
+def test_a_model_that_declares_its_split_is_split_as_declared() -> None:
+    model = LayeredLM(64)
+    plan = split_plan(model, 2)  # by the declaration, not by probing what the layers do
+    assert kinds(plan.styles) == {
+        "tokens": "RowwiseParallel",
+        "ff.0": "ColwiseParallel",
+        "ff.2": "RowwiseParallel",
+        "out": "ColwiseParallel",
+    }
+    assert plan.labels["out"] == "column-wise, output gathered"
+    assert plan.token_bound == 64  # the token table's ids, not the smaller position table's
+    assert list(tensor_parallel_plan(model, 2, parts=["mlp"])) == ["ff.0", "ff.2"]
+    _, last = split_into_stages(model, ["mixer"])
+    assert list(tensor_parallel_plan(last, 2)) == ["out"]  # a stage declares its share
+
+
+def test_megatron_names_without_a_declaration_split_nothing() -> None:
+    model = nn.Module()
+    model.embed, model.head = nn.Embedding(8, 4), nn.Sequential(nn.Linear(4, 8))
+    assert tensor_parallel_plan(model, 2) == {}  # split_plan probes such a model instead
+
+
+class Declares(LayeredLM):
+    def __init__(self, declared: dict) -> None:
+        super().__init__(64)
+        self.declared = declared
+
+    def tp_plan(self) -> dict:
+        return self.declared
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        (["ff.0"], r"returns \['ff.0'\]; return \{part: \{layer: style\}\}"),
+        ({"moe": {"ff.0": "row-wise"}}, "names the part 'moe'; use head, embed, mlp, attn"),
+        ({"mlp": {"ff.0": "diagonal"}}, "gives 'ff.0' the style 'diagonal'; use one of"),
+        ({"attn": {"ff.0": ("column-wise", 0)}}, r"the style \('column-wise', 0\)"),
+        ({"attn": {"ff.0": ("column-wise", 2, 3)}}, r"the style \('column-wise', 2, 3\)"),
+        ({"mlp": {"ff.9": "row-wise"}}, "lists 'ff.9', which is not a submodule"),
+        ({"mlp": {"mixer": "column-wise"}}, "splits 'mixer' \\(GRU\\) column-wise; tensor"),
+        ({"embed": {"tokens": "column-wise"}}, "splits 'tokens' \\(Embedding\\) column-wise"),
+    ],
+)
+def test_a_split_declared_wrong_is_a_user_error(declared: dict, message: str) -> None:
+    with pytest.raises(ShardwiseError, match=message) as error:
+        split_plan(Declares(declared), 2)
+    assert str(error.value).startswith("Declares.tp_plan() ") and "\n" not in str(error.value)

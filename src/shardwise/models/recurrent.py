@@ -23,9 +23,9 @@ class RecurrentLM(nn.Module):
 
     Each recurrent layer is its own module in `self.blocks` (rather than one `nn.LSTM` with
     `num_layers`) so that a pipeline can place layers on different stages: `layer_names()`
-    lists them in order and `forward_layer()` runs one as a stage does (the convention any
-    model may follow; README, "Your own model"). Dropout, when asked for, is applied to the
-    input of every block and of the head.
+    lists them in order, `forward_layer()` runs one as a stage does and `tp_plan()` says how
+    tensor parallelism splits them (the convention any model may follow; README, "Your own
+    model"). Dropout, when asked for, is applied to the input of every block and of the head.
 
     With `lengths`, the sequences are packed once after the embedding: padding costs no
     recurrent compute, and the logits at padded positions come from zero features (mask
@@ -84,6 +84,14 @@ class RecurrentLM(nn.Module):
         # A block returns (outputs, state): the next layer reads the outputs, and the state
         # starts at zero on every call, as in forward.
         return self.drop(out[0] if isinstance(out, tuple) else out)
+
+    def tp_plan(self) -> dict[str, dict[str, str]]:
+        """How tensor parallelism splits the model, by part: the token table and the head.
+
+        >>> RecurrentLM().tp_plan()["head"]
+        {'head.1': 'column-wise, output gathered'}
+        """
+        return {"embed": {"embed": "row-wise"}, "head": {"head.1": "column-wise, output gathered"}}
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, vocab_size]` for `tokens [B, T]`; `lengths [B]` marks real tokens."""

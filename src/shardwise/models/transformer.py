@@ -98,7 +98,7 @@ class TransformerLM(nn.Module):
     attention then stays inside each sequence, so every packed sequence gets exactly the logits
     it would get alone. `layer_names()` lists the pieces a pipeline may place on stages, and
     `forward_layer()` runs one as a stage does: `embed` uses `pos` (`layer_uses`), as the two
-    are summed, so they stay on one stage.
+    are summed, so they stay on one stage. `tp_plan()` is Megatron's split of the layers.
     """
 
     def __init__(
@@ -165,6 +165,29 @@ class TransformerLM(nn.Module):
         if name == "embed":
             return self._embedded(x)
         return self.get_submodule(name)(x)
+
+    def tp_plan(self) -> dict[str, dict[str, str | tuple[str, int]]]:
+        """How tensor parallelism splits the model, by part (Megatron's scheme).
+
+        >>> TransformerLM(num_layers=1, num_heads=4).tp_plan()["attn"]
+        {'blocks.0.attn.qkv': ('column-wise', 4), 'blocks.0.attn.proj': 'row-wise'}
+
+        `qkv` is laid out head by head, so its column shards hold whole heads when the head
+        count divides over the ranks; the row-wise `proj` then reads each rank's heads.
+        """
+        attn: dict[str, str | tuple[str, int]] = {}
+        mlp: dict[str, str | tuple[str, int]] = {}
+        for i, block in enumerate(self.blocks):
+            heads = block.attn.qkv.out_features // (3 * block.attn.head_dim)
+            attn |= {f"blocks.{i}.attn.qkv": ("column-wise", heads)}
+            attn |= {f"blocks.{i}.attn.proj": "row-wise"}
+            mlp |= {f"blocks.{i}.mlp.fc1": "column-wise", f"blocks.{i}.mlp.fc2": "row-wise"}
+        return {
+            "embed": {"embed": "row-wise"},
+            "attn": attn,
+            "mlp": mlp,
+            "head": {"head.1": "column-wise, output gathered"},
+        }
 
     def forward(
         self,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,6 +149,8 @@ class StageModule(nn.Module):
 
     stage = StageModule(model, model_pieces(model)[2:])
     stage.get_submodule("blocks.1") is model.blocks[1]   # True
+
+    Its `tp_plan()` is the model's, less the layers other stages hold.
     """
 
     def __init__(self, model: nn.Module, pieces: Sequence[Piece]) -> None:
@@ -157,6 +160,16 @@ class StageModule(nn.Module):
         self.layer_names = [name for piece in pieces for name in piece.names]
         # A plain list: the steps are closures over modules registered above, not modules.
         self._runs = [piece.run for piece in pieces]
+        self._model_tp_plan = getattr(model, "tp_plan", None)
+
+    def tp_plan(self) -> dict[str, dict[str, Any]]:
+        """The model's declared tensor split of the layers this stage holds ({} without one)."""
+        declared = self._model_tp_plan() if callable(self._model_tp_plan) else {}
+        held = {name for name, _ in self.named_modules()}
+        return {
+            part: {name: style for name, style in layers.items() if name in held}
+            for part, layers in declared.items()
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for run in self._runs:

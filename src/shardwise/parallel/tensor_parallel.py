@@ -3,7 +3,11 @@
     parallelize_lm(model, layout.submesh("tp"))                # head, embedding, MLP, attention
     parallelize_lm(stage, layout.submesh("tp"), parts=("head",))   # only the vocabulary projection
 
-Which layer is split how (Megatron's scheme, over a 1-D mesh):
+A model may declare its split in a `tp_plan()` method, `{part: {layer name: style}}`, with the
+parts `head`, `embed`, `mlp` and `attn` and the styles "column-wise", "row-wise" and
+"column-wise, output gathered"; `("column-wise", heads)` is a layer whose outputs are that many
+attention heads laid out head by head, which must divide over the ranks. The built-ins declare
+Megatron's scheme (over a 1-D mesh):
 - `head` (the vocabulary projection, the Linear in `head`): column-wise, logits gathered, so the
   loss sees whole rows of logits.
 - `embed` (the token Embedding): row-wise over the vocabulary, outputs summed.
@@ -11,15 +15,15 @@ Which layer is split how (Megatron's scheme, over a 1-D mesh):
 - `attn`: `qkv` column-wise then `proj` row-wise. The Transformer lays `qkv` out head by head,
   so each rank's columns are whole heads and attention runs on them unchanged.
 Every split layer takes and returns plain replicated tensors, so a split module composes with
-pipeline stages and with data-parallel replicas like any other module. Models that are not
-built-ins are planned by what their layers do (structural_plan.py), and every split is checked
+pipeline stages and with data-parallel replicas like any other module. Models that declare no
+split are planned by what their layers do (structural_plan.py), and every split is checked
 against the whole model on a probe batch where it is applied (`checked_split`). Works on gloo
 (CPU) and NCCL alike in torch 2.13.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,13 +37,13 @@ from torch.distributed.tensor.parallel import (
 )
 
 from shardwise.errors import ShardwiseError, first_line
-from shardwise.models import RecurrentLM, TransformerLM
 from shardwise.models.contract import probing
-from shardwise.parallel.faithful import Forward
+from shardwise.parallel.faithful import Forward, token_bound
 from shardwise.parallel.split_plan import SplitPlan
 from shardwise.parallel.structural_plan import structural_plan
 
 PARTS = ("head", "embed", "mlp", "attn")
+STYLES = ("column-wise", "row-wise", "column-wise, output gathered")
 
 
 def split_plan(
@@ -49,18 +53,22 @@ def split_plan(
     forward: Forward | None = None,
     vocab_size: int | None = None,
 ) -> SplitPlan:
-    """The plan for a whole model: by our names for the built-ins, by structure for the rest.
+    """The plan for a whole model: as its `tp_plan()` declares (the built-ins'), else by structure.
 
-        plan = split_plan(build_model("gru"), 2)          # embed and head.1, as always
+        plan = split_plan(build_model("gru"), 2)          # embed and head.1, as declared
         plan = split_plan(OddNames(256), 2, forward=call)  # probed (see structural_plan.py)
 
     `forward` is the model's own call, tokens [batch, time] -> logits (default `model(tokens)`).
     """
-    if isinstance(model, RecurrentLM | TransformerLM):
-        styles = tensor_parallel_plan(model, tp, parts)
-        labels = {name: _label(style) for name, style in styles.items()}
-        return SplitPlan(tp, styles, labels, token_bound=model.embed.num_embeddings)
-    return structural_plan(model, tp, tuple(parts), forward, vocab_size)
+    if not callable(getattr(model, "tp_plan", None)):
+        return structural_plan(model, tp, tuple(parts), forward, vocab_size)
+    styles = tensor_parallel_plan(model, tp, parts)
+    labels = {name: _label(style) for name, style in styles.items()}
+    declared = _declared_layers(model)
+    tables = [model.get_submodule(name) for name, (part, *_) in declared.items() if part == "embed"]
+    sizes = [table.num_embeddings for table in tables if isinstance(table, nn.Embedding)]
+    bound = min(sizes, default=vocab_size or token_bound(model))  # ids the token table takes
+    return SplitPlan(tp, styles, labels, token_bound=bound)
 
 
 def require_split(plan: SplitPlan, model: nn.Module) -> None:
@@ -146,38 +154,80 @@ def parallelize_lm(
 def tensor_parallel_plan(
     module: nn.Module, tp: int, parts: Sequence[str] = PARTS
 ) -> dict[str, ParallelStyle]:
-    """The `parallelize_module` plan for `module`: {module name: ColwiseParallel | ...}.
+    """The `parallelize_module` plan of `module.tp_plan()`: {module name: ColwiseParallel, ...}.
 
     tensor_parallel_plan(TransformerLM(num_layers=1), 2)
     # {"embed": RowwiseParallel, "blocks.0.attn.qkv": ColwiseParallel, ..., "head.1": ...}
+
+    `module` is a model or a pipeline stage (which declares its share of the model's plan); one
+    that declares no plan splits nothing. Layers come in the module's order.
     """
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ShardwiseError(f"tensor-parallel parts {unknown} unknown; choose from {PARTS}")
+    declared = _declared_layers(module)
     plan: dict[str, ParallelStyle] = {}
     for name, child in module.named_modules():
-        if "attn" in parts and isinstance(getattr(child, "qkv", None), nn.Linear):
-            _check_heads(name, child, tp)
-        style = _style_for(name, child, set(parts))
-        if style is not None:
-            _check_divisible(name, child, style, tp)
-            plan[name] = style
+        if name not in declared or declared[name][0] not in parts:
+            continue
+        _, word, heads = declared[name]
+        if heads is not None:  # column shards of a head-by-head layout must hold whole heads
+            _require_divisible(name, heads, "heads", tp)
+        style = _style(module, name, child, word)
+        _check_divisible(name, child, style, tp)
+        plan[name] = style
     return plan
 
 
-def _style_for(name: str, child: nn.Module, parts: set[str]) -> ParallelStyle | None:
-    *path, last = name.split(".")
-    parent = path[-1] if path else ""
+def _declared_layers(module: nn.Module) -> dict[str, tuple[str, str, int | None]]:
+    """`module.tp_plan()`, checked, as {layer name: (part, style, heads or None)}."""
+    tp_plan = getattr(module, "tp_plan", None)
+    if not callable(tp_plan):
+        return {}
+    who = f"{type(module).__name__}.tp_plan()"
+    declared_parts = tp_plan()
+    if not isinstance(declared_parts, Mapping) or not all(
+        isinstance(styles, Mapping) for styles in declared_parts.values()
+    ):
+        raise ShardwiseError(f"{who} returns {declared_parts!r}; return {{part: {{layer: style}}}}")
+    layers: dict[str, tuple[str, str, int | None]] = {}
+    for part, styles in declared_parts.items():
+        if part not in PARTS:
+            raise ShardwiseError(f"{who} names the part {part!r}; use {', '.join(PARTS)}")
+        for name, declared in styles.items():
+            word, heads = _style_and_heads(declared)
+            if word not in STYLES or not (heads is None or (isinstance(heads, int) and heads > 0)):
+                raise ShardwiseError(
+                    f"{who} gives {name!r} the style {declared!r}; use one of {STYLES}, or "
+                    "('column-wise', heads) for a layer whose outputs are whole heads"
+                )
+            try:
+                module.get_submodule(name)
+            except AttributeError:
+                raise ShardwiseError(f"{who} lists {name!r}, which is not a submodule") from None
+            layers[name] = (part, word, heads)
+    return layers
+
+
+def _style_and_heads(declared: object) -> tuple[object, object]:
+    if isinstance(declared, tuple) and len(declared) == 2:
+        return declared
+    return declared, None
+
+
+def _style(module: nn.Module, name: str, child: nn.Module, word: str) -> ParallelStyle:
+    if isinstance(child, nn.Embedding) and word == "row-wise":
+        return RowwiseParallel(input_layouts=Replicate())  # every rank reads all the token ids
     if isinstance(child, nn.Linear):
-        if "head" in parts and (name == "head" or name.startswith("head.")):
-            return ColwiseParallel(output_layouts=Replicate())
-        if "mlp" in parts and parent == "mlp":
-            return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}.get(last)
-        if "attn" in parts and parent == "attn":
-            return {"qkv": ColwiseParallel(), "proj": RowwiseParallel()}.get(last)
-    if isinstance(child, nn.Embedding) and "embed" in parts and name == "embed":
-        return RowwiseParallel(input_layouts=Replicate())
-    return None
+        return {
+            "column-wise": ColwiseParallel(),
+            "row-wise": RowwiseParallel(),
+            "column-wise, output gathered": ColwiseParallel(output_layouts=Replicate()),
+        }[word]
+    raise ShardwiseError(
+        f"{type(module).__name__}.tp_plan() splits {name!r} ({type(child).__name__}) {word}; "
+        "tensor parallelism splits an nn.Linear in any style and an nn.Embedding row-wise"
+    )
 
 
 def _check_divisible(name: str, child: nn.Module, style: ParallelStyle, tp: int) -> None:
@@ -188,13 +238,6 @@ def _check_divisible(name: str, child: nn.Module, style: ParallelStyle, tp: int)
     else:
         size, what = child.in_features, "input features"
     _require_divisible(name, size, what, tp)
-
-
-def _check_heads(name: str, attention: nn.Module, tp: int) -> None:
-    # Column shards of qkv must hold whole heads: 3 * head_dim columns per head.
-    head_dim = getattr(attention, "head_dim", None)
-    if head_dim:
-        _require_divisible(name, attention.qkv.out_features // (3 * head_dim), "heads", tp)
 
 
 def _require_divisible(name: str, size: int, what: str, tp: int) -> None:
