@@ -9,7 +9,7 @@ from torch import nn
 
 from shardwise.errors import ShardwiseError
 from shardwise.models import build_model
-from shardwise.models.contract import PLAIN, contract_for, model_contract
+from shardwise.models.contract import PLAIN, ModelContract, contract_for, model_contract
 from user_models import OddNames, mask_in_forward, time_major_lstm, time_major_transformer
 
 VOCAB = 40
@@ -55,9 +55,20 @@ def test_batch_first_models_returning_logits_are_plain(factory: type) -> None:
     assert contract.is_plain and contract.vocab_size == VOCAB and not contract.log_probs
 
 
-def test_built_ins_keep_the_plain_call_without_a_probe() -> None:
+def test_built_ins_are_probed_to_the_plain_call() -> None:
     contract = contract_for(build_model("transformer", 300), "transformer")
     assert contract.is_plain and contract.vocab_size == 300 and contract.keywords == PLAIN.keywords
+    assert contract == ModelContract(vocab_size=300)  # what shardwise used to assume for it
+    recurrent = contract_for(build_model("gru", 300), "gru", max_len=64)
+    assert recurrent.is_plain and recurrent.vocab_size == 300 and not recurrent.log_probs
+    assert recurrent.keywords == {"lengths"}  # what its forward takes: no packed rows
+
+
+@pytest.mark.parametrize("vocab", [2, 9])
+def test_a_vocabulary_below_the_probes_ids_is_probed_within_it(vocab: int) -> None:
+    # JSONL data with few ids builds models with a small token table and no --vocab-size.
+    for model in (build_model("lstm", vocab), OddNames(vocab)):
+        assert contract_for(model, "m").vocab_size == vocab
 
 
 class _Dict(nn.Module):

@@ -30,8 +30,6 @@ import torch
 from torch import nn
 
 from shardwise.errors import ShardwiseError, first_line
-from shardwise.models.recurrent import RecurrentLM
-from shardwise.models.transformer import TransformerLM
 
 # Keyword arguments the loop can pass beside the tokens; a model gets those its forward names.
 BATCH_KEYWORDS = frozenset({"lengths", "positions", "segment_ids"})
@@ -94,14 +92,16 @@ def contract_for(
     output: str | None = None,
     max_len: int | None = None,
 ) -> ModelContract:
-    """The built-ins' plain call, or a user model's probed one (see `model_contract`).
+    """How to call `model`, probed (see `model_contract`), and checked on `max_len` tokens.
 
     contract = contract_for(model, config.model, vocab_size=256)
+
+    Without `vocab_size` the probe's ids stay below 16 and below every embedding table's size.
     """
-    if isinstance(model, (RecurrentLM, TransformerLM)):
-        return ModelContract(vocab_size=model.head[-1].out_features)
+    tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    bound = vocab_size or min([16, *tables])
     contract = model_contract(
-        model, name, vocab_size=vocab_size or 16, input_layout=input_layout, output=output
+        model, name, vocab_size=bound, input_layout=input_layout, output=output
     )
     if max_len is not None:
         check_length(model, name, contract, max_len)
