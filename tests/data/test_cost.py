@@ -30,6 +30,7 @@ def test_cost_model_for_picks_attention_only_for_the_transformer() -> None:
     assert cost_model_for("gru") is rnn_cost
     expected = 1024 + DEFAULT_QUADRATIC_WEIGHT * 1024**2
     assert cost_model_for("transformer")(np.array([1024])) == pytest.approx(expected)
+    assert cost_model_for("my_pkg.lm:build") is rnn_cost  # a factory's shape is unknown
 
 
 def test_a_padded_batch_costs_its_width_on_every_row() -> None:

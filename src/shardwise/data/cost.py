@@ -63,12 +63,15 @@ def attention_cost(
 def cost_model_for(
     model_name: str, quadratic_weight: float = DEFAULT_QUADRATIC_WEIGHT
 ) -> CostModel:
-    """The cost model for a built-in model name: attention for "transformer", else RNN.
+    """The cost model for the model `model_name` names: attention for one that attends, else RNN.
 
     cost_model_for("lstm") is rnn_cost                   # True
     cost_model_for("transformer")(np.array([1024]))      # 1024 + 1024**2 / 768
     """
-    if model_name == "transformer":
+    # Here, not at the top: the models load torch, which the samplers themselves never need.
+    from shardwise.models import attends
+
+    if attends(model_name):
         return functools.partial(attention_cost, quadratic_weight=quadratic_weight)
     return rnn_cost
 

@@ -31,6 +31,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "RecurrentLM",
     "TransformerLM",
+    "attends",
     "build_model",
     "check_model_spec",
     "generate",
@@ -42,6 +43,8 @@ _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "transformer": TransformerLM,
 }
 BUILTIN_MODELS: tuple[str, ...] = tuple(_BUILTINS)
+# The built-ins whose work on a sequence grows with the square of its length (attention).
+_ATTENDING = frozenset({"transformer"})
 
 _FORM = "'package.module:factory'"
 
@@ -78,6 +81,18 @@ def build_model(spec: str, vocab_size: int = 256) -> nn.Module:
             "torch.nn.Module; make it return the model"
         )
     return model
+
+
+def attends(spec: str) -> bool:
+    """Whether the model `spec` names attends over whole sequences, its work quadratic in length.
+
+    >>> attends("transformer"), attends("gru"), attends("my_project.models:tiny_lm")
+    (True, False, False)
+
+    Known for the built-ins only: a factory of yours counts as linear (the batch cost model,
+    data/cost.py, takes a cost model of your own where that is wrong).
+    """
+    return spec in _ATTENDING
 
 
 def check_model_spec(spec: str) -> None:
