@@ -60,6 +60,14 @@ def test_checkpoints_move_between_sharded_and_replicated_layouts(
     assert_same_weights(final_weights(tmp_path / "to_sharded"), end, 1e-5)
 
 
+def test_recompute_and_sharding_wrap_the_same_blocks(corpus: Path, tmp_path: Path) -> None:
+    # Recompute checkpoints each block first; sharding then makes each block a unit.
+    train(quick_config(corpus, tmp_path / "sharded", shard="full"), nproc=2)
+    both = quick_config(corpus, tmp_path / "both", shard="full", recompute="full")
+    assert train(both, nproc=2)["parallelism"]["recompute"] is not None
+    assert_same_weights(final_weights(tmp_path / "both"), final_weights(tmp_path / "sharded"), 0)
+
+
 @pytest.mark.timeout(300)
 def test_a_killed_sharded_worker_restarts_and_the_run_ends_bit_identical(
     corpus: Path, tmp_path: Path
