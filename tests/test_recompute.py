@@ -28,7 +28,6 @@ from parallel_cases import (
 )
 from ranks import run_ranks
 from shardwise.cli import main
-from shardwise.config import build_config
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
 from shardwise.loss import token_loss_sum
@@ -183,15 +182,22 @@ def test_selective_keeps_about_the_share_its_cost_says() -> None:
     assert 0.4 <= share <= 0.65 and abs(share - SELECTIVE_KEPT) < 0.15, share
 
 
-def test_selective_refuses_a_block_that_writes_into_its_matmul_outputs() -> None:
+def test_selective_refuses_a_block_that_writes_into_its_matmul_outputs(
+    corpus: Path, tmp_path: Path
+) -> None:
     # nn.GRU's CPU kernel adds into its matmul outputs through views PyTorch's selective
     # checkpointing does not watch: kept, its gradients would come out wrong without a word.
     model = apply_recompute(tiny_model("gru"), Recompute("selective"))
     batch = step_batches()[0]
     with pytest.raises(ShardwiseError, match=r"blocks\.0 changes a matmul output in place"):
         model(batch.tokens, batch.lengths)
-    with pytest.raises(ShardwiseError, match="use --recompute full"):
-        build_config({"model": "lstm", "recompute": "selective"})
+    # A run's worker says so in one line (quick_config trains a GRU).
+    with pytest.raises(ShardwiseError) as caught:
+        shardwise.run(quick_config(corpus, tmp_path / "run", nproc=1, recompute="selective"))
+    assert str(caught.value) == (
+        "--recompute selective: blocks.0 changes a matmul output in place (aten::add_.Tensor), "
+        "so it cannot be kept for the backward; use --recompute full"
+    )
 
 
 def test_a_model_without_named_blocks_is_refused_in_one_line() -> None:

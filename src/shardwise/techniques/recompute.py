@@ -15,17 +15,14 @@ from typing import Any, Literal
 
 from shardwise.techniques.base import Cost, Footprint, Setting, Technique
 
-RECURRENT = ("lstm", "gru")  # the built-ins whose kernels write into their matmul outputs
-
 
 def _full(config: Any) -> bool:
     return config.recompute == "full"
 
 
 def _mode(config: Any) -> str:
-    return f"--recompute {config.recompute}" + (
-        " (the default)" if config.recompute == "none" else ""
-    )
+    default = " (the default)" if config.recompute == "none" else ""
+    return f"--recompute {config.recompute}{default}"
 
 
 SETTINGS = (
@@ -49,14 +46,6 @@ SETTINGS = (
         "drop it, or add --recompute full",
     ),
 )
-
-
-def check(config: Any) -> None:
-    if config.recompute == "selective" and config.model in RECURRENT:
-        raise ValueError(
-            f"--recompute selective keeps matmul outputs, which --model {config.model}'s "
-            "kernels change in place; use --recompute full"
-        )
 
 
 def entry(config: Any, layout: Any) -> Any:
@@ -96,7 +85,6 @@ RECOMPUTE = Technique(
     name="recompute",
     title="Activation recompute",
     settings=SETTINGS,
-    check=check,
     entry=entry,
     apply=apply,
     cost=cost,
