@@ -106,6 +106,15 @@ def test_grads_mode_keeps_parameters_whole_and_gathers_once_a_step() -> None:
     assert SHARDING.cost(Sharding("full", 1), Footprint(parts, Layout(dp=2))).memory == {}
 
 
+def test_offload_takes_the_shards_off_the_device_but_not_the_gathered_blocks() -> None:
+    parts = {"parameters": 900, "gradients": 900, "optimizer": 1800}
+    footprint = Footprint(parts, Layout(dp=3, shard=3), blocks=3)
+    offloaded = SHARDING.cost(Sharding("full", 3, offload=True), footprint)
+    assert offloaded.memory == {
+        "parameters": -900, "gradients": -900, "optimizer": -1800, "buffers": 600
+    }  # fmt: skip
+
+
 def test_offload_on_a_cpu_model_is_refused_where_the_device_is_known() -> None:
     with pytest.raises(ShardwiseError) as caught:
         shard_model(tiny_model("gru"), Sharding("full", 2, offload=True), Layout(dp=2, shard=2))

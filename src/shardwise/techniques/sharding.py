@@ -131,15 +131,18 @@ def apply(part: Any, sharding: Any, layout: Any) -> Any:
 
 def cost(sharding: Any, footprint: Footprint) -> Cost:
     """Gradients and optimizer state divide by the shard degree, parameters too (not in grads
-    mode, which keeps them whole from forward to backward); the largest block's parameters are
-    gathered whole, twice (the next block's prefetched). A step all-gathers the parameters
-    (again for the backward in full and hybrid modes) and reduce-scatters the gradients, each
-    (n-1)/n of the whole per rank.
+    mode, which keeps them whole from forward to backward); with --offload the shards leave the
+    device altogether. A block's parameters are gathered whole, twice (the next block's
+    prefetched): this rank's parameters over its blocks, the mean block, which the largest
+    (often the embedding or head) may exceed. A step all-gathers the parameters (again for the
+    backward in full and hybrid modes) and reduce-scatters the gradients, each (n-1)/n of the
+    whole per rank.
 
     >>> from shardwise.parallel.mesh import Layout
+    >>> from shardwise.parallel.sharding import Sharding
     >>> parts = {"parameters": 800, "gradients": 800, "optimizer": 1600}
     >>> footprint = Footprint(parts, Layout(dp=2, shard=2), blocks=4)
-    >>> full = cost(type("Full", (), {"mode": "full"}), footprint)
+    >>> full = cost(Sharding("full"), footprint)
     >>> full.memory, full.step_bytes
     ({'parameters': -400, 'gradients': -400, 'optimizer': -800, 'buffers': 400}, 1200)
     """
@@ -148,7 +151,8 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
         return Cost()
     parts = footprint.parts
     divided = ("gradients", "optimizer") if sharding.mode == "grads" else PARTS
-    memory = {part: -(parts.get(part, 0) * (n - 1) // n) for part in divided}
+    kept = 0 if sharding.offload else 1  # of n shards, the one on this rank's device
+    memory = {part: -(parts.get(part, 0) * (n - kept) // n) for part in divided}
     parameters = parts.get("parameters", 0)
     memory["buffers"] = 2 * parameters // max(footprint.blocks, 1)
     gathers = 1 if sharding.mode == "grads" else 2
