@@ -3,10 +3,13 @@ worker starts, the layout learns its shard degree, and the entry says what it do
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from parallel_cases import tiny_model
+from shardwise.cli import main
 from shardwise.config import build_config
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout
@@ -134,3 +137,12 @@ def test_blocks_are_sharded_one_by_one_and_tied_weights_stay_with_the_root() -> 
     )
     tied[2].weight = tied[0].weight
     assert shard_units(tied) == [tied[1]]
+
+
+@pytest.mark.timeout(120)
+def test_a_dry_run_says_how_the_state_is_sharded(
+    corpus: Path, capsys: pytest.CaptureFixture
+) -> None:
+    flags = ["--data", str(corpus), "--model", "gru", "--nproc", "2", "--shard", "grads"]
+    assert main(["train", "--dry-run", *flags]) == 0
+    assert "sharding: grads over 2 data ranks (ZeRO-2-like)" in capsys.readouterr().out
