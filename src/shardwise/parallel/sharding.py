@@ -48,6 +48,8 @@ class Sharding:
     'sharding: full over 2 data ranks (ZeRO-3)'
     >>> Sharding("hybrid", ranks=4, replicas=2).describe()
     'sharding: hybrid over 4 data ranks, 2 copies (HSDP)'
+    >>> Sharding("full", ranks=1).describe()
+    'sharding: full over 1 data rank: nothing to share, the model stays whole'
     """
 
     mode: str
@@ -61,13 +63,14 @@ class Sharding:
         return self.mode != "grads"
 
     def describe(self) -> str:
+        if self.ranks == 1:
+            return (
+                f"sharding: {self.mode} over 1 data rank: nothing to share, the model stays whole"
+            )
         copies = f", {self.replicas} copies" if self.replicas > 1 else ""
         offload = ", state in host memory" if self.offload else ""
-        plural = "s" if self.ranks != 1 else ""
-        return (
-            f"sharding: {self.mode} over {self.ranks} data rank{plural}{copies}{offload} "
-            f"({MODES[self.mode]})"
-        )
+        over = f"{self.mode} over {self.ranks} data ranks{copies}{offload}"
+        return f"sharding: {over} ({MODES[self.mode]})"
 
     def record(self) -> dict[str, Any]:
         return {
