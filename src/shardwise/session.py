@@ -59,6 +59,7 @@ from shardwise.parallel.parallelism import Parallelism
 from shardwise.parallel.parallelize import parallelize
 from shardwise.partition import profiled_cuts
 from shardwise.precision import Precision
+from shardwise.techniques import piece_costs
 from shardwise.techniques import settings as technique_settings
 
 # The settings a session takes from a TrainConfig (or TOML file); the rest are the CLI's:
@@ -171,7 +172,8 @@ class Session:
         stages = parallelism.pipeline
         if stages is not None and (cuts or not stages.cuts):
             if not cuts:  # rank 0's profile balances time and memory, every rank takes its cut
-                recompute = parallelism.entry("recompute")  # its blocks hold less, take longer
+                # Techniques that change what pieces hold and take (recompute's blocks).
+                adjust, _ = piece_costs(parallelism.entries.values())
                 cuts = profiled_cuts(
                     self.env,
                     model,
@@ -179,7 +181,7 @@ class Session:
                     example,
                     microbatches=stages.microbatches,
                     schedule=stages.schedule.name,
-                    adjust=recompute.piece_costs if recompute else None,
+                    adjust=adjust,
                 )
             parallelism = parallelism.with_cuts(cuts)
         self.parallelism = parallelism

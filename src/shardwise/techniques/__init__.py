@@ -16,7 +16,9 @@ joins the `Parallelism` (--dry-run, summary.json) and its apply step `paralleliz
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
+from typing import Any
 
 from shardwise.errors import ShardwiseError
 from shardwise.techniques.base import Cost, Footprint, Setting, Technique
@@ -72,6 +74,26 @@ def sections() -> dict[str, tuple[str, ...]]:
     return {t.title: t.setting_names for t in registered() if t.settings}
 
 
+def piece_costs(entries: Iterable[Any]) -> tuple[Callable[[list], list] | None, str]:
+    """How the techniques in effect change the pipeline cut planner's measured piece costs,
+    composed (an entry with a `piece_costs(costs)` method changes them: recompute's blocks hold
+    less and take longer), and a key naming them (a remembered cut is reused only alike).
+
+    >>> piece_costs([None, "fp32"])
+    (None, '')
+    """
+    adjusting = [entry for entry in entries if callable(getattr(entry, "piece_costs", None))]
+    if not adjusting:
+        return None, ""
+
+    def adjust(costs: list) -> list:
+        for entry in adjusting:
+            costs = entry.piece_costs(costs)
+        return costs
+
+    return adjust, ";".join(repr(entry) for entry in adjusting)
+
+
 def owner(name: str) -> Technique:
     """The technique that declares setting `name`."""
     return next(t for t in registered() if name in t.setting_names)
@@ -84,6 +106,7 @@ __all__ = [
     "Setting",
     "Technique",
     "owner",
+    "piece_costs",
     "registered",
     "sections",
     "settings",

@@ -1,8 +1,7 @@
 """Synchronisation of data-parallel replicas: how they agree (`--sync`) and its settings.
 
-    >>> SYNC.entry(type("C", (), {"sync": "allreduce", **{s.name: s.default for s in
-    ...     SYNC.settings}})(), None).name
-    'allreduce'
+    >>> [setting.name for setting in SYNC.settings][:3]
+    ['sync', 'sync_every', 'sync_warmup_steps']
 
 The strategies themselves live in parallel/sync/ (one module each); this declares what the run's
 settings say about them: the flags, the combinations that cannot work, what a resume may

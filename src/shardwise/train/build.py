@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from shardwise.config import TrainConfig
+from shardwise.config.parallelism import parallelism_from
 from shardwise.data.batch import Batch, collate
 from shardwise.data.cache import default_cache_dir
 from shardwise.data.cost import cost_model_for
@@ -37,6 +38,7 @@ from shardwise.handoff import LAUNCHER_PID_ENV
 from shardwise.models import BUILTIN_MODELS, build_model
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.faithful import check_faithful_chain
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.parallelize import plan_split
 from shardwise.parallel.schedules import pipeline_schedule
 from shardwise.parallel.split_plan import SplitPlan
@@ -44,7 +46,7 @@ from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.parallel.tensor_parallel import PARTS
 from shardwise.partition import Plan, plan_stages, shared_plan
 from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
-from shardwise.techniques.recompute import RECOMPUTE
+from shardwise.techniques import piece_costs
 
 
 def load_corpus(config: TrainConfig) -> PreparedCorpus:
@@ -144,14 +146,16 @@ def stage_plan(
     check_pipeline_split(config, corpus.vocab_size, model)
     sample = profile_sample(config, corpus)
     count = stage_count(config)
-    recompute = RECOMPUTE.entry(config, None)  # its blocks hold less and take longer
+    # The techniques in effect that change what pieces hold and take (recompute's blocks).
+    degrees = Layout(pp=config.pp, tp=config.tp)
+    adjust, adjusted = piece_costs(parallelism_from(config, degrees).entries.values())
     key = plan_key(
         model,
         sample,
         stages=count,
         microbatches=config.microbatches,
         schedule=config.schedule,
-        adjusted=repr(recompute) if recompute else "",
+        adjusted=adjusted,
     )
     cuts = config.split_points or remembered_cuts(key)
 
@@ -163,7 +167,7 @@ def stage_plan(
             microbatches=config.microbatches,
             schedule=config.schedule,
             cuts=cuts,
-            adjust=recompute.piece_costs if recompute else None,
+            adjust=adjust,
         )
 
     plan = make() if env is None else shared_plan(env, make)
