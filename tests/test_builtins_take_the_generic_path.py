@@ -24,7 +24,6 @@ ALLOWED = {
     "config/data_settings.py": "the default --model is the LSTM",
     "config/train_config.py": "the peak learning rate measured per model family (a recipe), "
     "and packing: on by default for the Transformer, refused for other names",
-    "techniques/recompute.py": "--recompute selective refused for the recurrent built-ins",
 }
 
 
