@@ -43,6 +43,7 @@ _OWN: dict[str, tuple[str, ...]] = {
         "timeout_s",
         "heartbeat_timeout_s",
         "job_secret_file",
+        "memory_budget",
     ),
     "Optimisation": (
         "max_steps",

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -30,6 +31,7 @@ from shardwise.config.rules import (
     split_node_range,
     unread_settings,
 )
+from shardwise.memory.sizes import parse_size
 from shardwise.techniques import Setting, registered, settings
 
 if TYPE_CHECKING:
@@ -120,6 +122,15 @@ class TrainConfig(TechniqueSettings, DataSettings):  # type: ignore[misc,valid-t
         None,
         description="File (yours, mode 600) holding the secret every node's processes sign the "
         "job's store with; several nodes need it or SHARDWISE_JOB_SECRET. One node: made afresh.",
+    )
+    memory_budget: int | None = Field(
+        None,
+        gt=0,
+        description="Memory each rank may use at its peak, e.g. 6GiB, 512MB or bytes: a run "
+        "predicted over it is refused before any worker starts, naming changes that fit. "
+        "Default: on a GPU the device's memory; on CPU this machine's (its cgroup's limit, else "
+        "MemTotal), shared by its ranks.",
+        json_schema_extra={"metavar": "SIZE"},
     )
     # Optimisation.
     max_steps: int = Field(300, ge=1, description="Optimizer steps to train for.")
@@ -248,6 +259,11 @@ class TrainConfig(TechniqueSettings, DataSettings):  # type: ignore[misc,valid-t
             if setting.parse is not None and name in parsed:
                 parsed[name] = setting.parse(parsed[name])
         return parsed
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_size(cls, value: object) -> object:
+        return None if value is None else parse_size(value)
 
     @model_validator(mode="before")
     @classmethod
