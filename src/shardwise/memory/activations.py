@@ -1,0 +1,191 @@
+"""What a model holds for backward, as a function of the batch's shape, from a few profiles.
+
+    profile = profile_activations(model, contract, autocast)
+    profile.whole.bytes(BatchShape(rows=16, width=512))     # the whole call and its loss
+    profile.pieces[1].saved.bytes(BatchShape(16, 512))      # one pipeline piece (a block)
+
+What autograd saves grows with a row's width w as k + a*w + c*w*w (c: anything kept per pair
+of positions, such as an attention mask), so the whole call through the model's contract, loss
+included, profiled on rows of three widths, fixes its curve exactly, and the run's worst batch
+is read off the curve instead of being run. Each pipeline piece (partition/profile.py's
+`profile_pieces`, the cut planner's profile) is profiled at two widths, for a*w + c*w*w: what a
+stage holds, and what one block holds for the techniques that work block by block. Profiling
+happens under the run's autocast, so bf16 activations count as bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shardwise.errors import ShardwiseError
+from shardwise.loss import token_loss_sum
+from shardwise.memory.batches import BatchShape
+from shardwise.models.contract import ModelContract
+from shardwise.parallel.stages import model_pieces, probe_boundaries
+from shardwise.partition import profile_pieces
+
+Autocast = Callable[[], AbstractContextManager[None]]
+
+# Profiled rows and the widest profiled row: what a row saves does not depend on the other
+# rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
+ROWS = 1
+WIDEST = 64
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Bytes per row as k + a*w + c*w*w for rows of width w (fitted through three profiles).
+
+    >>> curve = Curve.through((8, 4, 2), (80, 40, 20))
+    >>> curve.bytes(BatchShape(rows=3, width=100))
+    3000
+    """
+
+    k: float = 0.0
+    a: float = 0.0
+    c: float = 0.0
+
+    @classmethod
+    def through(cls, widths: Sequence[int], per_row: Sequence[float]) -> Curve:
+        """The curve through three (width, bytes per row) points."""
+        w = torch.tensor([[1.0, x, x * x] for x in widths], dtype=torch.float64)
+        k, a, c = torch.linalg.solve(w, torch.tensor(per_row, dtype=torch.float64)).tolist()
+        return cls(k, a, c)
+
+    def per_row(self, width: int) -> float:
+        return max(self.k + self.a * width + self.c * width * width, 0.0)
+
+    def bytes(self, shape: BatchShape) -> int:
+        return round(shape.rows * self.per_row(shape.width))
+
+    def __add__(self, other: Curve) -> Curve:
+        return Curve(self.k + other.k, self.a + other.a, self.c + other.c)
+
+    def __sub__(self, other: Curve) -> Curve:
+        return Curve(self.k - other.k, self.a - other.a, self.c - other.c)
+
+
+@dataclass(frozen=True)
+class PieceActivations:
+    """One pipeline piece: its parameters' bytes, what it saves, and its output's bytes."""
+
+    names: tuple[str, ...]
+    param_bytes: int
+    saved: Curve
+    output_per_token: int  # bytes of its output per (row, position): a stage boundary's
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """A model's saved activations by shape: the whole call (loss included) and each piece.
+
+    `loss` is what the whole call holds beyond its pieces (the loss's log-probabilities and
+    whatever the model's own forward adds, such as an attention mask): the last stage's.
+    `pieces` is empty for a model that cannot be cut into pieces.
+    """
+
+    whole: Curve
+    pieces: tuple[PieceActivations, ...]
+    param_bytes: int
+
+    @property
+    def loss(self) -> Curve:
+        return self.whole - sum((piece.saved for piece in self.pieces), Curve())
+
+
+def profile_activations(
+    model: nn.Module,
+    contract: ModelContract,
+    autocast: Autocast = contextlib.nullcontext,
+    widest: int = WIDEST,
+    packed: bool = False,
+) -> ActivationProfile:
+    """Profile `model` (in training mode, its random state kept) on rows up to `widest` wide.
+
+        profile = profile_activations(seeded_model(config, 256), ModelContract(), autocast)
+
+    `packed`: the run packs several sequences per row, so the whole call gets `positions` and
+    `segment_ids` as the loop passes them (an attention mask per batch).
+    """
+    widths = _widths(widest)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    whole, by_piece = [], []
+    with torch.random.fork_rng(), autocast():
+        model.train()
+        for width in widths:
+            tokens = torch.zeros(ROWS, width, dtype=torch.long)
+            whole.append(_whole_call(model, contract, tokens, weights, packed) / ROWS)
+        # The pieces (timed too, by the planner's profile) at two widths: a*w + c*w*w.
+        for width in widths[:2]:
+            by_piece.append(_piece_costs(model, torch.zeros(ROWS, width, dtype=torch.long)))
+    pieces: tuple[PieceActivations, ...] = ()
+    if by_piece[0] is not None:
+        outputs = _output_bytes(model, autocast)
+        pieces = tuple(
+            PieceActivations(
+                cost.names,
+                cost.param_bytes,
+                Curve.through(
+                    (0, *widths[:2]), [0, *(costs[i].activation_bytes / ROWS for costs in by_piece)]
+                ),
+                outputs[i],
+            )
+            for i, cost in enumerate(by_piece[0])
+        )
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ActivationProfile(Curve.through(widths, whole), pieces, params)
+
+
+def _widths(widest: int) -> tuple[int, int, int]:
+    """Three distinct widths, the widest first."""
+    widest = max(widest, 4)
+    return widest, widest // 2, widest // 4
+
+
+def _whole_call(
+    model: nn.Module,
+    contract: ModelContract,
+    tokens: torch.Tensor,
+    weights: set[int],
+    packed: bool,
+) -> int:
+    """Bytes autograd saves for the call and its loss (each storage once, weights aside)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    kwargs = {}
+    if packed:  # one sequence per row: the mask and positions of the packed call, same shapes
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        kwargs = {"positions": positions, "segment_ids": torch.zeros_like(tokens)}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        token_loss_sum(contract(model, tokens, **kwargs), torch.zeros_like(tokens))
+    return sum(seen.values())
+
+
+def _piece_costs(model: nn.Module, tokens: torch.Tensor) -> list | None:
+    try:
+        return profile_pieces(model, tokens, repeats=1)
+    except ShardwiseError:  # no pieces: a model of the user's without layer_names()
+        return None
+
+
+def _output_bytes(model: nn.Module, autocast: Autocast) -> list[int]:
+    """Each piece's output bytes per position (probe_boundaries' shapes and dtypes)."""
+    pieces = model_pieces(model)
+    with autocast():
+        shapes = probe_boundaries(model, pieces, range(1, len(pieces) + 1))
+    return [
+        int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in shapes
+    ]

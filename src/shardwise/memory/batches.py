@@ -1,0 +1,108 @@
+"""The batches a run has planned, by shape, and the costliest one each data rank will meet.
+
+    shapes = planned_shapes(config, lengths, data_ranks=2, steps=300)
+    worst = worst_batches(shapes, cost=profile.whole.bytes)   # per data rank: step and shape
+
+Every rank's sampler plans every step before training (data/sampler.py, token_sampler.py), so
+the widest, fullest batch of the run is known in the launcher: with token batching it is the
+batch whose rows are longest (a window of long sequences gets few rows but each padded to the
+longest), not the mean. A batch's cost is what the caller says (the activation bytes of that
+shape), so attention's quadratic term picks the long rows over the many short ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from shardwise.data.packing import pack_rows
+from shardwise.data.sampler import FixedBatchSampler
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """A micro-batch as the model sees it: rows x width token slots; `packed`: several
+    sequences share a row (the model then builds an attention mask per batch).
+
+    >>> BatchShape(16, 512).slots
+    8192
+    """
+
+    rows: int
+    width: int
+    packed: bool = False
+
+    @property
+    def slots(self) -> int:
+        return self.rows * self.width
+
+    def describe(self) -> str:
+        return f"{self.rows} x {self.width}{' packed' if self.packed else ''}"
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One micro-batch of one data rank: its optimizer step (1-based) and its shape."""
+
+    step: int
+    shape: BatchShape
+
+
+def shape_of(work: np.ndarray, indices: tuple[int, ...], packed: bool) -> BatchShape:
+    """The shape `collate` (or `pack_collate`) gives the sequences `indices` of `work` inputs.
+
+    >>> shape_of(np.array([5, 3, 2]), (0, 1, 2), packed=True)
+    BatchShape(rows=2, width=5, packed=True)
+    """
+    inputs = work[list(indices)]
+    width = int(inputs.max())
+    if not packed:
+        return BatchShape(len(indices), width)
+    rows = pack_rows(inputs, width)
+    if len(rows) == len(indices):  # one sequence a row: the padded batch, no mask
+        return BatchShape(len(indices), width)
+    return BatchShape(len(rows), max(int(inputs[row].sum()) for row in rows), packed=True)
+
+
+def planned_shapes(
+    sampler: object, lengths: np.ndarray, data_ranks: int, steps: int, grad_accum: int
+) -> list[list[PlannedBatch]]:
+    """Every data rank's micro-batches for `steps` optimizer steps, as the sampler plans them.
+
+    `sampler`: the run's sampler for data rank 0 (train/build.py `build_sampler`); a token
+    sampler plans every rank's batches at once, a fixed one is asked again per rank.
+    """
+    work = np.asarray(lengths, dtype=np.int64) - 1
+    if isinstance(sampler, FixedBatchSampler):
+        return [list(_fixed(sampler, work, rank, steps, grad_accum)) for rank in range(data_ranks)]
+    packed = bool(getattr(sampler, "packing", False))
+    found: list[list[PlannedBatch]] = [[] for _ in range(data_ranks)]
+    for step, plan in zip(range(1, steps + 1), sampler.steps(), strict=False):  # type: ignore[attr-defined]
+        for rank, batches in enumerate(plan.batches):
+            found[rank] += [PlannedBatch(step, shape_of(work, b, packed)) for b in batches]
+    return found
+
+
+def _fixed(
+    sampler: FixedBatchSampler, work: np.ndarray, rank: int, steps: int, grad_accum: int
+) -> Iterator[PlannedBatch]:
+    mine = FixedBatchSampler(
+        sampler.lengths, sampler.batch_size, sampler.world_size, rank, grad_accum, sampler.seed,
+        sampler.start,
+    )  # fmt: skip
+    for index, request in zip(range(steps * grad_accum), mine, strict=False):
+        yield PlannedBatch(index // grad_accum + 1, shape_of(work, request.indices, False))
+
+
+def worst_batches(
+    planned: list[list[PlannedBatch]], cost: Callable[[BatchShape], float]
+) -> list[PlannedBatch]:
+    """Per data rank, the planned micro-batch of the highest `cost` (the first, on a tie).
+
+    >>> plans = [[PlannedBatch(1, BatchShape(8, 10)), PlannedBatch(2, BatchShape(2, 60))]]
+    >>> worst_batches(plans, cost=lambda s: s.rows * s.width * s.width)[0].step
+    2
+    """
+    return [max(batches, key=lambda b: (cost(b.shape), -b.step)) for batches in planned]

@@ -1,0 +1,145 @@
+"""The memory predictor: parts that add up, scale with the batch and the layout, take whatever a
+registered technique's cost says, and are read at the worst planned batch, not the mean."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardwise.techniques as techniques
+from shardwise.config import TrainConfig
+from shardwise.memory.footprint import PARTS
+from shardwise.memory.predict import MemoryPredictor
+from shardwise.techniques import Cost, Technique
+from shardwise.train.build import load_corpus
+
+pytestmark = pytest.mark.timeout(120)
+
+BASELINE = 100 * 2**20
+
+
+def config_for(corpus: Path, **values: object) -> TrainConfig:
+    """A small Transformer on `corpus`, padded batches of fixed size unless told otherwise."""
+    settings: dict[str, object] = {
+        "data": corpus,
+        "model": "transformer",
+        "max_len": 64,
+        "max_steps": 20,
+        "batching": "fixed",
+        "batch_size": 4,
+    }
+    return TrainConfig(**(settings | values))
+
+
+def predict(config: TrainConfig, world_size: int = 1):
+    predictor = MemoryPredictor(config, load_corpus(config), BASELINE)
+    return predictor.predict(config, config.layout(world_size))
+
+
+def test_the_parts_add_up_to_each_ranks_total(corpus: Path) -> None:
+    prediction = predict(config_for(corpus), world_size=2)
+    assert len(prediction.ranks) == 2
+    for rank in prediction.ranks:
+        assert set(PARTS) <= set(rank.parts)
+        assert rank.total == sum(rank.parts.values())
+        assert rank.parts["baseline"] == BASELINE
+        # AdamW's two moments, each the size of the parameters; gradients the same size.
+        assert rank.parts["optimizer"] == 2 * rank.parts["parameters"] > 0
+        assert rank.parts["gradients"] == rank.parts["parameters"]
+        assert rank.parts["activations"] > 0
+    assert "rank 1:" in prediction.describe()
+
+
+def test_doubling_the_batch_raises_the_activations(corpus: Path) -> None:
+    small = predict(config_for(corpus, batch_size=4)).ranks[0]
+    large = predict(config_for(corpus, batch_size=8)).ranks[0]
+    assert large.batch.shape.rows == 2 * small.batch.shape.rows
+    ratio = large.parts["activations"] / small.parts["activations"]
+    assert 1.8 < ratio <= 2.0  # rows scale what each row saves; the width is the longest's
+    assert large.parts["parameters"] == small.parts["parameters"]
+
+
+def test_two_pipeline_stages_hold_less_state_a_rank_than_two_replicas(corpus: Path) -> None:
+    replicas = predict(config_for(corpus), world_size=2)
+    stages = predict(config_for(corpus, pp=2, microbatches=2), world_size=2)
+    whole = replicas.ranks[0].parts["parameters"]
+    per_stage = [rank.parts["parameters"] for rank in stages.ranks]
+    assert all(share < whole for share in per_stage)
+    # The stages share out the model: together they hold it once, each its own stage's part.
+    assert sum(per_stage) == pytest.approx(whole, rel=0.01)
+
+
+def test_a_registered_techniques_cost_is_applied(
+    corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Always:
+        def describe(self) -> str:
+            return "fake: always on"
+
+    def cost(entry: Always, footprint: techniques.Footprint) -> Cost:
+        # It sees the parts its predecessors left: half the activations go, 3 MiB of buffers come.
+        return Cost(
+            memory={"buffers": 3 * 2**20, "activations": -footprint.parts["activations"] // 2}
+        )
+
+    fake = Technique(
+        name="fake", title="A fake technique", entry=lambda config, layout: Always(), cost=cost
+    )
+    config = config_for(corpus)
+    before = predict(config).ranks[0]
+    monkeypatch.setattr(techniques, "BUILT_IN", (*techniques.BUILT_IN, fake))
+    techniques.registered.cache_clear()
+    try:
+        after = predict(config).ranks[0]
+    finally:
+        monkeypatch.undo()
+        techniques.registered.cache_clear()
+    assert after.parts["buffers"] == before.parts["buffers"] + 3 * 2**20
+    assert (
+        after.parts["activations"] == before.parts["activations"] - before.parts["activations"] // 2
+    )
+    assert after.parts["parameters"] == before.parts["parameters"]
+
+
+def heavy_tailed_corpus(path: Path, seed: int = 0) -> Path:
+    """Mostly short token rows, a few very long ones: the mean batch is far from the worst."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.pareto(2.5, size=600) * 16 + 8, 8, 500).astype(int)
+    lengths[rng.choice(600, size=3, replace=False)] = 500  # the tail's longest
+    with path.open("w", encoding="utf-8") as out:
+        for length in lengths:
+            out.write(json.dumps({"tokens": rng.integers(0, 200, size=length).tolist()}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [{"batch_size": 8}, {"batching": "tokens", "batch_size": None, "tokens_per_batch": 128}],
+    ids=["fixed", "tokens"],
+)
+def test_the_worst_planned_batch_is_the_one_predicted_not_the_mean(
+    tmp_path: Path, batching: dict
+) -> None:
+    data = heavy_tailed_corpus(tmp_path / "tail.jsonl")
+    config = config_for(data, max_len=512, max_steps=60, **batching)
+    predictor = MemoryPredictor(config, load_corpus(config), BASELINE)
+    prediction = predictor.predict(config, config.layout(1))
+    worst = prediction.ranks[0].batch
+    profile = predictor.profile(config)
+    planned = predictor.planned(config, data_ranks=1)[0]
+    costs = [profile.whole.bytes(batch.shape) for batch in planned]
+    # The predicted batch is the costliest of every planned one, at its own step...
+    assert profile.whole.bytes(worst.shape) == max(costs)
+    assert worst.step == planned[int(np.argmax(costs))].step
+    # ...far costlier than the mean planned batch: the tail decides, not the mean.
+    assert prediction.ranks[0].parts["activations"] >= 2 * np.mean(costs)
+    if config.batching == "fixed":  # the batch holding the longest row, padded to it
+        widths = [batch.shape.width for batch in planned]
+        assert worst.shape.width == max(widths) >= 4 * np.mean(widths)
+    else:  # a row over the token budget gets a batch of its own: the most slots of the run
+        assert worst.shape.slots == max(batch.shape.slots for batch in planned) > 128
