@@ -61,6 +61,7 @@ def render_report(run_dir: Path, summary: Mapping[str, Any], plots: Sequence[Pat
         f"# Run report: {run_dir.name}",
         _summary_section(summary),
         _rank_section(summary, read_metrics(run_dir)),
+        _memory_section(summary.get("memory")),
         _plots_section(run_dir, plots),
         _block_section("Sample", summary.get("sample_text"), "text"),
         _block_section("Config", _read_config(run_dir), "toml"),
@@ -109,6 +110,43 @@ def _rank_section(summary: Mapping[str, Any], metrics: Sequence[Mapping[str, Any
         for rank in range(max(len(column) for _, column in columns))
     ]
     return "## Per rank\n\n" + _table(header, rows)
+
+
+def _memory_section(memory: Any) -> str:
+    """Each rank's predicted peak against its measured one, and the parts of the prediction."""
+    if not isinstance(memory, Mapping) or not memory.get("ranks"):
+        return ""
+    measured = "peak allocated" if memory.get("device") == "cuda" else "peak resident"
+    header = ["rank", "predicted", f"measured ({measured})", "error", "above baseline"]
+    header += ["worst batch", "predicted parts"]
+    rows = []
+    for rank in memory["ranks"]:
+        batch = rank["worst_batch"]
+        parts = ", ".join(
+            f"{part} {format_bytes(size)}" for part, size in rank["predicted_parts"].items() if size
+        )
+        rows.append(
+            (
+                str(rank["rank"]),
+                format_bytes(rank["predicted_bytes"]),
+                format_bytes(rank["peak_bytes"]),
+                _signed(rank["error"]),
+                _signed(rank["error_above_baseline"]),
+                f"{batch['rows']} x {batch['width']} at step {batch['step']}",
+                parts,
+            )
+        )
+    note = (
+        "Predicted before training from a profile and the worst planned batch; the baseline "
+        "part is each rank's own process at its start, measured, so both stand on the same "
+        "ground. Error: (predicted - measured) / measured; above baseline: of what training "
+        "added to the baseline."
+    )
+    return "## Memory per rank\n\n" + note + "\n\n" + _table(header, rows)
+
+
+def _signed(share: float | None) -> str:
+    return "" if share is None else f"{share:+.1%}"
 
 
 def _plots_section(run_dir: Path, plots: Sequence[Path]) -> str:

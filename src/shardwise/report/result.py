@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 
 # Fields a summary written by an earlier shardwise lacks: read as None (old runs still load).
-_ADDED_LATER = ("parallelism",)
+_ADDED_LATER = ("parallelism", "memory")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ class RunResult:
     eval_s: float  # seconds every evaluation took (not counted as training time)
     sync_staleness_histogram: dict[str, int] | None  # async: {staleness: steps}, all ranks
     sync_workers_lost: dict[str, str] | None  # async: {rank: why} of workers that died
+    # Per rank: predicted parts and peak, measured baseline and peak, errors (memory/record.py).
+    memory: dict[str, Any] | None
     batching: str
     data_notes: str
     resumed_from: Path | None

@@ -31,7 +31,7 @@ KNOWN_KEYS = frozenset(
         "run_dir", "world_size", "device", "steps", "tokens", "tokens_per_s", "wall_time_s",
         "final_train_loss", "eval_loss", "peak_rss_bytes", "padding_fraction", "imbalance",
         "wait_fraction", "data_notes", "sample_text", "sync", "eval_tokens",
-        "eval_tokens_available", "eval_s",
+        "eval_tokens_available", "eval_s", "memory",
     }
 )  # fmt: skip
 
@@ -126,6 +126,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     spent = f" each; {seconds:.1f}s evaluating in all" if seconds else ""
     add("eval tokens", held_out and held_out + spent)
     add("peak memory", _per_rank_bytes(get("peak_rss_bytes")))
+    add("predicted", _predicted(get("memory")))
     add("padding", _percent(get("padding_fraction")))
     add("imbalance", _number(get("imbalance")))
     wait = _percent(get("wait_fraction"))
@@ -137,6 +138,22 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         add("lost", "; ".join(f"worker {rank} {why}" for rank, why in lost.items()))
     add("data", _notes(get("data_notes")))
     return rows
+
+
+def _predicted(memory: Any) -> str | None:
+    """The prediction of the rank predicted highest, against what it measured.
+
+    _predicted({"ranks": [{"rank": 0, "predicted_bytes": 2**30, "peak_bytes": 2**30 * 1.1,
+                           "error": -0.09}]})   # "1.00 GiB on rank 0 (measured 1.10 GiB, -9.1%)"
+    """
+    if not isinstance(memory, Mapping) or not memory.get("ranks"):
+        return None
+    top = max(memory["ranks"], key=lambda rank: rank["predicted_bytes"])
+    error = "" if top["error"] is None else f", {top['error']:+.1%}"
+    return (
+        f"{format_bytes(top['predicted_bytes'])} on rank {top['rank']} "
+        f"(measured {format_bytes(top['peak_bytes'])}{error})"
+    )
 
 
 def perplexity(loss: float) -> float:

@@ -55,6 +55,7 @@ def run_summary(trainer: Trainer, started: float) -> dict:
             staleness, int(max(row[1] for row in memory)), trainer.env
         ),
         "sync_workers_lost": workers_lost(trainer.model.strategy),
+        "memory": trainer.memory.summary(),  # per rank: predicted parts, measured peak, error
         "batching": trainer.config.batching,
         "data_notes": trainer.corpus.notes,
         "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,

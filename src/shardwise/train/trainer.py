@@ -29,6 +29,7 @@ from shardwise.data.prepare import PreparedCorpus
 from shardwise.data.sampler import SamplerPosition
 from shardwise.distributed import all_gather_floats, all_reduce_sum, peak_memory_bytes
 from shardwise.errors import ShardwiseError
+from shardwise.memory.record import MemoryWatch
 from shardwise.partition import Plan
 from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.run_dir import holds_lease
@@ -78,6 +79,8 @@ class Trainer:
         self.run_dir = run_dir
         self.stages = stages
         self.model_fingerprint = model_fingerprint(model)  # of the whole model, before any cut
+        # Predicted (rank 0) and measured from here, before the run allocates anything.
+        self.memory = MemoryWatch.start(config, corpus, self.env, model, stages and stages.cuts)
         self.model = session.prepare(model, cuts=stages.cuts if stages else None)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay

@@ -1,0 +1,126 @@
+"""A rank's memory as measured: its start baseline and its peak while training.
+
+    meter = MemoryMeter.start(device, held=model_bytes(model))   # before the model is prepared
+    ...                                                          # train
+    meter.figures()   # {"baseline_bytes": ..., "peak_bytes": ..., "reserved_bytes": ...}
+
+On a GPU the peak is torch's allocator peak (`max_memory_allocated`, what tensors held; and
+`max_memory_reserved`, what the caching allocator took from the device), its statistics reset at
+the start. On CPU it is the process's peak resident memory (VmHWM), reset at the start where the
+kernel allows (writing 5 to /proc/self/clear_refs), else the peak since the process began
+(`ru_maxrss`). The baseline is what the process held at the start, less `held`: the bytes a
+prediction counts part by part although they already exist (on CPU the model as built), so the
+prediction's "baseline" part and the measurement stand on the same ground.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where absent."""
+    try:
+        text = _STATUS.read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # the kernel writes kB
+    return None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS; the peak so far where it is unknown)."""
+    now = status_bytes("VmRSS")
+    return now if now is not None else peak_resident_bytes()
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since the last reset (VmHWM), or since it began."""
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_resident() -> bool:
+    """Start VmHWM afresh at the present resident memory; False where the kernel refuses."""
+    try:
+        _CLEAR_REFS.write_text("5", encoding="ascii")
+    except OSError:
+        return False
+    return True
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim, where there is one), so
+    that what is resident is what is held."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each storage once), on any device."""
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+@dataclass
+class MemoryMeter:
+    """One rank's start baseline and, when asked, its peak since the start."""
+
+    device: torch.device
+    baseline_bytes: int
+    since_start: bool  # False: the CPU peak counts from the process's start (no reset)
+
+    @classmethod
+    def start(cls, device: torch.device, held: int = 0) -> MemoryMeter:
+        """Reset the peak and take the baseline: the process now, less `held` bytes.
+
+        `held`: what already exists but a prediction counts as its own parts (on CPU, the model
+        as built; on a GPU nothing yet, the model is still on the host).
+        """
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return cls(device, int(torch.cuda.memory_allocated(device)), since_start=True)
+        reset = reset_peak_resident()
+        return cls(device, max(resident_bytes() - held, 0), since_start=reset)
+
+    def peak_bytes(self) -> int:
+        """The peak since the start: allocated on a GPU, resident on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_resident_bytes()
+
+    def figures(self) -> dict[str, int | bool | None]:
+        """The measured figures summary.json keeps per rank (reserved: a GPU's, else None)."""
+        reserved = None
+        if self.device.type == "cuda":
+            reserved = int(torch.cuda.max_memory_reserved(self.device))
+        return {
+            "baseline_bytes": self.baseline_bytes,
+            "peak_bytes": self.peak_bytes(),
+            "reserved_bytes": reserved,
+            "peak_since_start": self.since_start,
+        }

@@ -1,0 +1,105 @@
+"""A run's memory as predicted and as measured, per rank: what summary.json and report.md keep.
+
+    watch = MemoryWatch.start(config, corpus, env, model, cuts)   # before the model is prepared
+    ...                                                           # train
+    summary["memory"] = watch.summary()                           # every rank calls it
+
+Rank 0 predicts every rank's peak before anything of the run is allocated (the same prediction
+the launcher made, memory/predict.py); each rank then measures from its own start. A rank's
+prediction is recorded on the ground of its own measured baseline, and its error is given both
+on the whole peak and on what training added above the baseline, the part the prediction models
+(on CPU the baseline, an idle torch process, is most of a small run's peak).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from shardwise.config import TrainConfig
+from shardwise.data.prepare import PreparedCorpus
+from shardwise.distributed import DistEnv, all_gather_floats
+from shardwise.memory.measure import MemoryMeter, model_bytes, release_freed_memory
+from shardwise.memory.predict import MemoryPrediction, MemoryPredictor
+
+
+@dataclass
+class MemoryWatch:
+    """This rank's meter and (on rank 0) every rank's prediction."""
+
+    env: DistEnv
+    meter: MemoryMeter
+    prediction: MemoryPrediction | None
+
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        corpus: PreparedCorpus,
+        env: DistEnv,
+        model: nn.Module,
+        cuts: Sequence[str] | None,
+    ) -> MemoryWatch:
+        """Predict (rank 0), then start measuring: `model` is the whole model as built."""
+        prediction = None
+        if env.is_main:
+            predictor = MemoryPredictor(config, corpus, baseline=0)
+            prediction = predictor.predict(config, config.layout(env.world_size), cuts)
+        release_freed_memory()  # the profile's freed pages: not part of the baseline
+        return cls(env, MemoryMeter.start(env.device, held=model_bytes(model)), prediction)
+
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json's "memory": per rank, predicted parts and total, measured baseline and
+        peak, and the errors (rank 0's answer; None on the others). A collective."""
+        figures = self.meter.figures()
+        reserved = figures["reserved_bytes"]
+        gathered = all_gather_floats(
+            [
+                figures["baseline_bytes"],
+                figures["peak_bytes"],
+                -1 if reserved is None else reserved,
+                float(bool(figures["peak_since_start"])),
+            ],
+            self.env,
+        )
+        if self.prediction is None:
+            return None
+        ranks = []
+        for predicted, (baseline, peak, reserved, since) in zip(
+            self.prediction.ranks, gathered, strict=True
+        ):
+            grounded = predicted.with_baseline(int(baseline))
+            ranks.append(
+                {
+                    "rank": grounded.rank,
+                    "predicted_bytes": grounded.total,
+                    "predicted_parts": dict(grounded.parts),
+                    "worst_batch": {
+                        "step": grounded.batch.step,
+                        "rows": grounded.batch.shape.rows,
+                        "width": grounded.batch.shape.width,
+                        "packed": grounded.batch.shape.packed,
+                    },
+                    "baseline_bytes": int(baseline),
+                    "peak_bytes": int(peak),
+                    "reserved_bytes": None if reserved < 0 else int(reserved),
+                    "peak_since_start": bool(since),
+                    "error": relative_error(grounded.total, peak),
+                    "error_above_baseline": relative_error(
+                        grounded.total - baseline, peak - baseline
+                    ),
+                }
+            )
+        return {"device": self.env.device.type, "ranks": ranks}
+
+
+def relative_error(predicted: float, measured: float) -> float | None:
+    """(predicted - measured) / measured: positive when the prediction is above; None at 0.
+
+    >>> relative_error(110, 100), relative_error(5, 0)
+    (0.1, None)
+    """
+    return None if measured <= 0 else round((predicted - measured) / measured, 4)
