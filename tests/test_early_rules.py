@@ -81,8 +81,9 @@ def test_a_token_id_outside_the_vocabulary_is_refused_before_any_worker_starts(
     assert_refused_at_once(command, work, f"{data}{message}")
 
 
-def assert_refused_at_once(flags: list[str], cwd: Path, message: str) -> None:
-    """`shardwise train FLAGS` in `cwd` exits 2 with `message` in one line, writing nothing."""
+def assert_refused_at_once(flags: list[str], cwd: Path, message: str) -> str:
+    """`shardwise train FLAGS` in `cwd` exits 2 with `message` in one line, writing nothing;
+    that line."""
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "shardwise", "train", *flags],
@@ -103,3 +104,4 @@ def assert_refused_at_once(flags: list[str], cwd: Path, message: str) -> None:
     assert list(cwd.iterdir()) == []  # no runs/ dir, no worker log, nothing written
     # Importing torch is most of this; a worker start (rendezvous, data, profiling) is not.
     assert elapsed < 20, f"took {elapsed:.1f}s"
+    return lines[0]

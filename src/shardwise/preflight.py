@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,8 @@ from shardwise.config.train_config import DEFAULT_BATCH_SIZE
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
+from shardwise.memory.budget import kept_budget
+from shardwise.memory.predict import MemoryPrediction
 from shardwise.models import check_model_spec
 from shardwise.models.contract import ModelContract
 from shardwise.parallel.mesh import Layout
@@ -73,6 +76,7 @@ class RunPlan:
     split: SplitPlan | None = None  # what --tp splits; None without it
     config: TrainConfig | None = field(default=None, repr=False)  # as the workers get it
     parallelism: Parallelism | None = None  # each technique the workers apply, and with what
+    memory: MemoryPrediction | None = None  # each rank's predicted peak, by part
 
     @property
     def cuts(self) -> list[str]:
@@ -108,6 +112,8 @@ class RunPlan:
             lines.append("one stage: every rank holds the whole model")
         if self.split is not None:
             lines.append(self.split.describe())
+        if self.memory is not None:
+            lines += self.memory.describe().splitlines()
         if self.config is not None:
             lines.append(f"run dir: {self.config.run_dir or resolve_run_dir(self.config)}")
         return "\n".join(lines)
@@ -157,6 +163,10 @@ def preflight(config: TrainConfig) -> RunPlan:
         check_port_free(config.rdzv_endpoint)
     planned = with_step_budget(config, corpus, nproc * config.nnodes)  # once: it plans the batches
     budget = _budget(config, planned.max_steps)
+    # Refused here, in one line, when a rank would not fit: before any worker starts.
+    memory = kept_budget(
+        planned, corpus, layout, stages and stages.cuts, device, nproc, check=_device_check(device)
+    )
     if crowded:  # after the checks: a run that fails on them ends on its error line alone
         print(f"shardwise: warning: {crowded}", file=sys.stderr, flush=True)
     parallelism = parallelism_from(config, layout)
@@ -174,7 +184,18 @@ def preflight(config: TrainConfig) -> RunPlan:
         split,
         planned,
         parallelism,
+        memory,
     )
+
+
+def _device_check(device: torch.device) -> Callable[[TrainConfig], None]:
+    """What a config must pass on `device` beyond its own checks (for the memory budget's
+    alternatives, as for the run itself above)."""
+
+    def check(config: TrainConfig) -> None:
+        Precision(config.precision, device)
+
+    return check
 
 
 # Past this many processes per core a CPU job spends its time switching between them (and
