@@ -125,7 +125,8 @@ class MemoryPredictor:
         if parallelism.pipeline is not None and profile.pieces:
             chosen = cuts or config.split_points or self._balanced_cuts(profile, parallelism)
             parallelism = parallelism.with_cuts(chosen)
-        worst, steps = self.worst_batches(config, layout.data_ranks, profile)
+        # Each data rank's costliest planned micro-batch, by what the whole call saves.
+        worst = worst_batches(self.planned(config, layout.data_ranks), profile.whole.bytes)
         found = []
         for rank in ranks if ranks is not None else range(layout.world_size):
             placed = dataclasses.replace(layout, rank=rank)
@@ -136,7 +137,7 @@ class MemoryPredictor:
             found.append(
                 RankPrediction(rank, ordered(parts), PlannedBatch(batch.step, shape), step)
             )
-        return MemoryPrediction(tuple(found), steps)
+        return MemoryPrediction(tuple(found), config.max_steps)
 
     def profile(self, config: TrainConfig) -> ActivationProfile:
         """The model's activation profile under `config`'s precision (profiled once each)."""
@@ -155,14 +156,6 @@ class MemoryPredictor:
                 model, contract, autocast, widest, packed=config.packs_rows
             )
         return self._profiles[key]
-
-    def worst_batches(
-        self, config: TrainConfig, data_ranks: int, profile: ActivationProfile
-    ) -> tuple[list[PlannedBatch], int]:
-        """Each data rank's costliest planned micro-batch, and the steps planned."""
-        return worst_batches(
-            self.planned(config, data_ranks), profile.whole.bytes
-        ), config.max_steps
 
     def planned(self, config: TrainConfig, data_ranks: int) -> list[list[PlannedBatch]]:
         """Every data rank's micro-batches for the run's steps, as its sampler plans them."""
