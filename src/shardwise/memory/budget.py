@@ -76,8 +76,8 @@ class MemoryBudget:
     def describe(self) -> str:
         if not self.shared:
             return f"{format_size(self.limit)} a rank ({self.source})"
-        held = f", less this launcher's {format_size(self.launcher)}" if self.launcher else ""
-        return f"{format_size(self.limit)} for this machine's ranks ({self.source}{held})"
+        launcher = " and this launcher" if self.launcher else ""
+        return f"{format_size(self.limit)} for this machine's ranks{launcher} ({self.source})"
 
 
 @dataclass(frozen=True)

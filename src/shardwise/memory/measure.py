@@ -92,6 +92,7 @@ class MemoryMeter:
     device: torch.device
     baseline_bytes: int
     since_start: bool  # False: the CPU peak counts from the process's start (no reset)
+    before_bytes: int = 0  # the process's peak before the start (what the reset forgot)
 
     @classmethod
     def start(cls, device: torch.device, held: int = 0) -> MemoryMeter:
@@ -102,16 +103,22 @@ class MemoryMeter:
         """
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            before = int(torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
-            return cls(device, int(torch.cuda.memory_allocated(device)), since_start=True)
+            return cls(device, int(torch.cuda.memory_allocated(device)), True, before)
+        before = peak_resident_bytes()
         reset = reset_peak_resident()
-        return cls(device, max(resident_bytes() - held, 0), since_start=reset)
+        return cls(device, max(resident_bytes() - held, 0), reset, before)
 
     def peak_bytes(self) -> int:
         """The peak since the start: allocated on a GPU, resident on CPU."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_resident_bytes()
+
+    def lifetime_peak_bytes(self) -> int:
+        """The peak since the process began, as before the start's reset (peak_rss_bytes)."""
+        return max(self.before_bytes, self.peak_bytes())
 
     def figures(self) -> dict[str, int | bool | None]:
         """The measured figures summary.json keeps per rank (reserved: a GPU's, else None)."""

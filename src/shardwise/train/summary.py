@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from shardwise.distributed import DistEnv, all_gather_floats, peak_memory_bytes
+from shardwise.distributed import DistEnv, all_gather_floats
 from shardwise.parallel.sync import SyncStrategy
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def run_summary(trainer: Trainer, started: float) -> dict:
     # The highest staleness rides with the memory gather: the histogram costs a collective
     # only in runs that recorded one.
     memory = all_gather_floats(
-        [peak_memory_bytes(trainer.env.device), max(staleness, default=-1)], trainer.env
+        [trainer.memory.meter.lifetime_peak_bytes(), max(staleness, default=-1)], trainer.env
     )
     return {
         "world_size": trainer.env.world_size,

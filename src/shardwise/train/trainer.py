@@ -27,7 +27,7 @@ from shardwise.config import TrainConfig
 from shardwise.data.batch import Batch
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.data.sampler import SamplerPosition
-from shardwise.distributed import all_gather_floats, all_reduce_sum, peak_memory_bytes
+from shardwise.distributed import all_gather_floats, all_reduce_sum
 from shardwise.errors import ShardwiseError
 from shardwise.memory.record import MemoryWatch
 from shardwise.partition import Plan
@@ -186,7 +186,8 @@ class Trainer:
             window.merge_steps(self.state.step)  # one window: the whole (never resumed) run
         counts = all_reduce_sum(window.counts(), self.env).tolist()
         now = time.perf_counter()  # the window ends once the counts agree, before the gather
-        timings = window.timings(peak_memory_bytes(self.env.device), self.model.strategy.traffic)
+        peak = self.memory.meter.lifetime_peak_bytes()  # since the process began
+        timings = window.timings(peak, self.model.strategy.traffic)
         gathered = all_gather_floats(timings, self.env)
         figures = window.close(counts, gathered, now=now)
         self.totals.add(figures)
