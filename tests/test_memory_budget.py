@@ -102,6 +102,7 @@ def dry_run(data: Path, cwd: Path) -> tuple[int, int]:
         timeout=120,
         check=True,
     )
+    assert re.search(r"^memory budget: .*; fits, at [\d.]+ (MiB|GiB)$", done.stdout, re.MULTILINE)
     line = next(line for line in done.stdout.splitlines() if line.strip().startswith("rank 0:"))
     total = re.search(r"rank 0: ([\d.]+) MiB =", line)
     activations = re.search(r"activations ([\d.]+) MiB", line)

@@ -12,6 +12,7 @@ their predicted peaks together, plus what the launcher itself holds while they r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ def kept_budget(
     budget = memory_budget(config.memory_budget, device, nproc, launcher=baseline)
     over = over_budget(prediction, budget, nproc)
     if over is None:
-        return prediction
+        fits = f"{budget.describe()}; fits, at {format_size(load(prediction, budget, nproc))}"
+        return dataclasses.replace(prediction, budget=fits)
 
     def fits(candidate: MemoryPrediction) -> bool:
         return over_budget(candidate, budget, nproc) is None

@@ -81,6 +81,7 @@ class MemoryPrediction:
 
     ranks: tuple[RankPrediction, ...]
     steps: int
+    budget: str = ""  # the budget it was checked against and fits, as --dry-run says it
 
     @property
     def peak(self) -> RankPrediction:
@@ -93,6 +94,8 @@ class MemoryPrediction:
             f"memory per rank, predicted at its worst batch of {self.steps} planned step(s):",
             *(f"  {rank.describe()}" for rank in self.ranks),
         ]
+        if self.budget:
+            lines.append(f"memory budget: {self.budget}")
         return "\n".join(lines)
 
 
