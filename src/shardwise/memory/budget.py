@@ -44,13 +44,14 @@ def kept_budget(
 ) -> MemoryPrediction:
     """`config`'s prediction over `layout`, refused in one line (ShardwiseError) when it does
     not fit its budget, naming the changes that do (`check`: the device checks a changed
-    config must pass too). A rank's baseline is this process's resident memory: the launcher,
-    like a worker, has torch, the corpus and the data plan loaded."""
+    config must pass too). A CPU rank's baseline is this process's resident memory: the
+    launcher, like a worker, has torch, the corpus and the data plan loaded; a GPU rank's is
+    what its device holds at the start, nothing the prediction does not count itself."""
     release_freed_memory()
-    baseline = resident_bytes()
-    predictor = MemoryPredictor(config, corpus, baseline)
+    launcher = resident_bytes()
+    predictor = MemoryPredictor(config, corpus, launcher if device.type == "cpu" else 0)
     prediction = predictor.predict(config, layout, cuts)
-    budget = memory_budget(config.memory_budget, device, nproc, launcher=baseline)
+    budget = memory_budget(config.memory_budget, device, nproc, launcher=launcher)
     over = over_budget(prediction, budget, nproc)
     if over is None:
         fits = f"{budget.describe()}; fits, at {format_size(load(prediction, budget, nproc))}"
