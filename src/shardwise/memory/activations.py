@@ -16,13 +16,20 @@ happens under the run's autocast, so bf16 activations count as bf16.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from shardwise.data.cache import default_cache_dir
 from shardwise.errors import ShardwiseError
 from shardwise.loss import token_loss_sum
 from shardwise.memory.batches import BatchShape
@@ -140,6 +147,60 @@ def profile_activations(
         )
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return ActivationProfile(Curve.through(widths, whole), pieces, params)
+
+
+def cached_profile(
+    model: nn.Module,
+    contract: ModelContract,
+    autocast: Autocast,
+    widest: int,
+    packed: bool,
+    mode: str,
+    cache_dir: Path | None = None,
+) -> ActivationProfile:
+    """`profile_activations`, remembered on disk by what decides it: the model's parameters
+    (names, shapes, dtypes), the source of its class's module, its call, the precision `mode`,
+    the widths and packing. The launcher's prediction and every run's record of the same model
+    then profile once, not once each (a few seconds of a tiny run's start).
+
+        profile = cached_profile(model, contract, autocast, 64, False, "fp32")
+    """
+    key = _profile_key(model, contract, widest, packed, mode)
+    path = (cache_dir or default_cache_dir()) / "memory" / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return _profile_from_json(json.loads(path.read_text()))
+    profile = profile_activations(model, contract, autocast, widest, packed)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(dataclasses.asdict(profile)))
+        temporary.replace(path)  # whole or not at all, for a reader in another process
+    return profile
+
+
+def _profile_key(
+    model: nn.Module, contract: ModelContract, widest: int, packed: bool, mode: str
+) -> str:
+    shapes = [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()]
+    try:
+        source = Path(inspect.getfile(type(model))).read_bytes()
+    except (OSError, TypeError):  # defined where no file holds it: never reused across runs
+        source = repr(id(type(model))).encode()
+    text = repr((shapes, type(model).__qualname__, contract.describe(), widest, packed, mode))
+    return hashlib.sha256(text.encode() + hashlib.sha256(source).digest()).hexdigest()[:24]
+
+
+def _profile_from_json(values: dict) -> ActivationProfile:
+    pieces = tuple(
+        PieceActivations(
+            tuple(piece["names"]),
+            int(piece["param_bytes"]),
+            Curve(**piece["saved"]),
+            int(piece["output_per_token"]),
+        )
+        for piece in values["pieces"]
+    )
+    return ActivationProfile(Curve(**values["whole"]), pieces, int(values["param_bytes"]))
 
 
 def _widths(widest: int) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ import torch
 from shardwise.config import TrainConfig
 from shardwise.config.parallelism import parallelism_from
 from shardwise.data.prepare import PreparedCorpus
-from shardwise.memory.activations import WIDEST, ActivationProfile, profile_activations
+from shardwise.memory.activations import WIDEST, ActivationProfile, cached_profile
 from shardwise.memory.batches import PlannedBatch, planned_shapes, worst_batches
 from shardwise.memory.footprint import (
     StepCost,
@@ -155,8 +155,8 @@ class MemoryPredictor:
             mode = "bf16" if config.precision == "fp16" else config.precision
             autocast = Precision(mode, torch.device("cpu")).autocast
             widest = min(int(self.lengths.max()) - 1, WIDEST)
-            self._profiles[key] = profile_activations(
-                model, contract, autocast, widest, packed=config.packs_rows
+            self._profiles[key] = cached_profile(
+                model, contract, autocast, widest, config.packs_rows, mode
             )
         return self._profiles[key]
 
