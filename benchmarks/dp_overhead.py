@@ -47,7 +47,7 @@ from shardwise.distributed import init_distributed, shutdown_distributed
 from shardwise.models import build_model
 from shardwise.run_dir import hold_run_dir
 from shardwise.session import Session
-from shardwise.train.schedule import warmup_cosine
+from shardwise.train.lr_schedule import warmup_cosine
 from shardwise.train.trainer import Trainer
 from support.rounds import (
     Comparison,

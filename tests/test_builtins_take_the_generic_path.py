@@ -2,7 +2,7 @@
 
 A check by type (`isinstance(model, TransformerLM)`) or by built-in name (`== "transformer"`)
 elsewhere is a code path users' models never reach; the built-ins say what they need through the
-convention any model may follow (`layer_names`, `forward_layer`, `layer_uses`, `tp_plan`, the
+convention any model may follow (`layer_names`, `forward_layer`, `layer_uses`, `tp_styles`, the
 probed call), and the registry says what only a name can tell (models/__init__.py).
 """
 

@@ -41,7 +41,7 @@ from shardwise.parallel.recompute import (
     block_names,
 )
 from shardwise.partition import PieceCost, profile_pieces
-from shardwise.partition.cut import plan_from_costs
+from shardwise.partition.cut import cut_from_costs
 from shardwise.techniques import Footprint
 from shardwise.techniques.recompute import RECOMPUTE
 from user_models import MaskInBlocks, OddNames
@@ -236,8 +236,8 @@ def test_the_cut_planner_holds_less_and_takes_longer_under_recompute() -> None:
     costs = [piece("embed", 100), *blocks, piece("head", 500)]
     adjusted = Recompute("full").piece_costs(costs)
     assert [c.activation_bytes for c in adjusted] == [100, 100, 100, 100, 100, 500]
-    recomputed = plan_from_costs(adjusted, 2, microbatches=4, starts=[0, 3, 6])
-    plain = plan_from_costs(costs, 2, microbatches=4, starts=[0, 3, 6])
+    recomputed = cut_from_costs(adjusted, 2, microbatches=4, starts=[0, 3, 6])
+    plain = cut_from_costs(costs, 2, microbatches=4, starts=[0, 3, 6])
     for before, after in zip(plain.stages, recomputed.stages, strict=True):
         assert after.memory_bytes < before.memory_bytes
         assert after.time_s > before.time_s

@@ -16,7 +16,7 @@ Each one is the shape of a model people arrive with:
 - `OddNames`: two Linear projections, a GRU and a head under names shardwise never uses.
 - `LayeredLM`: a model that says how its forward runs layer by layer (`forward_layer`,
   `layer_uses`: positions added to the tokens, a residual, dropout) and how tensor parallelism
-  splits it (`tp_plan`), as the built-ins do.
+  splits it (`tp_styles`), as the built-ins do.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class LayeredLM(nn.Module):
             return self.dropout(self.mixer(x)[0])
         return self.out(x)
 
-    def tp_plan(self) -> dict[str, dict[str, str]]:
+    def tp_styles(self) -> dict[str, dict[str, str]]:
         return {
             "embed": {"tokens": "row-wise"},
             "mlp": {"ff.0": "column-wise", "ff.2": "row-wise"},

@@ -26,19 +26,19 @@ from shardwise.memory.budget import kept_budget
 from shardwise.memory.predict import MemoryPrediction
 from shardwise.models import check_model_spec
 from shardwise.models.contract import ModelContract
+from shardwise.parallel.layer_split import LayerSplit
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.parallelism import Parallelism
-from shardwise.parallel.split_plan import SplitPlan
-from shardwise.partition import Plan
+from shardwise.partition import PipelineCut
 from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.stores import check_port_free
 from shardwise.train.build import (
     build_sampler,
     load_corpus,
+    pipeline_cut,
     seeded_model,
     sequence_lengths,
-    stage_plan,
     tensor_parallel_split,
     user_model_call,
     with_step_budget,
@@ -68,12 +68,12 @@ class RunPlan:
     nproc: int  # workers on this node
     nnodes: int
     layout: Layout
-    stages: Plan | None  # the pipeline cut and its predictions; None for one stage
+    stages: PipelineCut | None  # the pipeline cut and its predictions; None for one stage
     corpus: PreparedCorpus = field(repr=False)
     servers: int = 0  # --sync async's parameter servers, started beside the workers
     budget: str = ""  # what --max-tokens or --epochs comes to, when given
     contract: ModelContract | None = None  # how a user's model is called (None: a built-in)
-    split: SplitPlan | None = None  # what --tp splits; None without it
+    split: LayerSplit | None = None  # what --tp splits; None without it
     config: TrainConfig | None = field(default=None, repr=False)  # as the workers get it
     parallelism: Parallelism | None = None  # each technique the workers apply, and with what
     memory: MemoryPrediction | None = None  # each rank's predicted peak, by part
@@ -154,7 +154,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     corpus = load_corpus(config)
     contract = user_model_call(config, corpus)
     build_sampler(config, sequence_lengths(corpus), layout.data_ranks, rank=0)
-    stages = stage_plan(config, corpus)
+    stages = pipeline_cut(config, corpus)
     split = tensor_parallel_split(config, corpus.vocab_size, contract)
     if config.resume is not None:
         find_checkpoint(config.resume)

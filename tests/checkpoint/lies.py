@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from checkpoint.payloads import METADATA, RNG, STATE, _append_to_shard, _read_metadata, seal
-from shardwise.train.schedule import lr_factor
+from shardwise.train.lr_schedule import lr_factor
 
 SHARD = "__0_0.distcp"
 

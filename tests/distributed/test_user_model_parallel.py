@@ -20,9 +20,9 @@ from ranks import run_ranks
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
 from shardwise.models.contract import PLAIN
+from shardwise.parallel.layer_split import LayerSplit
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.parallelize import apply_tensor_parallel, parallelize, split_probe
-from shardwise.parallel.split_plan import SplitPlan
 from user_models import odd_names
 
 
@@ -50,7 +50,7 @@ class WronglyPaired(nn.Module):
 def wrongly_split(attention: bool, layout: Layout, env: DistEnv) -> str:
     """The error of forcing the pair (a, b) the structural probe refuses; "" when none."""
     model = WronglyPaired(attention)
-    plan = SplitPlan(2, {"a": ColwiseParallel(), "b": RowwiseParallel()}, {}, token_bound=32)
+    plan = LayerSplit(2, {"a": ColwiseParallel(), "b": RowwiseParallel()}, {}, token_bound=32)
     try:
         probe = split_probe(model, layout, [], plan, PLAIN, env.device)
         apply_tensor_parallel(model, layout, plan, probe)

@@ -15,7 +15,11 @@ import shardwise
 from helpers import quick_config
 from parallel_cases import tiny_model
 from shardwise.errors import ShardwiseError
-from shardwise.parallel.tensor_parallel import require_split, split_plan, tensor_parallel_plan
+from shardwise.parallel.tensor_parallel import (
+    find_layer_split,
+    require_split,
+    tensor_parallel_styles,
+)
 from user_models import odd_names
 
 VOCAB, DIM = 64, 16
@@ -84,7 +88,7 @@ class Attention(nn.Module):
 
 
 def test_odd_names_are_split_by_structure() -> None:
-    plan = split_plan(odd_names(256), 2)
+    plan = find_layer_split(odd_names(256), 2)
     assert kinds(plan.styles) == {
         "lookup": "RowwiseParallel",
         "widen": "ColwiseParallel",
@@ -101,18 +105,18 @@ def test_odd_names_are_split_by_structure() -> None:
 @pytest.mark.parametrize("between", ["layernorm", "residual", "also read"])
 def test_linears_not_joined_by_elementwise_operations_alone_stay_whole(between: str) -> None:
     # Named fc1 and fc2 like an MLP: each case breaks a different one of the probe's checks.
-    plan = split_plan(TwoLinears(between), 2)
+    plan = find_layer_split(TwoLinears(between), 2)
     assert "fc1" not in plan.styles and "fc2" not in plan.styles
     assert kinds(plan.styles) == {"embed": "RowwiseParallel", "head": "ColwiseParallel"}
 
 
 def test_an_mlp_of_two_linears_and_a_gelu_is_a_pair() -> None:
-    assert split_plan(TwoLinears("gelu"), 2).pairs == {"fc1": "fc2"}
+    assert find_layer_split(TwoLinears("gelu"), 2).pairs == {"fc1": "fc2"}
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_projections_are_not_paired_but_the_mlp_beside_them_is(fused: bool) -> None:
-    plan = split_plan(Attention(fused), 2)
+    plan = find_layer_split(Attention(fused), 2)
     assert plan.pairs == {"up": "down"}
     assert not {"qkv", "q", "k", "v", "o"} & set(plan.styles)
 
@@ -120,7 +124,7 @@ def test_attention_projections_are_not_paired_but_the_mlp_beside_them_is(fused: 
 def test_layers_tied_to_another_are_left_whole() -> None:
     model = TwoLinears("gelu")
     model.head.weight = model.embed.weight  # weight tying, as GPT-2 does
-    plan = split_plan(model, 2)
+    plan = find_layer_split(model, 2)
     assert "head" not in plan.styles and "embed" not in plan.styles
     assert plan.whole["head"] == "its weight is tied to another module's"
     assert plan.pairs == {"fc1": "fc2"}
@@ -143,7 +147,7 @@ def one_hot_gru(vocab_size: int) -> OneHotGRU:
 
 
 def test_a_model_with_nothing_to_split_is_refused_in_one_line() -> None:
-    plan = split_plan(OneHotGRU(), 2, vocab_size=VOCAB)
+    plan = find_layer_split(OneHotGRU(), 2, vocab_size=VOCAB)
     assert plan.styles == {}
     with pytest.raises(ShardwiseError) as refused:
         require_split(plan, OneHotGRU())
@@ -154,14 +158,14 @@ def test_a_model_with_nothing_to_split_is_refused_in_one_line() -> None:
 
 def test_the_preflight_refuses_tp_with_nothing_to_split(corpus: Path, tmp_path: Path) -> None:
     # tests/ is on the path, so this very file is the factory's module.
-    spec = "parallel.test_structural_plan:one_hot_gru"
+    spec = "parallel.test_structural_split:one_hot_gru"
     config = quick_config(corpus, tmp_path / "run", model=spec, tp=2, nproc=2)
     with pytest.raises(ShardwiseError, match="OneHotGRU has no layer tensor parallelism can split"):
         shardwise.plan(config)
 
 
 def test_layers_that_do_not_split_evenly_say_so() -> None:
-    plan = split_plan(odd_names(255), 2)
+    plan = find_layer_split(odd_names(255), 2)
     assert plan.whole == {"readout": "255 entries do not split over 2 ranks"} | {
         "lookup": "255 entries do not split over 2 ranks"
     }
@@ -171,12 +175,12 @@ def test_layers_that_do_not_split_evenly_say_so() -> None:
 @pytest.mark.parametrize("kind", ["lstm", "transformer"])
 def test_built_in_models_keep_their_named_plan(kind: str) -> None:
     model = tiny_model(kind)
-    assert kinds(split_plan(model, 2).styles) == kinds(tensor_parallel_plan(model, 2))
+    assert kinds(find_layer_split(model, 2).styles) == kinds(tensor_parallel_styles(model, 2))
 
 
 def test_a_plan_keeps_a_pair_whose_halves_share_a_stage() -> None:
     model = TwoLinears("gelu")
-    plan = split_plan(model, 2)
+    plan = find_layer_split(model, 2)
     only_fc1 = nn.Module()
     only_fc1.fc1 = model.fc1
     assert "fc1" not in plan.within(only_fc1)  # its reader is on another stage

@@ -10,7 +10,7 @@ from parallel_cases import tiny_model
 from shardwise.errors import ShardwiseError
 from shardwise.models import TransformerLM
 from shardwise.parallel.stages import split_into_stages
-from shardwise.parallel.tensor_parallel import split_plan, tensor_parallel_plan
+from shardwise.parallel.tensor_parallel import find_layer_split, tensor_parallel_styles
 from user_models import LayeredLM
 
 
@@ -19,7 +19,7 @@ def kinds(plan: dict) -> dict[str, str]:
 
 
 def test_transformer_plan_is_megatrons_pairing() -> None:
-    plan = kinds(tensor_parallel_plan(tiny_model("transformer"), 2))
+    plan = kinds(tensor_parallel_styles(tiny_model("transformer"), 2))
     assert (
         plan["head.1"] == plan["blocks.2.attn.qkv"] == plan["blocks.0.mlp.fc1"] == "ColwiseParallel"
     )
@@ -30,24 +30,24 @@ def test_transformer_plan_is_megatrons_pairing() -> None:
 
 
 def test_recurrent_model_splits_only_its_embedding_and_head() -> None:
-    assert sorted(tensor_parallel_plan(tiny_model("lstm"), 2)) == ["embed", "head.1"]
+    assert sorted(tensor_parallel_styles(tiny_model("lstm"), 2)) == ["embed", "head.1"]
 
 
 def test_parts_choose_what_is_split() -> None:
-    assert list(tensor_parallel_plan(tiny_model("transformer"), 2, parts=["head"])) == ["head.1"]
+    assert list(tensor_parallel_styles(tiny_model("transformer"), 2, parts=["head"])) == ["head.1"]
     with pytest.raises(ShardwiseError, match="unknown"):
-        tensor_parallel_plan(tiny_model("transformer"), 2, parts=["lstm"])
+        tensor_parallel_styles(tiny_model("transformer"), 2, parts=["lstm"])
 
 
 def test_a_stage_is_planned_by_its_original_names() -> None:
     _, last = split_into_stages(tiny_model("transformer"), ["blocks.2"])
-    assert sorted(tensor_parallel_plan(last, 2)) == [
+    assert sorted(tensor_parallel_styles(last, 2)) == [
         "blocks.2.attn.proj", "blocks.2.attn.qkv", "blocks.2.mlp.fc1", "blocks.2.mlp.fc2", "head.1"
     ]  # fmt: skip
 
 
 def test_the_vocabulary_projection_gathers_whole_logits() -> None:
-    head = tensor_parallel_plan(tiny_model("lstm"), 2)["head.1"]
+    head = tensor_parallel_styles(tiny_model("lstm"), 2)["head.1"]
     assert isinstance(head, ColwiseParallel) and not isinstance(head, RowwiseParallel)
     assert "Replicate" in repr(head.output_layouts)
 
@@ -61,12 +61,12 @@ def test_the_vocabulary_projection_gathers_whole_logits() -> None:
 )
 def test_layers_that_do_not_split_evenly_are_user_errors(model, tp: int, message: str) -> None:
     with pytest.raises(ShardwiseError, match=message):
-        tensor_parallel_plan(model(), tp)
+        tensor_parallel_styles(model(), tp)
 
 
 def test_a_model_that_declares_its_split_is_split_as_declared() -> None:
     model = LayeredLM(64)
-    plan = split_plan(model, 2)  # by the declaration, not by probing what the layers do
+    plan = find_layer_split(model, 2)  # by the declaration, not by probing what the layers do
     assert kinds(plan.styles) == {
         "tokens": "RowwiseParallel",
         "ff.0": "ColwiseParallel",
@@ -75,15 +75,15 @@ def test_a_model_that_declares_its_split_is_split_as_declared() -> None:
     }
     assert plan.labels["out"] == "column-wise, output gathered"
     assert plan.token_bound == 64  # the token table's ids, not the smaller position table's
-    assert list(tensor_parallel_plan(model, 2, parts=["mlp"])) == ["ff.0", "ff.2"]
+    assert list(tensor_parallel_styles(model, 2, parts=["mlp"])) == ["ff.0", "ff.2"]
     _, last = split_into_stages(model, ["mixer"])
-    assert list(tensor_parallel_plan(last, 2)) == ["out"]  # a stage declares its share
+    assert list(tensor_parallel_styles(last, 2)) == ["out"]  # a stage declares its share
 
 
 def test_megatron_names_without_a_declaration_split_nothing() -> None:
     model = nn.Module()
     model.embed, model.head = nn.Embedding(8, 4), nn.Sequential(nn.Linear(4, 8))
-    assert tensor_parallel_plan(model, 2) == {}  # split_plan probes such a model instead
+    assert tensor_parallel_styles(model, 2) == {}  # find_layer_split probes such a model instead
 
 
 class Declares(LayeredLM):
@@ -91,7 +91,7 @@ class Declares(LayeredLM):
         super().__init__(64)
         self.declared = declared
 
-    def tp_plan(self) -> dict:
+    def tp_styles(self) -> dict:
         return self.declared
 
 
@@ -110,5 +110,5 @@ class Declares(LayeredLM):
 )
 def test_a_split_declared_wrong_is_a_user_error(declared: dict, message: str) -> None:
     with pytest.raises(ShardwiseError, match=message) as error:
-        split_plan(Declares(declared), 2)
-    assert str(error.value).startswith("Declares.tp_plan() ") and "\n" not in str(error.value)
+        find_layer_split(Declares(declared), 2)
+    assert str(error.value).startswith("Declares.tp_styles() ") and "\n" not in str(error.value)

@@ -10,12 +10,12 @@ import torch
 from shardwise.errors import ShardwiseError
 from shardwise.models import RecurrentLM
 from shardwise.parallel.stages import model_pieces, stage_starts
-from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
+from shardwise.partition.store import cut_key, remember_cuts, remembered_cuts
 
 
 def key_for(model: torch.nn.Module, sample: torch.Tensor, **settings: object) -> str:
     options = {"stages": 2, "microbatches": 4, "schedule": "1f1b"} | settings
-    return plan_key(model, sample, **options)  # type: ignore[arg-type]
+    return cut_key(model, sample, **options)  # type: ignore[arg-type]
 
 
 def test_a_cut_is_remembered_under_its_key(tmp_path: Path) -> None:
@@ -37,8 +37,8 @@ def test_another_model_sample_or_setting_is_another_key() -> None:
 
 @pytest.mark.parametrize("content", ["not json", '{"cuts": 1}', "[1, 2]", '"blocks.1"'])
 def test_an_entry_that_is_not_a_list_of_names_is_ignored(tmp_path: Path, content: str) -> None:
-    (tmp_path / "plans").mkdir()
-    (tmp_path / "plans" / "k.json").write_text(content)
+    (tmp_path / "cuts").mkdir()
+    (tmp_path / "cuts" / "k.json").write_text(content)
     assert remembered_cuts("k", tmp_path) is None
 
 

@@ -14,21 +14,21 @@ from shardwise.data.batch import collate
 from shardwise.errors import ShardwiseError
 from shardwise.train.build import (
     load_corpus,
+    pipeline_cut,
     profile_sample,
     seeded_model,
-    stage_plan,
     step_groups,
 )
 
 
 def test_one_stage_needs_no_plan(corpus: Path, tmp_path: Path) -> None:
     config = quick_config(corpus, tmp_path / "run")
-    assert stage_plan(config, load_corpus(config)) is None
+    assert pipeline_cut(config, load_corpus(config)) is None
 
 
 def test_given_split_points_are_kept(corpus: Path, tmp_path: Path) -> None:
     config = quick_config(corpus, tmp_path / "run", pp=2, split_points=["blocks.1"])
-    plan = stage_plan(config, load_corpus(config))
+    plan = pipeline_cut(config, load_corpus(config))
     assert plan is not None and plan.cuts == ["blocks.1"]
 
 
@@ -38,21 +38,21 @@ def test_a_profiled_cut_is_remembered_and_reused(
     monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path / "cache"))
     config = quick_config(corpus, tmp_path / "run", pp=2, microbatches=2)
     corpus_ = load_corpus(config)
-    first = stage_plan(config, corpus_)
+    first = pipeline_cut(config, corpus_)
     assert first is not None
-    entries = list((tmp_path / "cache" / "plans").glob("*.json"))
+    entries = list((tmp_path / "cache" / "cuts").glob("*.json"))
     assert [json.loads(entry.read_text()) for entry in entries] == [first.cuts]
     # Whatever the next profile would say, the remembered cut decides.
     other = ["head"] if first.cuts != ["head"] else ["blocks.1"]
     entries[0].write_text(json.dumps(other))
-    again = stage_plan(config, corpus_)
+    again = pipeline_cut(config, corpus_)
     assert again is not None and again.cuts == other
 
 
 def test_too_many_stages_for_the_model_is_refused(corpus: Path, tmp_path: Path) -> None:
     config = quick_config(corpus, tmp_path / "run", pp=9, microbatches=9)
     with pytest.raises(ShardwiseError, match="--pp 9: model 'gru' has only"):
-        stage_plan(config, load_corpus(config))
+        pipeline_cut(config, load_corpus(config))
 
 
 def test_the_profile_sample_is_the_first_batch_of_training_sequences(

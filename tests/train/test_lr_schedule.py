@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from shardwise.train.schedule import lr_factor, warmup_cosine
+from shardwise.train.lr_schedule import lr_factor, warmup_cosine
 
 
 def test_warmup_rises_linearly_then_cosine_reaches_the_floor() -> None:

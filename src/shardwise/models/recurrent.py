@@ -23,7 +23,7 @@ class RecurrentLM(nn.Module):
 
     Each recurrent layer is its own module in `self.blocks` (rather than one `nn.LSTM` with
     `num_layers`) so that a pipeline can place layers on different stages: `layer_names()`
-    lists them in order, `forward_layer()` runs one as a stage does and `tp_plan()` says how
+    lists them in order, `forward_layer()` runs one as a stage does and `tp_styles()` says how
     tensor parallelism splits them (the convention any model may follow; README, "Your own
     model"). Dropout, when asked for, is applied to the input of every block and of the head.
 
@@ -85,10 +85,10 @@ class RecurrentLM(nn.Module):
         # starts at zero on every call, as in forward.
         return self.drop(out[0] if isinstance(out, tuple) else out)
 
-    def tp_plan(self) -> dict[str, dict[str, str]]:
+    def tp_styles(self) -> dict[str, dict[str, str]]:
         """How tensor parallelism splits the model, by part: the token table and the head.
 
-        >>> RecurrentLM().tp_plan()["head"]
+        >>> RecurrentLM().tp_styles()["head"]
         {'head.1': 'column-wise, output gathered'}
         """
         return {"embed": {"embed": "row-wise"}, "head": {"head.1": "column-wise, output gathered"}}

@@ -98,7 +98,7 @@ class TransformerLM(nn.Module):
     attention then stays inside each sequence, so every packed sequence gets exactly the logits
     it would get alone. `layer_names()` lists the pieces a pipeline may place on stages, and
     `forward_layer()` runs one as a stage does: `embed` uses `pos` (`layer_uses`), as the two
-    are summed, so they stay on one stage. `tp_plan()` is Megatron's split of the layers.
+    are summed, so they stay on one stage. `tp_styles()` is Megatron's split of the layers.
     """
 
     def __init__(
@@ -166,10 +166,10 @@ class TransformerLM(nn.Module):
             return self._embedded(x)
         return self.get_submodule(name)(x)
 
-    def tp_plan(self) -> dict[str, dict[str, str | tuple[str, int]]]:
+    def tp_styles(self) -> dict[str, dict[str, str | tuple[str, int]]]:
         """How tensor parallelism splits the model, by part (Megatron's scheme).
 
-        >>> TransformerLM(num_layers=1, num_heads=4).tp_plan()["attn"]
+        >>> TransformerLM(num_layers=1, num_heads=4).tp_styles()["attn"]
         {'blocks.0.attn.qkv': ('column-wise', 4), 'blocks.0.attn.proj': 'row-wise'}
 
         `qkv` is laid out head by head, so its column shards hold whole heads when the head

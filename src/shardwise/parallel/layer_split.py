@@ -1,6 +1,6 @@
 """What tensor parallelism splits in one model: each module's style, in words, and what stays whole.
 
-plan = split_plan(model, tp=2)               # tensor_parallel.py builds it
+plan = find_layer_split(model, tp=2)               # tensor_parallel.py builds it
 parallelize_module(stage, mesh, plan.within(stage))
 print(plan.describe())                       # what --dry-run shows
 """
@@ -14,10 +14,10 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 
 @dataclass(frozen=True)
-class SplitPlan:
+class LayerSplit:
     """Which modules of a model tensor parallelism splits, how, and which it leaves whole, why.
 
-    plan = split_plan(model, tp=2)
+    plan = find_layer_split(model, tp=2)
     plan.styles, print(plan.describe())   # {"widen": ColwiseParallel(), ...}
     """
 

@@ -3,7 +3,7 @@
     parallelism = Parallelism(layout, sync, pipeline=PipelineStages(("blocks.2",), microbatches=4))
     model = parallelize(MyLM(), parallelism, env)
 
-0. `plan_split`: which layers tensor parallelism splits, planned on the whole model.
+0. `layer_split_for`: which layers tensor parallelism splits, planned on the whole model.
 1. `apply_stages`: keep this rank's pipeline stage (the rest moves to "meta").
 2. `apply_tensor_parallel`: split the stage's share of the plan over the tensor-parallel ranks,
    and check on a probe batch that the split part computes what it did whole.
@@ -37,10 +37,10 @@ from shardwise.parallel.stages import Autocast, Boundary, keep_stage
 from shardwise.parallel.sync import SyncStrategy
 from shardwise.parallel.tensor_parallel import (
     PARTS,
-    SplitPlan,
+    LayerSplit,
     checked_split,
+    find_layer_split,
     require_split,
-    split_plan,
 )
 from shardwise.techniques import registered
 
@@ -62,7 +62,9 @@ def parallelize(
         check_faithful_chain(model, vocab, partial(contract, model))
     max_len = getattr(model, "max_len", None)
     parts = parallelism.tensor.parts if parallelism.tensor is not None else PARTS
-    plan = plan_split(model, layout.tp, parts, contract)  # before stages: probes the whole model
+    plan = layer_split_for(
+        model, layout.tp, parts, contract
+    )  # before stages: probes the whole model
     part, boundaries = apply_stages(model, layout, stages, parallelism.autocast)
     part = part.to(env.device)
     if plan is not None:
@@ -102,24 +104,24 @@ def apply_stages(
     return keep_stage(model, stages.cuts, count, held[0], autocast)
 
 
-def plan_split(
+def layer_split_for(
     model: nn.Module, tp: int, parts: Sequence[str], contract: ModelContract
-) -> SplitPlan | None:
+) -> LayerSplit | None:
     """What tensor parallelism over `tp` ranks splits (None for tp 1), planned on the whole
     model through its call; refused when it would split nothing.
 
-        plan = plan_split(model, 2, PARTS, contract)   # in the launcher and in every worker
+        plan = layer_split_for(model, 2, PARTS, contract)   # in the launcher and in every worker
     """
     if tp == 1:
         return None
     forward = partial(contract, model)
-    plan = split_plan(model, tp, parts, forward, vocab_size=contract.vocab_size)
+    plan = find_layer_split(model, tp, parts, forward, vocab_size=contract.vocab_size)
     require_split(plan, model)
     return plan
 
 
 def apply_tensor_parallel(
-    part: nn.Module, layout: Layout, plan: SplitPlan, probe: Callable[[], torch.Tensor]
+    part: nn.Module, layout: Layout, plan: LayerSplit, probe: Callable[[], torch.Tensor]
 ) -> None:
     """Split this rank's share of `plan` over the tensor-parallel ranks, its outputs checked."""
     styles = plan.within(part)
@@ -131,7 +133,7 @@ def split_probe(
     part: nn.Module,
     layout: Layout,
     boundaries: list[Boundary],
-    plan: SplitPlan,
+    plan: LayerSplit,
     contract: ModelContract,
     device: torch.device,
 ) -> Callable[[], torch.Tensor]:

@@ -84,7 +84,7 @@ class Recompute:
         a recomputed block holds `held`'s bytes per micro-batch in flight, makes the rest again
         once at a time (`recompute_bytes`), and takes `again` longer.
 
-            plan = plan_stages(model, 2, tokens, adjust=Recompute("full").piece_costs)
+            plan = cut_stages(model, 2, tokens, adjust=Recompute("full").piece_costs)
         """
         adjusted = list(costs)
         for index, cost in enumerate(costs):

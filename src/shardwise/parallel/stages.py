@@ -150,7 +150,7 @@ class StageModule(nn.Module):
     stage = StageModule(model, model_pieces(model)[2:])
     stage.get_submodule("blocks.1") is model.blocks[1]   # True
 
-    Its `tp_plan()` is the model's, less the layers other stages hold.
+    Its `tp_styles()` is the model's, less the layers other stages hold.
     """
 
     def __init__(self, model: nn.Module, pieces: Sequence[Piece]) -> None:
@@ -160,9 +160,9 @@ class StageModule(nn.Module):
         self.layer_names = [name for piece in pieces for name in piece.names]
         # A plain list: the steps are closures over modules registered above, not modules.
         self._runs = [piece.run for piece in pieces]
-        self._model_tp_plan = getattr(model, "tp_plan", None)
+        self._model_tp_plan = getattr(model, "tp_styles", None)
 
-    def tp_plan(self) -> dict[str, dict[str, Any]]:
+    def tp_styles(self) -> dict[str, dict[str, Any]]:
         """The model's declared tensor split of the layers this stage holds ({} without one)."""
         declared = self._model_tp_plan() if callable(self._model_tp_plan) else {}
         held = {name for name, _ in self.named_modules()}

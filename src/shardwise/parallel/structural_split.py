@@ -1,6 +1,6 @@
-"""Plan tensor parallelism for a model we did not write, by what its layers do, not their names.
+"""Split layers for tensor parallelism in a model we did not write, by what they do, not names.
 
-    plan = structural_plan(model, tp=2)              # probes model(tokens) on one process
+    plan = structural_split(model, tp=2)              # probes model(tokens) on one process
     plan.styles   # {"lookup": RowwiseParallel, "widen": ColwiseParallel, "narrow": ..., ...}
 
 Three kinds of layer split exactly, whatever they are called:
@@ -35,21 +35,21 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.models.contract import probing
 from shardwise.parallel.faithful import Forward, own_forward, probe_tokens, token_bound
-from shardwise.parallel.split_plan import SplitPlan
+from shardwise.parallel.layer_split import LayerSplit
 
 Hook = Callable[..., Any]
 
 
-def structural_plan(
+def structural_split(
     model: nn.Module,
     tp: int,
     parts: tuple[str, ...] | list[str] = ("head", "embed", "mlp", "attn"),
     forward: Forward | None = None,
     vocab_size: int | None = None,
-) -> SplitPlan:
+) -> LayerSplit:
     """The plan for `model` over `tp` ranks, proven on probe batches through `forward`.
 
-    plan = structural_plan(OddNames(256), 2)
+    plan = structural_split(OddNames(256), 2)
     plan.labels["widen"], plan.pairs   # "column-wise, feeding narrow", {"widen": "narrow"}
     """
     bound = vocab_size or token_bound(model)
@@ -78,7 +78,7 @@ def structural_plan(
         if fits and _usable(name, shared, whole, tp, logits):
             styles[name] = RowwiseParallel(input_layouts=Replicate())
             labels[name] = f"row-wise over the {logits} token entries, summed"
-    return SplitPlan(tp, styles, labels, whole, bound, dict(pairs))
+    return LayerSplit(tp, styles, labels, whole, bound, dict(pairs))
 
 
 def _usable(name: str, shared: set[str], whole: dict[str, str], tp: int, size: int) -> bool:

@@ -3,7 +3,7 @@
     parallelize_lm(model, layout.submesh("tp"))                # head, embedding, MLP, attention
     parallelize_lm(stage, layout.submesh("tp"), parts=("head",))   # only the vocabulary projection
 
-A model may declare its split in a `tp_plan()` method, `{part: {layer name: style}}`, with the
+A model may declare its split in a `tp_styles()` method, `{part: {layer name: style}}`, with the
 parts `head`, `embed`, `mlp` and `attn` and the styles "column-wise", "row-wise" and
 "column-wise, output gathered"; `("column-wise", heads)` is a layer whose outputs are that many
 attention heads laid out head by head, which must divide over the ranks. The built-ins declare
@@ -16,7 +16,7 @@ Megatron's scheme (over a 1-D mesh):
   so each rank's columns are whole heads and attention runs on them unchanged.
 Every split layer takes and returns plain replicated tensors, so a split module composes with
 pipeline stages and with data-parallel replicas like any other module. Models that declare no
-split are planned by what their layers do (structural_plan.py), and every split is checked
+split are planned by what their layers do (structural_split.py), and every split is checked
 against the whole model on a probe batch where it is applied (`checked_split`). Works on gloo
 (CPU) and NCCL alike in torch 2.13.
 """
@@ -39,39 +39,39 @@ from torch.distributed.tensor.parallel import (
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.models.contract import probing
 from shardwise.parallel.faithful import Forward, token_bound
-from shardwise.parallel.split_plan import SplitPlan
-from shardwise.parallel.structural_plan import structural_plan
+from shardwise.parallel.layer_split import LayerSplit
+from shardwise.parallel.structural_split import structural_split
 
 PARTS = ("head", "embed", "mlp", "attn")
 STYLES = ("column-wise", "row-wise", "column-wise, output gathered")
 
 
-def split_plan(
+def find_layer_split(
     model: nn.Module,
     tp: int,
     parts: Sequence[str] = PARTS,
     forward: Forward | None = None,
     vocab_size: int | None = None,
-) -> SplitPlan:
-    """The plan for a whole model: as its `tp_plan()` declares (the built-ins'), else by structure.
+) -> LayerSplit:
+    """The split of a whole model: as its `tp_styles()` declares (built-ins do), else by structure.
 
-        plan = split_plan(build_model("gru"), 2)          # embed and head.1, as declared
-        plan = split_plan(OddNames(256), 2, forward=call)  # probed (see structural_plan.py)
+        plan = find_layer_split(build_model("gru"), 2)          # embed and head.1, as declared
+        plan = find_layer_split(OddNames(256), 2, forward=call)  # probed (see structural_split.py)
 
     `forward` is the model's own call, tokens [batch, time] -> logits (default `model(tokens)`).
     """
-    if not callable(getattr(model, "tp_plan", None)):
-        return structural_plan(model, tp, tuple(parts), forward, vocab_size)
-    styles = tensor_parallel_plan(model, tp, parts)
+    if not callable(getattr(model, "tp_styles", None)):
+        return structural_split(model, tp, tuple(parts), forward, vocab_size)
+    styles = tensor_parallel_styles(model, tp, parts)
     labels = {name: _label(style) for name, style in styles.items()}
     declared = _declared_layers(model)
     tables = [model.get_submodule(name) for name, (part, *_) in declared.items() if part == "embed"]
     sizes = [table.num_embeddings for table in tables if isinstance(table, nn.Embedding)]
     bound = min(sizes, default=vocab_size or token_bound(model))  # ids the token table takes
-    return SplitPlan(tp, styles, labels, token_bound=bound)
+    return LayerSplit(tp, styles, labels, token_bound=bound)
 
 
-def require_split(plan: SplitPlan, model: nn.Module) -> None:
+def require_split(plan: LayerSplit, model: nn.Module) -> None:
     """Refuse a --tp run that would split nothing: every rank would repeat the same work."""
     if plan.styles:
         return
@@ -145,18 +145,18 @@ def parallelize_lm(
     Every rank must hold the same weights beforehand (build the model with the same seed).
     A layer whose split dimension does not divide by the mesh size raises `ShardwiseError`.
     """
-    plan = tensor_parallel_plan(module, tp_mesh.size(), parts)
+    plan = tensor_parallel_styles(module, tp_mesh.size(), parts)
     if plan:
         parallelize_module(module, tp_mesh, plan)
     return module
 
 
-def tensor_parallel_plan(
+def tensor_parallel_styles(
     module: nn.Module, tp: int, parts: Sequence[str] = PARTS
 ) -> dict[str, ParallelStyle]:
-    """The `parallelize_module` plan of `module.tp_plan()`: {module name: ColwiseParallel, ...}.
+    """The `parallelize_module` plan of `module.tp_styles()`: {module name: ColwiseParallel, ...}.
 
-    tensor_parallel_plan(TransformerLM(num_layers=1), 2)
+    tensor_parallel_styles(TransformerLM(num_layers=1), 2)
     # {"embed": RowwiseParallel, "blocks.0.attn.qkv": ColwiseParallel, ..., "head.1": ...}
 
     `module` is a model or a pipeline stage (which declares its share of the model's plan); one
@@ -180,12 +180,12 @@ def tensor_parallel_plan(
 
 
 def _declared_layers(module: nn.Module) -> dict[str, tuple[str, str, int | None]]:
-    """`module.tp_plan()`, checked, as {layer name: (part, style, heads or None)}."""
-    tp_plan = getattr(module, "tp_plan", None)
-    if not callable(tp_plan):
+    """`module.tp_styles()`, checked, as {layer name: (part, style, heads or None)}."""
+    tp_styles = getattr(module, "tp_styles", None)
+    if not callable(tp_styles):
         return {}
-    who = f"{type(module).__name__}.tp_plan()"
-    declared_parts = tp_plan()
+    who = f"{type(module).__name__}.tp_styles()"
+    declared_parts = tp_styles()
     if not isinstance(declared_parts, Mapping) or not all(
         isinstance(styles, Mapping) for styles in declared_parts.values()
     ):
@@ -225,7 +225,7 @@ def _style(module: nn.Module, name: str, child: nn.Module, word: str) -> Paralle
             "column-wise, output gathered": ColwiseParallel(output_layouts=Replicate()),
         }[word]
     raise ShardwiseError(
-        f"{type(module).__name__}.tp_plan() splits {name!r} ({type(child).__name__}) {word}; "
+        f"{type(module).__name__}.tp_styles() splits {name!r} ({type(child).__name__}) {word}; "
         "tensor parallelism splits an nn.Linear in any style and an nn.Embedding row-wise"
     )
 

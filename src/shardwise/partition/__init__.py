@@ -1,28 +1,28 @@
 """Partition a model into pipeline stages: profile its pieces, then cut where they balance.
 
-plan = plan_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
+plan = cut_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
 print(plan.describe())   # what `shardwise train --pp 2 --dry-run` shows
 """
 
 from __future__ import annotations
 
 from shardwise.partition.cut import (
-    Plan,
-    StagePlan,
+    CutStage,
+    PipelineCut,
     balance,
-    plan_stages,
+    cut_stages,
     profiled_cuts,
-    shared_plan,
+    shared_cut,
 )
 from shardwise.partition.profile import PieceCost, profile_pieces
 
 __all__ = [
+    "CutStage",
     "PieceCost",
-    "Plan",
-    "StagePlan",
+    "PipelineCut",
     "balance",
-    "plan_stages",
+    "cut_stages",
     "profile_pieces",
     "profiled_cuts",
-    "shared_plan",
+    "shared_cut",
 ]

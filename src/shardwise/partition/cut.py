@@ -1,6 +1,6 @@
 """Cut a model into K contiguous stages that balance time and memory, and describe the cut.
 
-    plan = plan_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
+    plan = cut_stages(model, num_stages=2, sample_batch=tokens, microbatches=4)
     model = parallelize(model, parallelism.with_cuts(plan.cuts), env)
 
 Like torchgpipe's `balance_by_time` and `balance_by_size`, but with both at once: each piece
@@ -33,7 +33,7 @@ Adjust = Callable[[list[PieceCost]], list[PieceCost]]
 
 
 @dataclass(frozen=True)
-class StagePlan:
+class CutStage:
     """One stage of a plan: its layers, and predicted time and memory per optimizer step."""
 
     layer_names: tuple[str, ...]
@@ -43,10 +43,10 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class PipelineCut:
     """A cut into stages with predictions; `cuts` is what `parallelize` takes."""
 
-    stages: tuple[StagePlan, ...]
+    stages: tuple[CutStage, ...]
     microbatches: int
     schedule: str
 
@@ -68,7 +68,7 @@ class Plan:
     def describe(self) -> str:
         """A table of the stages, for `--dry-run`.
 
-        print(plan_stages(model, 2, tokens).describe())
+        print(cut_stages(model, 2, tokens).describe())
         """
         header = (
             f"pipeline plan: {_plural(len(self.stages), 'stage')}, "
@@ -99,7 +99,7 @@ class Plan:
         return "\n".join([header, *table, footer])
 
 
-def plan_stages(
+def cut_stages(
     model: nn.Module,
     num_stages: int,
     sample_batch: Batch | torch.Tensor,
@@ -110,10 +110,10 @@ def plan_stages(
     cuts: Sequence[str] | None = None,
     repeats: int = 3,
     adjust: Adjust | None = None,
-) -> Plan:
+) -> PipelineCut:
     """Profile `model` on one micro-batch of `sample_batch` and cut it into `num_stages`.
 
-        plan = plan_stages(model, 2, batch, microbatches=4)
+        plan = cut_stages(model, 2, batch, microbatches=4)
         plan.cuts   # e.g. ["blocks.2"]
 
     `sample_batch` is one step's batch for one pipeline (a `Batch` or its tokens [B, T]); the
@@ -135,20 +135,20 @@ def plan_stages(
     costs = profile_pieces(model, micro, repeats)
     if adjust is not None:
         costs = adjust(costs)
-    return plan_from_costs(costs, num_stages, microbatches, schedule, time_weight, starts)
+    return cut_from_costs(costs, num_stages, microbatches, schedule, time_weight, starts)
 
 
-def plan_from_costs(
+def cut_from_costs(
     costs: Sequence[PieceCost],
     num_stages: int,
     microbatches: int = 1,
     schedule: str = "1f1b",
     time_weight: float = 0.5,
     starts: Sequence[int] | None = None,
-) -> Plan:
-    """The balanced plan for already measured `costs` (see `plan_stages`).
+) -> PipelineCut:
+    """The balanced plan for already measured `costs` (see `cut_stages`).
 
-    plan_from_costs(profile_pieces(model, tokens), num_stages=2, microbatches=4)
+    cut_from_costs(profile_pieces(model, tokens), num_stages=2, microbatches=4)
 
     `starts` ([0, first piece of stage 1, ..., len(costs)]) fixes the cut instead of balancing.
     """
@@ -174,14 +174,14 @@ def plan_from_costs(
     for stage, (begin, end) in enumerate(itertools.pairwise(starts)):
         group = costs[begin:end]
         stages.append(
-            StagePlan(
+            CutStage(
                 layer_names=tuple(name for c in group for name in c.names),
                 time_s=microbatches * sum(c.time_s for c in group),
                 memory_bytes=memory(stage, group),
                 param_count=sum(c.param_count for c in group),
             )
         )
-    return Plan(tuple(stages), microbatches, schedule)
+    return PipelineCut(tuple(stages), microbatches, schedule)
 
 
 def balance(count: int, parts: int, cost: Callable[[int, int, int], float]) -> list[int]:
@@ -213,15 +213,15 @@ def balance(count: int, parts: int, cost: Callable[[int, int, int], float]) -> l
     return sizes[::-1]
 
 
-def shared_plan(env: DistEnv, make_plan: Callable[[], Plan]) -> Plan:
+def shared_cut(env: DistEnv, make_cut: Callable[[], PipelineCut]) -> PipelineCut:
     """Rank 0's plan on every rank: timings differ between ranks, the cut must not.
 
-        plan = shared_plan(env, lambda: plan_stages(model, 2, batch, microbatches=4))
+        plan = shared_cut(env, lambda: cut_stages(model, 2, batch, microbatches=4))
 
     Every rank plans (so a mistake raises on all of them alike, instead of leaving the others
     waiting for rank 0), then all take rank 0's plan.
     """
-    plan = make_plan()
+    plan = make_cut()
     return broadcast_object(plan, env)  # type: ignore[return-value]
 
 
@@ -242,9 +242,9 @@ def profiled_cuts(
     """
     if sample is None:
         sample = torch.zeros(8, 32, dtype=torch.long)
-    plan = shared_plan(
+    plan = shared_cut(
         env,
-        lambda: plan_stages(
+        lambda: cut_stages(
             model, stages, sample, microbatches=microbatches, schedule=schedule, adjust=adjust
         ),
     )

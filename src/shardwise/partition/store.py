@@ -1,8 +1,8 @@
 """Remember a profiled cut, so that a dry run and the run after it train the same stages.
 
-    key = plan_key(model, sample, stages=2, microbatches=4, schedule="1f1b")
+    key = cut_key(model, sample, stages=2, microbatches=4, schedule="1f1b")
     cuts = remembered_cuts(key)          # None the first time
-    remember_cuts(key, plan.cuts)        # JSON in $SHARDWISE_CACHE/plans/<key>.json
+    remember_cuts(key, plan.cuts)        # JSON in $SHARDWISE_CACHE/cuts/<key>.json
 
 A profile times each piece, and times are noisy: profiled twice, a close call can land on
 either side. The first profile of a model on a sample decides; later plans of the same model,
@@ -28,7 +28,7 @@ from shardwise.data.cache import default_cache_dir
 FORMAT_VERSION = 1
 
 
-def plan_key(
+def cut_key(
     model: nn.Module,
     sample: torch.Tensor,
     *,
@@ -73,4 +73,4 @@ def remember_cuts(key: str, cuts: list[str], cache_dir: Path | None = None) -> N
 
 
 def _path(key: str, cache_dir: Path | None) -> Path:
-    return (cache_dir or default_cache_dir()) / "plans" / f"{key}.json"
+    return (cache_dir or default_cache_dir()) / "cuts" / f"{key}.json"

@@ -1,7 +1,7 @@
 """From a TrainConfig to the run's parts: corpus, sampler, model, layout, cut, step budget.
 
     corpus = load_corpus(config)
-    plan = stage_plan(config, corpus)              # None without --pp; else the cut that trains
+    plan = pipeline_cut(config, corpus)              # None without --pp; else the cut that trains
     model = seeded_model(config, corpus.vocab_size)
 
 The preflight, `--dry-run` and every worker build through these functions alone, so what the
@@ -38,14 +38,14 @@ from shardwise.handoff import LAUNCHER_PID_ENV
 from shardwise.models import BUILTIN_MODELS, build_model
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.faithful import check_faithful_chain
+from shardwise.parallel.layer_split import LayerSplit
 from shardwise.parallel.mesh import Layout
-from shardwise.parallel.parallelize import plan_split
+from shardwise.parallel.parallelize import layer_split_for
 from shardwise.parallel.schedules import pipeline_schedule
-from shardwise.parallel.split_plan import SplitPlan
 from shardwise.parallel.stages import model_pieces, stage_starts
 from shardwise.parallel.tensor_parallel import PARTS
-from shardwise.partition import Plan, plan_stages, shared_plan
-from shardwise.partition.store import plan_key, remember_cuts, remembered_cuts
+from shardwise.partition import PipelineCut, cut_stages, shared_cut
+from shardwise.partition.store import cut_key, remember_cuts, remembered_cuts
 from shardwise.techniques import piece_costs
 
 
@@ -129,13 +129,13 @@ def sequence_lengths(corpus: PreparedCorpus) -> np.ndarray:
     return np.fromiter((len(seq) for seq in corpus.train), dtype=np.int64)
 
 
-def stage_plan(
+def pipeline_cut(
     config: TrainConfig, corpus: PreparedCorpus, env: DistEnv | None = None
-) -> Plan | None:
+) -> PipelineCut | None:
     """The pipeline cut this run trains with (None for one stage), the same wherever built.
 
-    plan = stage_plan(config, corpus)        # in the launcher (preflight, --dry-run)
-    plan = stage_plan(config, corpus, env)   # in the workers: rank 0's plan on every rank
+    plan = pipeline_cut(config, corpus)        # in the launcher (preflight, --dry-run)
+    plan = pipeline_cut(config, corpus, env)   # in the workers: rank 0's plan on every rank
 
     Given --split-points it keeps them; otherwise the first profile of this model on this
     sample decides and is remembered, so the dry run and the run cut alike.
@@ -149,7 +149,7 @@ def stage_plan(
     # The techniques in effect that change what pieces hold and take (recompute's blocks).
     degrees = Layout(pp=config.pp, tp=config.tp)
     adjust, adjusted = piece_costs(parallelism_from(config, degrees).entries.values())
-    key = plan_key(
+    key = cut_key(
         model,
         sample,
         stages=count,
@@ -159,8 +159,8 @@ def stage_plan(
     )
     cuts = config.split_points or remembered_cuts(key)
 
-    def make() -> Plan:
-        return plan_stages(
+    def make() -> PipelineCut:
+        return cut_stages(
             model,
             count,
             sample,
@@ -170,7 +170,7 @@ def stage_plan(
             adjust=adjust,
         )
 
-    plan = make() if env is None else shared_plan(env, make)
+    plan = make() if env is None else shared_cut(env, make)
     if cuts is None and (env is None or env.is_main):
         remember_cuts(key, plan.cuts)
     return plan
@@ -205,7 +205,7 @@ def check_pipeline_split(
 
 def tensor_parallel_split(
     config: TrainConfig, vocab_size: int, contract: ModelContract | None = None
-) -> SplitPlan | None:
+) -> LayerSplit | None:
     """What --tp splits, planned on the seeded model as every worker plans it (None for tp 1).
 
     split = tensor_parallel_split(config, corpus.vocab_size, contract)
@@ -217,7 +217,7 @@ def tensor_parallel_split(
     if config.tp == 1:
         return None
     model = seeded_model(config, vocab_size)
-    return plan_split(model, config.tp, PARTS, contract or model_call(config, model))
+    return layer_split_for(model, config.tp, PARTS, contract or model_call(config, model))
 
 
 def build_sampler(

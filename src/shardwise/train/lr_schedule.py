@@ -28,10 +28,10 @@ def warmup_cosine(
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, min_ratio))
 
 
-def follow_schedule(optimizer: Optimizer, scheduler: LambdaLR, factor: float) -> None:
+def follow_lr_schedule(optimizer: Optimizer, scheduler: LambdaLR, factor: float) -> None:
     """Set each group's rate to its base rate times `factor` (this run's schedule at a step).
 
-    follow_schedule(optimizer, scheduler, lr_factor(step, 20, 400, 0.1))   # after a resume
+    follow_lr_schedule(optimizer, scheduler, lr_factor(step, 20, 400, 0.1))   # after a resume
 
     A resumed run takes the next rate from its own schedule: `max_steps` may have changed.
     """

@@ -39,7 +39,7 @@ from shardwise.parallel.model import ParallelModel
 from shardwise.session import Session
 from shardwise.techniques import settings as technique_settings
 from shardwise.train.build import stream_identity
-from shardwise.train.schedule import follow_schedule, lr_factor
+from shardwise.train.lr_schedule import follow_lr_schedule, lr_factor
 
 # Another value makes it another run: the reason the resume is refused (the config's own settings;
 # the techniques' follow).
@@ -371,7 +371,7 @@ def resume_training(
     path, (state, changes), skipped = load_newest(config.resume, env, check_and_load)
     scheduler.load_state_dict(state.scheduler)
     factor = lr_factor(state.step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-    follow_schedule(optimizer, scheduler, factor)
+    follow_lr_schedule(optimizer, scheduler, factor)
     state.world_size = env.world_size
     notes = [*skipped, *changes]
     if env.is_main:

@@ -18,7 +18,7 @@ from shardwise.parallel.sync.exchange import Channel, Inbox, assign_shards
 from shardwise.parallel.sync.param_server import ParameterServer
 from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.train.build import load_corpus, seeded_model, with_step_budget
-from shardwise.train.schedule import warmup_cosine
+from shardwise.train.lr_schedule import warmup_cosine
 
 
 def serve_parameters(config: TrainConfig, env: DistEnv, exchange: AsyncRun) -> dict:

@@ -30,7 +30,7 @@ from shardwise.data.sampler import SamplerPosition
 from shardwise.distributed import all_gather_floats, all_reduce_sum
 from shardwise.errors import ShardwiseError
 from shardwise.memory.record import MemoryWatch
-from shardwise.partition import Plan
+from shardwise.partition import PipelineCut
 from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.run_dir import holds_lease
 from shardwise.session import Session
@@ -39,9 +39,9 @@ from shardwise.train.build import step_groups, stream_identity
 from shardwise.train.evaluation import Evaluations
 from shardwise.train.faults import Faults
 from shardwise.train.health import TrainingHealth, check_finite_weights, skip_step
+from shardwise.train.lr_schedule import warmup_cosine
 from shardwise.train.preemption import Preempted, PreemptionCheck
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
-from shardwise.train.schedule import warmup_cosine
 from shardwise.train.summary import run_summary
 from shardwise.train.timing import StepClock
 
@@ -68,7 +68,7 @@ class Trainer:
         corpus: PreparedCorpus,
         model: nn.Module,
         run_dir: Path,
-        stages: Plan | None = None,
+        stages: PipelineCut | None = None,
         preemption: PreemptionCheck | None = None,
         faults: Faults | None = None,
     ) -> None:

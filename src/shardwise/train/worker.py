@@ -48,7 +48,7 @@ from shardwise.report.summary import SUMMARY_FILE, json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
 from shardwise.safe_write import replace_file
 from shardwise.session import Session
-from shardwise.train.build import load_corpus, seeded_model, stage_plan, with_step_budget
+from shardwise.train.build import load_corpus, pipeline_cut, seeded_model, with_step_budget
 from shardwise.train.export import export_model, whole_model
 from shardwise.train.faults import Faults, read_faults
 from shardwise.train.health import NonFiniteStepError
@@ -175,7 +175,7 @@ def train(
     settings, config = config, config_for_attempt(config, run_dir)
     corpus = load_corpus(config)
     config = with_step_budget(config, corpus, env.world_size)
-    stages = stage_plan(config, corpus, env)  # before the model: profiling draws random numbers
+    stages = pipeline_cut(config, corpus, env)  # before the model: profiling draws random numbers
     model = seeded_model(config, corpus.vocab_size)
     session = Session.from_config(env, config)
     # Usually the launching process holds the run dir; only when the rendezvous picked which
