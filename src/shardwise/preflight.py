@@ -108,8 +108,10 @@ class RunPlan:
             lines.append(
                 f"one stage: every rank holds the model with its large layers split {tp} ways:"
             )
-        else:
+        elif self.layout.shard == 1:
             lines.append("one stage: every rank holds the whole model")
+        else:  # the sharding line above says how the state is spread
+            lines.append("one stage: every rank runs the whole model, its state sharded")
         if self.split is not None:
             lines.append(self.split.describe())
         if self.memory is not None:

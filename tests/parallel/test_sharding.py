@@ -145,4 +145,6 @@ def test_a_dry_run_says_how_the_state_is_sharded(
 ) -> None:
     flags = ["--data", str(corpus), "--model", "gru", "--nproc", "2", "--shard", "grads"]
     assert main(["train", "--dry-run", *flags]) == 0
-    assert "sharding: grads over 2 data ranks (ZeRO-2-like)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sharding: grads over 2 data ranks (ZeRO-2-like)" in out
+    assert "holds the whole model" not in out and "its state sharded" in out
