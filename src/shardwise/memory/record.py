@@ -58,6 +58,7 @@ class MemoryWatch:
         reserved = figures["reserved_bytes"]
         gathered = all_gather_floats(
             [
+                float(self.env.rank),
                 figures["baseline_bytes"],
                 figures["peak_bytes"],
                 -1 if reserved is None else reserved,
@@ -67,10 +68,14 @@ class MemoryWatch:
         )
         if self.prediction is None:
             return None
+        # By rank: an asynchronous run gathers only the workers still in it (a lost one is
+        # missing, and its prediction has nothing to be set against).
+        measured = {int(row[0]): row[1:] for row in gathered}
         ranks = []
-        for predicted, (baseline, peak, reserved, since) in zip(
-            self.prediction.ranks, gathered, strict=True
-        ):
+        for predicted in self.prediction.ranks:
+            if predicted.rank not in measured:
+                continue
+            baseline, peak, reserved, since = measured[predicted.rank]
             grounded = predicted.with_baseline(int(baseline))
             ranks.append(
                 {
