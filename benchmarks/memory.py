@@ -6,11 +6,12 @@
 
 A TransformerLM and an LSTM, each sized to `--state-gb` of training state (parameters,
 gradients and AdamW's two moments: 16 bytes a parameter), train a few steps in the real
-`shardwise train` on 2 and on 4 ranks (gloo, one thread a rank): plain data parallel (DDP),
+`shardwise train` on 2 and on 4 ranks (gloo, each its share of the cores): plain DDP,
 `--shard full`, `--shard grads`, and at 2 ranks `--pp 2`. A long-sequence Transformer trains
-on one rank without recompute, with `--recompute full` and with `--recompute selective`. Every
-side is a fresh process tree; every round runs each side once plus an A/A twin (DDP again, and
-no-recompute again), in an order rotated every round (support/rounds.py). A side's memory is
+on rows of exactly `--long-len` random tokens on one rank without recompute, with
+`--recompute full` and with `--recompute selective`. Every side is a fresh process tree; every
+round runs each side once plus an A/A twin (DDP again, and no-recompute again), in an order
+rotated every round (support/rounds.py). A side's memory is
 its largest rank's peak above that rank's start baseline (summary.json, memory/record.py: CPU
 peak resident memory, GPU max_memory_allocated); its time the median step of its slowest rank,
 the first step left out. Figures are medians of per-round ratios with their range, A/A band and
@@ -43,6 +44,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from shardwise.techniques import settings
 from support.memory_runs import MODELS_MODULE, Case, Run, run_case, write_models
 from support.rounds import Comparison, add_rounds_flag, interleave, parse_with_tiny, round_line
@@ -60,7 +63,11 @@ def main() -> None:
         sides, skipped = side_cases(args)
         for name, why in skipped.items():
             print(f"{name}: skipped ({why})", flush=True)
-        runs = {name: partial(run_case, case, corpus(work), work) for name, case in sides.items()}
+        text, rows = corpus(work), full_rows(work, args.long_len)
+        runs = {
+            name: partial(run_case, case, rows if name.startswith("long") else text, work)
+            for name, case in sides.items()
+        }
         samples = measured(runs, args.rounds)
     print(json.dumps(figures(samples, skipped, args)), flush=True)
 
@@ -134,6 +141,17 @@ def corpus(work: Path) -> Path:
     path = work / "corpus.txt"
     if not path.exists():
         path.write_text("\n\n".join(default_paragraphs()) + "\n", encoding="utf-8")
+    return path
+
+
+def full_rows(work: Path, length: int, count: int = 256) -> Path:
+    """Token rows of exactly `length` tokens (seed 0): every batch of the recompute sides is
+    as wide as --long-len, so each step holds the same activations."""
+    path = work / f"rows-{length}.jsonl"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        rows = rng.integers(1, 250, size=(count, length))
+        path.write_text("".join(json.dumps({"tokens": row.tolist()}) + "\n" for row in rows))
     return path
 
 
