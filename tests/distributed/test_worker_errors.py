@@ -25,7 +25,8 @@ USER_MODULE = textwrap.dedent("""
 
     class MisfitForward(RecurrentLM):
         def forward(self, tokens, lengths=None):
-            if os.environ.get("RANK") == "1":
+            # Training's batches (4 rows), not the probe a model of the user's gets first.
+            if os.environ.get("RANK") == "1" and tokens.shape[0] == 4:
                 raise TypeError("forward() does not fit these tokens")
             return super().forward(tokens, lengths)
 
