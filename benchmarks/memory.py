@@ -123,14 +123,16 @@ def side_cases(args: argparse.Namespace) -> tuple[dict[str, Case], dict[str, str
             tag = f"{model}_dp{ranks}"
             add(f"{tag}_ddp", model, f"--nproc {ranks} {batch}")
             add(f"{tag}_shard_full", model, f"--nproc {ranks} --shard full {batch}", "shard")
-            add(f"{tag}_shard_grads", model, f"--nproc {ranks} --shard grads {batch}", "shard")
-            if ranks == 2:
+            if not args.tiny:  # does it still run: DDP against full sharding is enough
+                add(f"{tag}_shard_grads", model, f"--nproc {ranks} --shard grads {batch}", "shard")
+            if ranks == 2 and not args.tiny:
                 add(f"{tag}_pp2", model, f"--nproc 2 --pp 2 --microbatches 2 {batch}")
     long = f"--batching fixed --batch-size 4 --max-len {args.long_len} --max-steps {args.steps}"
     long += " --lr 1e-4 --checkpoint-every 0 --nproc 1"
     add("long_none", "long_transformer", long)
     add("long_full", "long_transformer", f"{long} --recompute full", "recompute")
-    add("long_selective", "long_transformer", f"{long} --recompute selective", "recompute")
+    if not args.tiny:
+        add("long_selective", "long_transformer", f"{long} --recompute selective", "recompute")
     return sides, skipped
 
 
