@@ -8,6 +8,7 @@ They raise ValueError, which pydantic reports as a validation error naming the i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ _CORE_ONLY_IN: dict[str, _OnlyIn] = {
 }
 
 
+@functools.cache  # the registry is fixed once read (techniques.registered)
 def only_in() -> dict[str, _OnlyIn]:
     """Every setting that some runs do not read: the config's own and the techniques'.
 

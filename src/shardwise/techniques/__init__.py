@@ -58,6 +58,7 @@ def registered() -> tuple[Technique, ...]:
     return tuple(found)
 
 
+@functools.cache  # read on every config validation; the registry is fixed once read
 def settings() -> dict[str, Setting]:
     """Every technique's settings by name (each name belongs to one technique)."""
     found: dict[str, Setting] = {}
