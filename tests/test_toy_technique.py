@@ -60,6 +60,11 @@ def cost(scaled, footprint):
     return Cost(memory={"buffers": 4096})
 
 
+def warm(scaled, layout):
+    with open(os.environ["TOY_LOG"], "a") as log:
+        log.write(f"warmed {scaled.scale} on rank {layout.rank}\\n")
+
+
 TECHNIQUE = Technique(
     name="toy",
     title="A toy technique",
@@ -78,6 +83,7 @@ TECHNIQUE = Technique(
     entry=entry,
     apply=apply,
     cost=cost,
+    warm=warm,
 )
 '''
 
@@ -151,7 +157,8 @@ def test_a_run_applies_it_records_it_and_a_resume_keeps_it(
     common += ("--tokens-per-batch", "256", "--run-dir", str(run), "--sample-bytes", "0")
     Path(toy["TOY_LOG"]).unlink(missing_ok=True)
     shardwise(toy, "train", *common, "--max-steps", "2", "--toy", "on", "--toy-scale", "1.5")
-    assert Path(toy["TOY_LOG"]).read_text() == "applied 1.5 on rank 0\n"
+    # Warmed before the memory baseline, then applied to the model.
+    assert Path(toy["TOY_LOG"]).read_text() == "warmed 1.5 on rank 0\napplied 1.5 on rank 0\n"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["parallelism"]["toy"] == {"scale": 1.5}
     assert 'toy = "on"' in (run / "config.toml").read_text()

@@ -1,6 +1,6 @@
 """A run's memory as predicted and as measured, per rank: what summary.json and report.md keep.
 
-    watch = MemoryWatch.start(config, corpus, env, model, cuts)   # before the model is prepared
+    watch = MemoryWatch.start(config, corpus, env, model, cuts, parallelism)  # before prepare()
     ...                                                           # train
     summary["memory"] = watch.summary()                           # every rank calls it
 
@@ -24,6 +24,8 @@ from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import DistEnv, all_gather_floats
 from shardwise.memory.measure import MemoryMeter, model_bytes, release_freed_memory
 from shardwise.memory.predict import MemoryPrediction, MemoryPredictor
+from shardwise.parallel.parallelism import Parallelism
+from shardwise.parallel.parallelize import warm_techniques
 
 
 @dataclass
@@ -42,13 +44,18 @@ class MemoryWatch:
         env: DistEnv,
         model: nn.Module,
         cuts: Sequence[str] | None,
+        parallelism: Parallelism | None = None,
     ) -> MemoryWatch:
-        """Predict (rank 0), then start measuring: `model` is the whole model as built."""
+        """Predict (rank 0), then start measuring: `model` is the whole model as built. With
+        the run's `parallelism`, its techniques run once on a toy first (every rank): their
+        one-time cost is the baseline's, not the run's (parallelize.warm_techniques)."""
         prediction = None
         if env.is_main:
             predictor = MemoryPredictor(config, corpus, baseline=0)
             prediction = predictor.predict(config, config.layout(env.world_size), cuts)
-        release_freed_memory()  # the profile's freed pages: not part of the baseline
+        if parallelism is not None:
+            warm_techniques(parallelism)
+        release_freed_memory()  # the profile's and the toys' freed pages: not the baseline's
         return cls(env, MemoryMeter.start(env.device, held=model_bytes(model)), prediction)
 
     def summary(self) -> dict[str, Any] | None:

@@ -160,6 +160,15 @@ def apply_techniques(part: nn.Module, parallelism: Parallelism) -> nn.Module:
     return part
 
 
+def warm_techniques(parallelism: Parallelism) -> None:
+    """Each technique in effect runs its code once on a toy (its `warm`), so that what the code
+    costs once is the process's before a memory baseline is taken. A collective."""
+    for technique in registered():
+        entry = parallelism.entry(technique.name)
+        if entry is not None and technique.warm is not None:
+            technique.warm(entry, parallelism.layout)
+
+
 def apply_sync(part: nn.Module, layout: Layout, env: DistEnv, strategy: SyncStrategy) -> nn.Module:
     """What the replicas run forward and backward through, as the strategy wraps it."""
     return strategy.wrap(part, layout, env)

@@ -107,7 +107,10 @@ class Technique:
     record.
     `apply(module, entry, layout)` changes this rank's part of the model in `parallelize`
     (after stages and tensor split, before the replicas' wrap). `cost(entry, footprint)` is its
-    effect on the rank's memory and step.
+    effect on the rank's memory and step. `warm(entry, layout)` runs its code once on a toy
+    module before a rank's memory baseline is taken, so that what the code costs once (imports,
+    dispatch tables, caches) is counted in the baseline, as the prediction counts it, and not
+    as the run's state; a collective wherever `apply` is one.
     """
 
     name: str
@@ -119,6 +122,7 @@ class Technique:
     layout: Callable[[Any, Any], Any] | None = None
     apply: Callable[[Any, Any, Any], Any] | None = None
     cost: Callable[[Any, Footprint], Cost] | None = None
+    warm: Callable[[Any, Any], None] | None = None
 
     @property
     def setting_names(self) -> tuple[str, ...]:

@@ -133,8 +133,9 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
     """Gradients and optimizer state divide by the shard degree, parameters too (not in grads
     mode, which keeps them whole from forward to backward); with --offload the shards leave the
     device altogether. A block's parameters are gathered whole, twice (the next block's
-    prefetched): this rank's parameters over its blocks, the mean block, which the largest
-    (often the embedding or head) may exceed. A step all-gathers the parameters (again for the
+    prefetched), and in its backward its gradients whole and copied into the reduce-scatter's
+    input: this rank's parameters over its blocks, the mean block, which the largest (often
+    the embedding or head) may exceed. A step all-gathers the parameters (again for the
     backward in full and hybrid modes) and reduce-scatters the gradients, each (n-1)/n of the
     whole per rank.
 
@@ -144,7 +145,7 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
     >>> footprint = Footprint(parts, Layout(dp=2, shard=2), blocks=4)
     >>> full = cost(Sharding("full"), footprint)
     >>> full.memory, full.step_bytes
-    ({'parameters': -400, 'gradients': -400, 'optimizer': -800, 'buffers': 400}, 1200)
+    ({'parameters': -400, 'gradients': -400, 'optimizer': -800, 'buffers': 800}, 1200)
     """
     n = footprint.layout.shard
     if n == 1:
@@ -154,10 +155,21 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
     kept = 0 if sharding.offload else 1  # of n shards, the one on this rank's device
     memory = {part: -(parts.get(part, 0) * (n - kept) // n) for part in divided}
     parameters = parts.get("parameters", 0)
-    memory["buffers"] = 2 * parameters // max(footprint.blocks, 1)
+    # A block's backward holds its gathered parameters and the next block's (prefetched),
+    # its gradients whole and their copy in the reduce-scatter's input: four blocks' worth
+    # (grads mode gathers nothing, keeping every parameter whole: the two gradient copies).
+    block = parameters // max(footprint.blocks, 1)
+    memory["buffers"] = (2 if sharding.mode == "grads" else 4) * block
     gathers = 1 if sharding.mode == "grads" else 2
     step_bytes = (gathers * parameters + parts.get("gradients", 0)) * (n - 1) // n
     return Cost(memory=memory, step_bytes=step_bytes)
+
+
+def warm(sharding: Any, layout: Any) -> None:
+    """FSDP2's first step, on a toy (parallel/sharding.py)."""
+    from shardwise.parallel.sharding import warm_up
+
+    warm_up(sharding, layout)
 
 
 SHARDING = Technique(
@@ -169,4 +181,5 @@ SHARDING = Technique(
     layout=layout,
     apply=apply,
     cost=cost,
+    warm=warm,
 )

@@ -80,7 +80,8 @@ class Trainer:
         self.stages = stages
         self.model_fingerprint = model_fingerprint(model)  # of the whole model, before any cut
         # Predicted (rank 0) and measured from here, before the run allocates anything.
-        self.memory = MemoryWatch.start(config, corpus, self.env, model, stages and stages.cuts)
+        cuts = stages and stages.cuts
+        self.memory = MemoryWatch.start(config, corpus, self.env, model, cuts, session.parallelism)
         self.model = session.prepare(model, cuts=stages.cuts if stages else None)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
