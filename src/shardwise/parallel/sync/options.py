@@ -3,36 +3,29 @@
     options = SyncOptions(grad_compression="bf16", sync_every=8)
     strategy = sync_strategy("local-sgd", options)
 
-`TrainConfig.sync_options()` fills one from the run's flags of the same names; a user's own
-loop may build one directly. It lives here, not in the config package, so that `parallel/` never
-imports the config (which imports `data/`).
+The fields are the sync technique's settings (techniques/sync.py), less the strategy's name,
+with the same types and defaults, plus the run's `timeout_s` for the groups a strategy creates:
+a setting declared there is a field here, with nothing written twice. The sync declaration
+builds one from a run's config; a user's own loop may build one directly. It lives here, not in
+the config package, so that `parallel/` never imports the config (which imports `data/`).
+
+>>> SyncOptions().sync_every, SyncOptions(outer_lr=0.5).outer_lr
+(8, 0.5)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import field, make_dataclass
 
-Compression = Literal["none", "bf16", "fp16", "powersgd"]
+from shardwise.techniques.sync import SETTINGS
 
-
-@dataclass(frozen=True)
-class SyncOptions:
-    """Every strategy's knobs; each strategy reads only its own."""
-
-    # allreduce: how DDP's buckets travel.
-    grad_compression: Compression = "none"
-    powersgd_rank: int = 4
-    powersgd_warmup_steps: int = 10  # uncompressed steps first (PowerSGD's start_powerSGD_iter)
-    bucket_mb: float = 25.0  # DDP's bucket_cap_mb
-    # local-sgd and diloco: how often replicas meet, after how many every-step all-reduces.
-    sync_every: int = 8
-    sync_warmup_steps: int = 0
-    # "node": every-step gradient averaging inside a machine, the exchanges between machines.
-    sync_groups: Literal["all", "node"] = "all"
-    # diloco: the outer optimizer over the averaged pseudo-gradient.
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    outer_bf16: bool = False
-    # Groups a strategy creates itself time out like the run's own.
-    timeout_s: float = 300.0
+SyncOptions = make_dataclass(
+    "SyncOptions",
+    [
+        *((s.name, s.type, field(default=s.default)) for s in SETTINGS if s.name != "sync"),
+        ("timeout_s", float, field(default=300.0)),  # the run's, for the groups it creates
+    ],
+    frozen=True,
+)
+SyncOptions.__module__ = __name__
+SyncOptions.__doc__ = "Every strategy's knobs (the sync technique's settings); each reads its own."
