@@ -9,6 +9,7 @@ import pytest
 
 import shardwise
 from shardwise.config import TrainConfig
+from shardwise.errors import ShardwiseError
 from shardwise.session import SESSION_KEYS
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,3 +39,20 @@ def test_every_session_setting_is_a_setup_keyword() -> None:
     session = shardwise.setup(device="cpu", seed=7, timeout_s=30, model="gru", vocab_size=300)
     assert session.settings.seed == 7 and session.settings.timeout_s == 30
     assert session.settings.contract["vocab_size"] == 300 and session.settings.model == "gru"
+
+
+def test_hybrid_sharding_is_reachable_from_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardwise.session import _session_config
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # as torchrun sets them
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    # Given: two machines of two processes each, shard inside a machine.
+    assert _session_config(None, {"shard": "hybrid", "nnodes": 2}).layout(4).shard == 2
+    # Started by torchrun on two machines, the machines come from its environment.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    config = _session_config(None, {"shard": "hybrid"})
+    assert config.nnodes == 2 and config.layout(4).shard == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one machine: nothing to replicate across
+    with pytest.raises(ShardwiseError, match="--nnodes is 1: use --shard full"):
+        _session_config(None, {"shard": "hybrid"})

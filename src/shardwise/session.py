@@ -17,6 +17,7 @@ plain `python script.py` for one process. With data parallelism alone `model(x)`
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -66,7 +67,7 @@ from shardwise.techniques import settings as technique_settings
 # the config's own settings a Session reads; every technique's own-loop settings join them.
 _OWN_KEYS = (
     "dp", "pp", "tp", "device", "seed", "timeout_s", "keep_checkpoints", "resume", "vocab_size",
-    "input_layout", "model_output", "model",
+    "input_layout", "model_output", "model", "nnodes",
 )  # fmt: skip
 SESSION_KEYS = _OWN_KEYS + tuple(
     name for name, setting in technique_settings().items() if setting.own_loop
@@ -456,10 +457,24 @@ def _session_config(config: TrainConfig | str | Path | None, settings: dict) -> 
     unknown = sorted(set(settings) - set(SESSION_KEYS))
     if unknown:
         raise TypeError(f"setup() got unknown settings {unknown}; it takes {list(SESSION_KEYS)}")
+    machines = _machines_started()
+    if "nnodes" not in settings and machines > 1:  # torchrun's: what hybrid sharding splits by
+        settings = {**settings, "nnodes": machines}
+    master = ":".join(os.environ.get(key, "") for key in ("MASTER_ADDR", "MASTER_PORT"))
+    if settings.get("nnodes", 1) != 1 and "rdzv_endpoint" not in settings and master != ":":
+        settings = {**settings, "rdzv_endpoint": master}  # the launcher's, already met
     if isinstance(config, TrainConfig):
         return TrainConfig.model_validate({**config.model_dump(), **settings})
     path = Path(config) if config is not None else None
     return load_config(path, settings)
+
+
+def _machines_started() -> int:
+    """How many machines the launcher started this job on: torchrun's WORLD_SIZE over its
+    LOCAL_WORLD_SIZE (1 when neither says)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return max(world // max(local, 1), 1)
 
 
 def _part(model: nn.Module) -> nn.Module:
