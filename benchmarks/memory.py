@@ -78,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=12, help="the Transformer's blocks")
     parser.add_argument("--long-len", type=int, default=1024, help="the recompute sides' rows")
     parser.add_argument("--long-dim", type=int, default=256)
     parser.add_argument("--long-layers", type=int, default=4)
@@ -85,17 +86,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default="transformer,lstm", help="of the sharding sides")
     parser.add_argument("--mmap-threshold", type=int, default=0, help="MALLOC_MMAP_THRESHOLD_")
     add_rounds_flag(parser, default=3)
-    tiny = {"state_gb": 0.01, "steps": 2, "max_len": 32, "long_len": 128, "long_dim": 32}
-    tiny |= {"long_layers": 2, "ranks": "2", "models": "transformer", "rounds": 1}
+    tiny = {"state_gb": 0.01, "layers": 2, "steps": 2, "max_len": 32, "long_len": 128}
+    tiny |= {"long_dim": 32, "long_layers": 2, "ranks": "2", "models": "transformer", "rounds": 1}
     return parse_with_tiny(parser, tiny)
 
 
 def model_sizes(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """The Transformer (dim a power of two, layers to fill the state), the LSTM (2 layers of
-    the hidden size that fills it) and the long-sequence Transformer (its own factory)."""
+    """The Transformer (`--layers` blocks, GPT-2 small's 12 by default, of the width a multiple
+    of 64 that fills the state), the LSTM (2 layers of the hidden size that fills it) and the
+    long-sequence Transformer (its own factory). Sharding gathers one block at a time, so its
+    saving depends on the depth: a block is a twelfth of this Transformer, half of the LSTM."""
     parameters = args.state_gb * 1e9 / BYTES_PER_PARAMETER
-    dim = 1024 if parameters > 40e6 else 512 if parameters > 8e6 else 128
-    layers = max(1, round(parameters / (12 * dim * dim)))
+    layers = args.layers
+    dim = max(64, round(math.sqrt(parameters / (12 * layers)) / 64) * 64)  # 12 dim^2 a block
     transformer = {"dim": dim, "num_layers": layers, "num_heads": max(1, dim // 128)}
     transformer["max_len"] = args.max_len
     hidden = max(32, round(math.sqrt(parameters / 16) / 32) * 32)  # 2 layers of ~8 h^2
