@@ -20,6 +20,7 @@ def test_each_ranks_prediction_and_measured_peak_land_in_the_summary_and_report(
     summary = train(quick_config(corpus, run_dir, max_steps=4), nproc=2)
     memory = summary["memory"]
     assert memory["device"] == "cpu"
+    assert memory["mmap_threshold"] is None  # plain data parallel keeps glibc's own allocator
     assert [rank["rank"] for rank in memory["ranks"]] == [0, 1]
     for rank in memory["ranks"]:
         parts = rank["predicted_parts"]

@@ -62,9 +62,11 @@ def test_checkpoints_move_between_sharded_and_replicated_layouts(
 
 def test_recompute_and_sharding_wrap_the_same_blocks(corpus: Path, tmp_path: Path) -> None:
     # Recompute checkpoints each block first; sharding then makes each block a unit.
-    train(quick_config(corpus, tmp_path / "sharded", shard="full"), nproc=2)
+    sharded = train(quick_config(corpus, tmp_path / "sharded", shard="full"), nproc=2)
     both = quick_config(corpus, tmp_path / "both", shard="full", recompute="full")
     assert train(both, nproc=2)["parallelism"]["recompute"] is not None
+    # Their workers hand freed large tensors back to the system (memory/measure.py).
+    assert sharded["memory"]["mmap_threshold"] == 128 * 1024
     assert_same_weights(final_weights(tmp_path / "both"), final_weights(tmp_path / "sharded"), 0)
 
 

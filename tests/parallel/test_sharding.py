@@ -14,6 +14,7 @@ from shardwise.config import build_config
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sharding import Sharding, shard_model, shard_units
+from shardwise.techniques import freeing_within_a_step
 from shardwise.techniques.base import Footprint
 from shardwise.techniques.sharding import SHARDING
 
@@ -151,3 +152,13 @@ def test_a_dry_run_says_how_the_state_is_sharded(
     out = capsys.readouterr().out
     assert "sharding: grads over 2 data ranks (ZeRO-2-like)" in out
     assert "holds the whole model" not in out and "its state sharded" in out
+
+
+def test_sharding_and_recompute_say_their_saving_is_freed_within_each_step() -> None:
+    # On CPU such a run's workers fix glibc's mmap threshold (memory/measure.py).
+    full = build_config({"shard": "full", "nproc": 2})
+    assert freeing_within_a_step(full, full.layout(2)) == ["sharding"]
+    recompute = build_config({"recompute": "full"})
+    assert freeing_within_a_step(recompute, recompute.layout(1)) == ["recompute"]
+    plain = build_config({})
+    assert freeing_within_a_step(plain, plain.layout(2)) == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,42 @@ def reset_peak_resident() -> bool:
     except OSError:
         return False
     return True
+
+
+# mallopt's M_MMAP_THRESHOLD (glibc's malloc.h), and the value glibc itself starts from.
+_M_MMAP_THRESHOLD = -3
+FIXED_MMAP_THRESHOLD = 128 * 1024
+KEEP_MALLOC = "SHARDWISE_KEEP_MALLOC"
+_HANDING_BACK = False  # whether hand_back_large_frees() fixed it in this process
+
+
+def hand_back_large_frees() -> bool:
+    """Fix glibc's mmap threshold in this process at 128 KiB, its own starting value: every
+    larger allocation is then a mapping of its own, returned to the system when freed.
+
+    By default glibc raises the threshold to the size of each mapped block freed, so later large
+    tensors come from the heap, which fragments and keeps freed pages: a CPU rank's peak then
+    follows the order of frees, and what sharding or recompute frees within a step is not given
+    back (sharded ranks held more than DDP's). The price is step time, each large tensor's pages
+    faulted in afresh (benchmarks/allocator.py). False, changing nothing, without glibc's
+    mallopt, where the process was started with MALLOC_MMAP_THRESHOLD_ of its own, or with
+    SHARDWISE_KEEP_MALLOC=1 (glibc's moving default kept: faster steps, a higher peak).
+    """
+    global _HANDING_BACK
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get(KEEP_MALLOC) == "1":
+        return False
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, FIXED_MMAP_THRESHOLD):
+        _HANDING_BACK = True
+    return _HANDING_BACK
+
+
+def mmap_threshold() -> int | None:
+    """This process's fixed mmap threshold in bytes: set here or by MALLOC_MMAP_THRESHOLD_
+    (None: glibc's default, which moves)."""
+    given = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    return int(given) if given.isdigit() else FIXED_MMAP_THRESHOLD if _HANDING_BACK else None
 
 
 def release_freed_memory() -> None:

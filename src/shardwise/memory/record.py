@@ -22,7 +22,12 @@ from torch import nn
 from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import DistEnv, all_gather_floats
-from shardwise.memory.measure import MemoryMeter, model_bytes, release_freed_memory
+from shardwise.memory.measure import (
+    MemoryMeter,
+    mmap_threshold,
+    model_bytes,
+    release_freed_memory,
+)
 from shardwise.memory.predict import MemoryPrediction, MemoryPredictor
 from shardwise.parallel.parallelism import Parallelism
 from shardwise.parallel.parallelize import warm_techniques
@@ -105,7 +110,11 @@ class MemoryWatch:
                     ),
                 }
             )
-        return {"device": self.env.device.type, "ranks": ranks}
+        return {
+            "device": self.env.device.type,
+            "ranks": ranks,
+            "mmap_threshold": mmap_threshold() if self.env.device.type == "cpu" else None,
+        }
 
 
 def relative_error(predicted: float, measured: float) -> float | None:

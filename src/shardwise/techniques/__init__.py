@@ -112,3 +112,13 @@ __all__ = [
     "sections",
     "settings",
 ]
+
+
+def freeing_within_a_step(config: Any, layout: Any) -> list[str]:
+    """The techniques in effect for `config` whose saving is memory freed within each step
+    (their `frees_within_a_step`), by name."""
+    return [
+        technique.name
+        for technique in registered()
+        if technique.frees_within_a_step and technique.entry(config, layout) is not None
+    ]

@@ -110,7 +110,10 @@ class Technique:
     effect on the rank's memory and step. `warm(entry, layout)` runs its code once on a toy
     module before a rank's memory baseline is taken, so that what the code costs once (imports,
     dispatch tables, caches) is counted in the baseline, as the prediction counts it, and not
-    as the run's state; a collective wherever `apply` is one.
+    as the run's state; a collective wherever `apply` is one. `frees_within_a_step`: its saving
+    is memory freed and allocated again within each step (gathered blocks, recomputed
+    activations), which on CPU a rank's allocator must hand back to the system for the saving to
+    be real (memory/measure.py `hand_back_large_frees`).
     """
 
     name: str
@@ -123,6 +126,7 @@ class Technique:
     apply: Callable[[Any, Any, Any], Any] | None = None
     cost: Callable[[Any, Footprint], Cost] | None = None
     warm: Callable[[Any, Any], None] | None = None
+    frees_within_a_step: bool = False
 
     @property
     def setting_names(self) -> tuple[str, ...]:

@@ -88,4 +88,5 @@ RECOMPUTE = Technique(
     entry=entry,
     apply=apply,
     cost=cost,
+    frees_within_a_step=True,
 )

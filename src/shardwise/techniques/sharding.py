@@ -182,4 +182,5 @@ SHARDING = Technique(
     apply=apply,
     cost=cost,
     warm=warm,
+    frees_within_a_step=True,
 )

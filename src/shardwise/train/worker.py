@@ -41,6 +41,7 @@ from shardwise.handoff import (
     write_rank_summary,
     write_record,
 )
+from shardwise.memory.measure import hand_back_large_frees
 from shardwise.parallel.sync.ps_links import AsyncRun, join_async_run
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
 from shardwise.report.markdown import CONFIG_FILE
@@ -48,6 +49,7 @@ from shardwise.report.summary import SUMMARY_FILE, json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
 from shardwise.safe_write import replace_file
 from shardwise.session import Session
+from shardwise.techniques import freeing_within_a_step
 from shardwise.train.build import load_corpus, pipeline_cut, seeded_model, with_step_budget
 from shardwise.train.export import export_model, whole_model
 from shardwise.train.faults import Faults, read_faults
@@ -170,6 +172,8 @@ def train(
     `folder` is the launcher's: where a restarted group learns what ended the last attempt;
     `faults`: what a test asked this rank for (train/faults.py).
     """
+    if env.device.type == "cpu" and freeing_within_a_step(config, config.layout(env.world_size)):
+        hand_back_large_frees()  # before anything large is allocated (memory/measure.py)
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
     # The run's own settings for config.toml; a restarted attempt resumes (restarts.py).
     settings, config = config, config_for_attempt(config, run_dir)
