@@ -40,3 +40,13 @@ def test_a_tensor_parallel_dry_run_does_not_say_every_rank_holds_the_whole_model
     out = dry_run(capsys, "--data", str(corpus), "--model", "transformer", "--tp", "2")
     assert "holds the whole model" not in out
     assert "its large layers split 2 ways" in out and "column-wise" in out
+
+
+def test_processes_a_technique_starts_beside_the_workers_are_said(
+    capsys: pytest.CaptureFixture, corpus: Path
+) -> None:
+    out = dry_run(capsys, "--data", str(corpus), "--sync", "async", "--ps", "1", "--nproc", "2")
+    assert (
+        "plus 1 parameter server(s) holding the parameters and optimizer state (--sync async)"
+        in (out)
+    )

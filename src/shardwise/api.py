@@ -24,6 +24,7 @@ from shardwise.handoff import Preempted
 from shardwise.preflight import RunPlan, default_nproc, preflight
 from shardwise.report.result import RunResult
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
+from shardwise.techniques import count_beside, processes_beside
 from shardwise.train.restarts import restart_count
 from shardwise.train.worker import run_worker
 
@@ -42,7 +43,7 @@ def run(config: TrainConfig) -> RunResult | None:
     config = config.model_copy(update={"run_dir": run_dir})
     with _stopped_by_sigterm():  # from the first line on; the launch installs its own
         _say_what_starts(config)
-        nproc = preflight(config).nproc + config.ps  # parameter servers beside the workers
+        nproc = preflight(config).nproc + count_beside(config)  # e.g. parameter servers
         # This process outlives every worker it starts, so its lock covers the whole run.
         held = launcher_holds_lock(config)
         with hold_run_dir(config, run_dir) if held else contextlib.nullcontext():
@@ -80,9 +81,9 @@ def _say_what_starts(config: TrainConfig) -> None:
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc).type
     nodes = f" on each of {config.nnodes} nodes" if config.nnodes > 1 else ""
-    servers = f" and {config.ps} parameter server(s)" if config.ps else ""
+    beside = "".join(f" and {other.count} {other.what}" for other in processes_beside(config))
     print(
-        f"shardwise: run dir {config.run_dir}: {nproc} worker(s){servers} on {device}{nodes}; "
+        f"shardwise: run dir {config.run_dir}: {nproc} worker(s){beside} on {device}{nodes}; "
         "checking the model and data",
         flush=True,  # stdout, with the progress it announces; stderr keeps errors to one line
     )

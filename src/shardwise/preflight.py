@@ -33,6 +33,7 @@ from shardwise.partition import PipelineCut
 from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.stores import check_port_free
+from shardwise.techniques import Beside, count_beside, processes_beside
 from shardwise.train.build import (
     build_sampler,
     load_corpus,
@@ -70,7 +71,7 @@ class RunPlan:
     layout: Layout
     stages: PipelineCut | None  # the pipeline cut and its predictions; None for one stage
     corpus: PreparedCorpus = field(repr=False)
-    servers: int = 0  # --sync async's parameter servers, started beside the workers
+    beside: tuple[Beside, ...] = ()  # processes started beside the workers (parameter servers)
     budget: str = ""  # what --max-tokens or --epochs comes to, when given
     contract: ModelContract | None = None  # how a user's model is called (None: a built-in)
     split: LayerSplit | None = None  # what --tp splits; None without it
@@ -93,11 +94,7 @@ class RunPlan:
         if self.parallelism is not None:
             lines += self.parallelism.describe().splitlines()
         lines.append(f"ranks: {self.nproc} per node on {self.nnodes} node(s)")
-        if self.servers:
-            lines.append(
-                f"plus {self.servers} parameter server(s) holding the parameters and optimizer "
-                "state (--sync async)"
-            )
+        lines += [beside.line() for beside in self.beside]
         if self.budget:
             lines.append(self.budget)
         if self.contract is not None:
@@ -149,7 +146,9 @@ def preflight(config: TrainConfig) -> RunPlan:
     """Check devices, model, data, batches, cut, resume path, run dir and port; the run's plan."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
-    crowded = check_cores(nproc + config.ps, config.nproc is None) if device.type == "cpu" else None
+    crowded = None
+    if device.type == "cpu":
+        crowded = check_cores(nproc + count_beside(config), config.nproc is None)
     layout = config.layout(nproc * config.nnodes)
     Precision(config.precision, device)  # refuses fp16 without a GPU, before any worker
     check_model_spec(config.model)
@@ -180,7 +179,7 @@ def preflight(config: TrainConfig) -> RunPlan:
         layout,
         stages,
         corpus,
-        config.ps,
+        processes_beside(config),
         budget,
         contract,
         split,

@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from shardwise.errors import ShardwiseError
-from shardwise.techniques.base import Cost, Footprint, Setting, Technique
+from shardwise.techniques.base import Beside, Cost, Footprint, Setting, Technique
 from shardwise.techniques.pipeline import PIPELINE
 from shardwise.techniques.precision import PRECISION
 from shardwise.techniques.recompute import RECOMPUTE
@@ -102,12 +102,16 @@ def owner(name: str) -> Technique:
 
 __all__ = [
     "BUILT_IN",
+    "Beside",
     "Cost",
     "Footprint",
     "Setting",
     "Technique",
+    "count_beside",
+    "freeing_within_a_step",
     "owner",
     "piece_costs",
+    "processes_beside",
     "registered",
     "sections",
     "settings",
@@ -122,3 +126,14 @@ def freeing_within_a_step(config: Any, layout: Any) -> list[str]:
         for technique in registered()
         if technique.frees_within_a_step and technique.entry(config, layout) is not None
     ]
+
+
+def processes_beside(config: Any) -> tuple[Beside, ...]:
+    """The processes the techniques in effect start on each node beside the training ranks."""
+    found = (technique.beside(config) for technique in registered() if technique.beside)
+    return tuple(beside for beside in found if beside is not None and beside.count > 0)
+
+
+def count_beside(config: Any) -> int:
+    """How many processes a node starts beside its training ranks."""
+    return sum(beside.count for beside in processes_beside(config))

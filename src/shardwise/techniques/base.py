@@ -98,6 +98,22 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class Beside:
+    """Processes a technique starts on each node beside the training ranks.
+
+    >>> Beside(2, "parameter server(s)", "holding the parameters").line()
+    'plus 2 parameter server(s) holding the parameters'
+    """
+
+    count: int
+    what: str  # as the start line names them: "parameter server(s)"
+    doing: str = ""  # what --dry-run says they do
+
+    def line(self) -> str:
+        return f"plus {self.count} {self.what} {self.doing}".rstrip()
+
+
+@dataclass(frozen=True)
 class Technique:
     """A technique: its settings and what it does with them (see the module docstring).
 
@@ -113,7 +129,8 @@ class Technique:
     as the run's state; a collective wherever `apply` is one. `frees_within_a_step`: its saving
     is memory freed and allocated again within each step (gathered blocks, recomputed
     activations), which on CPU a rank's allocator must hand back to the system for the saving to
-    be real (memory/measure.py `hand_back_large_frees`).
+    be real (memory/measure.py `hand_back_large_frees`). `beside(config)`: the processes it
+    starts on each node beside the training ranks (a `Beside`; None: none).
     """
 
     name: str
@@ -127,6 +144,7 @@ class Technique:
     cost: Callable[[Any, Footprint], Cost] | None = None
     warm: Callable[[Any, Any], None] | None = None
     frees_within_a_step: bool = False
+    beside: Callable[[Any], Beside | None] | None = None
 
     @property
     def setting_names(self) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from shardwise.techniques.base import Cost, Footprint, Setting, Technique
+from shardwise.techniques.base import Beside, Cost, Footprint, Setting, Technique
 
 # parallel/sync's SYNC_STRATEGIES by name (tests/test_techniques.py checks that they agree).
 STRATEGIES = ("allreduce", "local-sgd", "diloco", "async")
@@ -289,6 +289,14 @@ def cost(strategy: Any, footprint: Footprint) -> Cost:
     return Cost(memory={"buffers": gradients}, step_bytes=ring // every)
 
 
+def beside(config: Any) -> Beside | None:
+    """--sync async's parameter servers, started beside the workers (none otherwise)."""
+    if not _async(config) or not config.ps:
+        return None
+    doing = "holding the parameters and optimizer state (--sync async)"
+    return Beside(config.ps, "parameter server(s)", doing)
+
+
 SYNC = Technique(
     name="sync",
     title="Synchronisation of data-parallel replicas",
@@ -296,4 +304,5 @@ SYNC = Technique(
     check=check,
     entry=entry,
     cost=cost,
+    beside=beside,
 )
