@@ -4,6 +4,7 @@ and evaluations that deal ranks different numbers of batches."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -24,9 +25,11 @@ from parallel_cases import (
     whole_tensors,
 )
 from ranks import run_ranks
+from shardwise.data.batch import collate
 from shardwise.distributed import DistEnv
 from shardwise.loss import token_loss_sum
 from shardwise.parallel.parallelize import parallelize
+from shardwise.train.evaluation import HeldOutSet, held_out_loss
 
 
 def accumulated_single(kind: str) -> Trained:
@@ -66,26 +69,37 @@ def train_accumulating(env: DistEnv, kind: str) -> dict:
 
 
 def evaluate_unevenly(env: DistEnv) -> dict:
-    """Rank 0 evaluates three batches and rank 1 one, between training steps, as held-out
-    evaluations deal batches: the sharded parameters stay gathered, no rank waits."""
+    """Three held-out batches dealt over two data ranks (two and one) between training steps,
+    as evaluations deal them: each rank gathers block by block in every forward, so both run
+    two forwards (the second rank's second counted nowhere); the loss is the whole set's."""
     layout = layout_for(env, dp=2, shard=2)
     model = parallelize(tiny_model("transformer"), parallelism(layout, shard="full"), env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     batches = step_batches()
-    losses = []
     for batch in batches[:2]:
         mine = replica_share(batch, 2, layout.dp_rank)
         model.forward_backward(mine.tokens, mine.targets, batch.step_tokens)
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
-    for batch in batches[: 3 if env.rank == 0 else 1]:
-        losses.append(float(model.evaluate(batch.tokens, batch.targets)))
-    model.train()
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(0, 256, size=n) for n in (9, 12, 7, 15, 11, 8)]
+    held_out = HeldOutSet(
+        batches=tuple(tuple(sequences[i : i + 2]) for i in (0, 2, 4)),
+        tokens=sum(len(seq) - 1 for seq in sequences),
+        available=sum(len(seq) - 1 for seq in sequences),
+    )
+    loss = held_out_loss(model, held_out, env)
+    state = whole_tensors(model.state_dict())
+    reference = tiny_model("transformer")
+    reference.load_state_dict(state)
+    reference.eval()
+    whole = collate(sequences, step_tokens=1)
+    with torch.no_grad():
+        expected = token_loss_sum(reference(whole.tokens), whole.targets) / whole.n_tokens
     mine = replica_share(batches[2], 2, layout.dp_rank)  # and training goes on, sharded again
     model.forward_backward(mine.tokens, mine.targets, batches[2].step_tokens)
     sharded = all(isinstance(p, DTensor) for p in model.parameters())
-    return {"losses": losses, "sharded": sharded, "state": whole_tensors(model.state_dict())}
+    return {"loss": loss, "expected": float(expected), "sharded": sharded, "state": state}
 
 
 def two_rank_worker(env: DistEnv) -> dict:
@@ -147,8 +161,7 @@ def test_accumulation_skips_the_reduce_scatter_and_ends_exactly(two_ranks: list[
 @pytest.mark.timeout(120)
 def test_ranks_evaluate_different_numbers_of_batches_then_train_on(two_ranks: list[dict]) -> None:
     first, second = (result["evaluating"] for result in two_ranks)
-    assert len(first["losses"]) == 3 and len(second["losses"]) == 1
-    assert first["losses"][0] == pytest.approx(second["losses"][0], rel=1e-6)  # same weights
+    assert first["loss"] == second["loss"] == pytest.approx(first["expected"], rel=1e-5)
     assert first["sharded"] and second["sharded"]
     for name, value in first["state"].items():
         torch.testing.assert_close(second["state"][name], value, atol=0, rtol=0)

@@ -162,3 +162,13 @@ def test_sharding_and_recompute_say_their_saving_is_freed_within_each_step() -> 
     assert freeing_within_a_step(recompute, recompute.layout(1)) == ["recompute"]
     plain = build_config({})
     assert freeing_within_a_step(plain, plain.layout(2)) == []
+
+
+def test_a_blocks_gradient_copies_count_beyond_the_activations_its_backward_frees() -> None:
+    parts = {"parameters": 900, "gradients": 900, "optimizer": 1800, "activations": 5000}
+    held = Footprint(parts, Layout(dp=3, shard=3), activations_per_block=500, blocks=3)
+    # Blocks of 300: two gathered, and 2 x 300 of gradients less the block's 500 freed.
+    assert SHARDING.cost(Sharding("full", 3), held).memory["buffers"] == 600 + 100
+    assert SHARDING.cost(Sharding("grads", 3), held).memory["buffers"] == 100
+    heavy = Footprint(parts, Layout(dp=3, shard=3), activations_per_block=5000, blocks=3)
+    assert SHARDING.cost(Sharding("full", 3), heavy).memory["buffers"] == 600

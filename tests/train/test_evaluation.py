@@ -79,8 +79,9 @@ class _CountingModel:
 
     owns_loss = True
 
-    def __init__(self, dp: int, dp_rank: int, remote: bool = False) -> None:
+    def __init__(self, dp: int, dp_rank: int, remote: bool = False, meet: bool = False) -> None:
         self.layout = Layout(dp=dp, rank=dp_rank)  # one rank per replica: rank is dp_rank
+        self.forwards_meet = meet  # as a sharded model's do
         self.strategy = AsyncUpdates() if remote else AllReduceEveryStep()
         self.seen: list[int] = []
         self.modes: list[str] = []
@@ -138,3 +139,17 @@ def test_evaluations_run_every_n_steps_and_at_the_end_each_once(tmp_path) -> Non
 def test_eval_every_is_refused_with_asynchronous_workers(tmp_path) -> None:
     with pytest.raises(ValueError, match="--eval-every needs workers that meet"):
         quick_config(tmp_path / "c.txt", tmp_path, eval_every=5, sync="async", ps=1)
+
+
+def test_ranks_whose_forwards_meet_run_as_many_as_the_busiest_and_count_only_their_own() -> None:
+    held_out = HeldOutSet.choose(_sequences(50), budget=0, seed=0, batch_tokens=700)
+    assert len(held_out.batches) % 3, "the batches must not deal evenly over 3 ranks"
+    models = [_CountingModel(3, rank, meet=True) for rank in range(3)]
+    for model in models:
+        assert held_out_loss(model, held_out, ALONE) == pytest.approx(1.0)
+    rounds = -(-len(held_out.batches) // 3)
+    assert [len(model.seen) for model in models] == [rounds] * 3  # a sharded model's gathers
+    plain = [_CountingModel(3, rank) for rank in range(3)]
+    for model in plain:
+        held_out_loss(model, held_out, ALONE)
+    assert sorted(len(model.seen) for model in plain) != [rounds] * 3  # dealt unevenly

@@ -4,7 +4,9 @@
     parts = with_costs(base, parallelism)   # each registered technique in effect, in order
 
 The base is the model's state as AdamW trains it (parameters, their gradients, two moments of
-the parameters' dtype) and the activations the profile predicts for the rank's worst batch.
+the parameters' dtype) and the activations the profile predicts for the rank's worst batch;
+after the techniques' terms, AdamW's step adds its temporary where it exceeds what the backward
+held (`optimizer_step`).
 Under a pipeline the base is this rank's own stage scaled to a whole replica (pp stages like
 its own): the pipeline's cost takes 1/pp of a replica, and so gives this stage's share, stage
 by stage, rather than the mean stage. The techniques' own costs (techniques/) then say what
@@ -34,6 +36,7 @@ PARTS = (
     "activations",
     "buffers",
     "in_flight",
+    "optimizer_step",
     "baseline",
 )
 _TOKEN_BYTES = 8  # a stage's first input when it holds the embedding: int64 token ids
@@ -141,7 +144,24 @@ def with_costs(footprint: Footprint, parallelism: Parallelism) -> tuple[dict[str
         for part, delta in cost.memory.items():
             parts[part] = parts.get(part, 0) + int(delta)
         flops, sent = flops + cost.step_flops_factor, sent + cost.step_bytes
-    return {part: max(size, 0) for part, size in parts.items()}, StepCost(flops, sent)
+    parts = {part: max(size, 0) for part, size in parts.items()}
+    parts["optimizer_step"] = optimizer_step(parts)
+    return parts, StepCost(flops, sent)
+
+
+def optimizer_step(parts: Mapping[str, int]) -> int:
+    """What AdamW's step adds beyond the backward's peak: its foreach kernels make one
+    temporary the size of the parameters it steps on (half its two moments' bytes), once the
+    backward has freed the activations and buffers, so only what exceeds those counts.
+
+    >>> optimizer_step({"optimizer": 200, "activations": 30, "buffers": 20})
+    50
+    >>> optimizer_step({"optimizer": 200, "activations": 300})
+    0
+    """
+    stepped = parts.get("optimizer", 0) // OPTIMIZER_COPIES
+    freed = sum(parts.get(part, 0) for part in ("activations", "buffers", "in_flight"))
+    return max(0, stepped - freed)
 
 
 def technique_entry(parallelism: Parallelism, name: str) -> Any:

@@ -30,7 +30,7 @@ from shardwise.parallel.gradients import clip_grad_norm
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.microbatch import bucket_length, pad_batch, rows_for
 from shardwise.parallel.pipeline import StagePipeline
-from shardwise.parallel.sharding import is_sharded, keep_gathered
+from shardwise.parallel.sharding import is_sharded
 from shardwise.parallel.stages import Autocast
 from shardwise.parallel.sync import SyncStrategy
 
@@ -92,12 +92,11 @@ class ParallelModel(nn.Module):
     def load_state_dict(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
         return self.part.load_state_dict(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> ParallelModel:
-        """Training or evaluation mode; a sharded model keeps its parameters gathered while
-        it evaluates (every rank must switch alike: see sharding.keep_gathered)."""
-        if mode != self.training and is_sharded(self.part):
-            keep_gathered(self.part, gathered=not mode)
-        return super().train(mode)
+    @property
+    def forwards_meet(self) -> bool:
+        """Whether every forward is a collective of the data ranks (a sharded model gathers
+        each block in it), so that they must run the same number of forwards."""
+        return is_sharded(self.part)
 
     # ---- the loop's calls --------------------------------------------------------------------
 

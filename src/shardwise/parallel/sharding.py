@@ -9,15 +9,15 @@ Each block is its own unit: its parameters are all-gathered just before its forw
 a rank holds one block whole at a time. Reduce-scatter averages over the shard's ranks as DDP
 averages over replicas, so the loop's loss scale (data ranks over the step's tokens) is exact
 as it stands. The strategies' wrap leaves such a module alone (`is_sharded`), gradient
-accumulation skips the reduce-scatter (`accumulating`), and an evaluation keeps the parameters
-gathered while ranks evaluate different numbers of batches (`keep_gathered`).
+accumulation skips the reduce-scatter (`accumulating`), and an evaluation gathers block by block
+as training does, every data rank running the same number of forwards (train/evaluation.py):
+gathering the whole model for it would undo the saving.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +35,6 @@ MODES = {
     "grads": "ZeRO-2-like",  # parameters kept whole from forward to backward
     "hybrid": "HSDP",  # sharded inside a machine, replicated across machines
 }
-
-# Whether each sharded unit reshards after its forward (what `keep_gathered` restores).
-_RESHARDS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -108,9 +105,7 @@ def shard_model(part: nn.Module, sharding: Sharding, layout: Layout) -> nn.Modul
     _quiet_view_warning(part)
     for unit in shard_units(part):
         fully_shard(unit, **options)
-        _RESHARDS[unit] = sharding.reshards_after_forward
     fully_shard(part, **options)
-    _RESHARDS[part] = False  # FSDP keeps the root's own parameters gathered for the backward
     return part
 
 
@@ -170,25 +165,6 @@ def accumulating(module: nn.Module) -> Iterator[None]:
     finally:
         module.set_requires_gradient_sync(True)
         module.set_reshard_after_backward(True)
-
-
-def keep_gathered(module: nn.Module, gathered: bool) -> None:
-    """Gather every sharded unit's parameters and keep them (True), or shard them again.
-
-        keep_gathered(model, True)    # every rank: evaluate any number of batches, no collective
-        keep_gathered(model, False)   # every rank: back to training
-
-    A collective: every rank of the shard group calls it. In between, forwards need no
-    all-gather, so ranks that evaluate different numbers of batches do not wait for each other.
-    """
-    units = [unit for unit in module.modules() if isinstance(unit, FSDPModule)]
-    for unit in units:
-        if gathered:
-            unit.set_reshard_after_forward(False, recurse=False)
-            unit.unshard()
-        else:
-            unit.reshard()
-            unit.set_reshard_after_forward(_RESHARDS.get(unit, True), recurse=False)
 
 
 def gradient_payload(module: nn.Module, layout: Layout) -> tuple[int, int]:

@@ -134,8 +134,9 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
     mode, which keeps them whole from forward to backward); with --offload the shards leave the
     device altogether. A block's parameters are gathered whole, twice (the next block's
     prefetched), and in its backward its gradients whole and copied into the reduce-scatter's
-    input: this rank's parameters over its blocks, the mean block, which the largest (often
-    the embedding or head) may exceed. A step all-gathers the parameters (again for the
+    input, beyond what that block's saved activations free meanwhile: a block being this
+    rank's parameters over its blocks, the mean block, which the largest (often the embedding
+    or head) may exceed. A step all-gathers the parameters (again for the
     backward in full and hybrid modes) and reduce-scatters the gradients, each (n-1)/n of the
     whole per rank.
 
@@ -155,11 +156,13 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
     kept = 0 if sharding.offload else 1  # of n shards, the one on this rank's device
     memory = {part: -(parts.get(part, 0) * (n - kept) // n) for part in divided}
     parameters = parts.get("parameters", 0)
-    # A block's backward holds its gathered parameters and the next block's (prefetched),
-    # its gradients whole and their copy in the reduce-scatter's input: four blocks' worth
-    # (grads mode gathers nothing, keeping every parameter whole: the two gradient copies).
+    # Two blocks gathered (this one and the next, prefetched); grads mode keeps every parameter
+    # whole instead. In a block's backward its gradients whole and their copy in the
+    # reduce-scatter's input come too, while that block's own saved activations are being
+    # freed: they add to the peak only as far as they exceed those.
     block = parameters // max(footprint.blocks, 1)
-    memory["buffers"] = (2 if sharding.mode == "grads" else 4) * block
+    gathered = 0 if sharding.mode == "grads" else 2 * block
+    memory["buffers"] = gathered + max(0, 2 * block - footprint.activations_per_block)
     gathers = 1 if sharding.mode == "grads" else 2
     step_bytes = (gathers * parameters + parts.get("gradients", 0)) * (n - 1) // n
     return Cost(memory=memory, step_bytes=step_bytes)

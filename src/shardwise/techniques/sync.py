@@ -276,15 +276,20 @@ def entry(config: Any, layout: Any) -> Any:
 
 
 def cost(strategy: Any, footprint: Footprint) -> Cost:
-    """Per step: gradients travel twice (a ring all-reduce sends 2(n-1)/n of them), and DDP's
-    buckets hold a copy of the gradients; the averaging strategies send parameters every H."""
+    """Per step: gradients travel twice (a ring all-reduce sends 2(n-1)/n of them); DDP's
+    buckets are the gradients themselves (gradient_as_bucket_view), so plain all-reduce adds
+    no memory; a compression hook adds its copy of a gradient (half of it in 16 bits, and
+    PowerSGD's error feedback, the whole). The averaging strategies keep a flat copy to average
+    and send parameters every H."""
     replicas = footprint.layout.replicas
     gradients = footprint.parts.get("gradients", 0)
     if replicas == 1:
         return Cost()
     ring = 2 * (replicas - 1) * gradients // replicas
     if strategy.name == "allreduce":
-        return Cost(memory={"buffers": gradients}, step_bytes=ring)
+        compression = getattr(strategy.options, "grad_compression", "none")
+        copy = {"none": 0, "powersgd": gradients}.get(compression, gradients // 2)
+        return Cost(memory={"buffers": copy}, step_bytes=ring)
     every = max(getattr(strategy.options, "sync_every", 1), 1)
     return Cost(memory={"buffers": gradients}, step_bytes=ring // every)
 

@@ -142,20 +142,30 @@ def held_out_loss(
         return None
     dealt, replicas = model.strategy.evaluation_share(len(held_out.batches), model.layout, env)
     done = np.cumsum(held_out.batch_tokens())
+    # A sharded model gathers each block in every forward, a collective of its data ranks: each
+    # runs as many forwards as the rank dealt the most, the extra ones counted nowhere.
+    lockstep = -(-len(held_out.batches) // replicas) if model.forwards_meet else len(dealt)
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     try:
         for count, index in enumerate(dealt, start=1):
-            batch = collate(list(held_out.batches[index]), step_tokens=1).to(env.device)
-            loss_sum = model.evaluate(batch.tokens, batch.targets, **batch.model_kwargs(env.device))
-            tokens = batch.n_tokens if model.owns_loss else 0
-            totals += torch.tensor([float(loss_sum), tokens], dtype=torch.float64)
+            loss_sum, tokens = _evaluate(model, held_out.batches[index], env)
+            totals += torch.tensor([loss_sum, tokens], dtype=torch.float64)
             if progress is not None:
                 progress(int(done[min(count * replicas, len(done)) - 1]))
+        for _ in range(len(dealt), lockstep):
+            _evaluate(model, held_out.batches[dealt[0] if dealt else 0], env)
     finally:
         model.train()
     loss_sum, tokens = all_reduce_sum(totals, env).tolist()
     return loss_sum / tokens if tokens else None
+
+
+def _evaluate(model: ParallelModel, sequences: Sequence[np.ndarray], env: DistEnv) -> tuple:
+    """One batch's summed loss and its tokens (0 on a stage that does not hold the loss)."""
+    batch = collate(list(sequences), step_tokens=1).to(env.device)
+    loss_sum = model.evaluate(batch.tokens, batch.targets, **batch.model_kwargs(env.device))
+    return float(loss_sum), batch.n_tokens if model.owns_loss else 0
 
 
 class Evaluations:
