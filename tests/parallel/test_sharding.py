@@ -172,3 +172,9 @@ def test_a_blocks_gradient_copies_count_beyond_the_activations_its_backward_free
     assert SHARDING.cost(Sharding("grads", 3), held).memory["buffers"] == 100
     heavy = Footprint(parts, Layout(dp=3, shard=3), activations_per_block=5000, blocks=3)
     assert SHARDING.cost(Sharding("full", 3), heavy).memory["buffers"] == 600
+
+
+def test_a_model_of_one_unit_is_gathered_once_with_nothing_to_prefetch() -> None:
+    parts = {"parameters": 900, "gradients": 900, "optimizer": 1800}
+    whole = Footprint(parts, Layout(dp=3, shard=3), activations_per_block=5000, blocks=1)
+    assert SHARDING.cost(Sharding("full", 3), whole).memory["buffers"] == 900

@@ -156,12 +156,12 @@ def cost(sharding: Any, footprint: Footprint) -> Cost:
     kept = 0 if sharding.offload else 1  # of n shards, the one on this rank's device
     memory = {part: -(parts.get(part, 0) * (n - kept) // n) for part in divided}
     parameters = parts.get("parameters", 0)
-    # Two blocks gathered (this one and the next, prefetched); grads mode keeps every parameter
-    # whole instead. In a block's backward its gradients whole and their copy in the
-    # reduce-scatter's input come too, while that block's own saved activations are being
-    # freed: they add to the peak only as far as they exceed those.
+    # Two blocks gathered (this one and the next, prefetched; one where the model is one unit);
+    # grads mode keeps every parameter whole instead. In a block's backward its gradients whole
+    # and their copy in the reduce-scatter's input come too, while that block's own saved
+    # activations are being freed: they add to the peak only as far as they exceed those.
     block = parameters // max(footprint.blocks, 1)
-    gathered = 0 if sharding.mode == "grads" else 2 * block
+    gathered = 0 if sharding.mode == "grads" else min(footprint.blocks, 2) * block
     memory["buffers"] = gathered + max(0, 2 * block - footprint.activations_per_block)
     gathers = 1 if sharding.mode == "grads" else 2
     step_bytes = (gathers * parameters + parts.get("gradients", 0)) * (n - 1) // n
