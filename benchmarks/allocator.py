@@ -31,8 +31,8 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from memory import corpus, model_sizes, show
-from support.memory_runs import MODELS_MODULE, Case, Run, run_case, write_models
+from memory import prepare_work, show
+from support.memory_runs import MODELS_MODULE, Case, Run, run_case
 from support.rounds import Comparison, add_rounds_flag, interleave, parse_with_tiny
 
 FIXED = 131072  # bytes: glibc's default threshold before it starts moving
@@ -42,9 +42,7 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="allocator-bench-") as folder:
         work = Path(folder)
-        transformer, lstm, long = model_sizes(args)
-        write_models(work, transformer, lstm, long_transformer=long)
-        text = corpus(work)
+        text = prepare_work(work, args, long=False)
         runs = {name: partial(run_case, case, text, work) for name, case in cases(args).items()}
         samples = interleave(runs, args.rounds, aa="ddp_default", on_round=show(args.rounds))
     print(json.dumps(figures(samples, args)), flush=True)
@@ -59,10 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-len", type=int, default=64)
     add_rounds_flag(parser, default=5)
     tiny = {"state_gb": 0.01, "layers": 2, "steps": 2, "max_len": 32, "rounds": 1}
-    args = parse_with_tiny(parser, tiny)
-    # model_sizes() sizes memory.py's long-sequence model too; this script does not train it.
-    args.long_dim, args.long_layers, args.long_len = 32, 1, 32
-    return args
+    return parse_with_tiny(parser, tiny)
 
 
 def cases(args: argparse.Namespace) -> dict[str, Case]:

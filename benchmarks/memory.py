@@ -58,12 +58,11 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as folder:
         work = Path(folder)
-        transformer, lstm, long = model_sizes(args)
-        write_models(work, transformer, lstm, long_transformer=long)
+        text = prepare_work(work, args)
         sides, skipped = side_cases(args)
         for name, why in skipped.items():
             print(f"{name}: skipped ({why})", flush=True)
-        text, rows = corpus(work), full_rows(work, args.long_len)
+        rows = full_rows(work, args.long_len)
         runs = {
             name: partial(run_case, case, rows if name.startswith("long") else text, work)
             for name, case in sides.items()
@@ -91,11 +90,21 @@ def parse_args() -> argparse.Namespace:
     return parse_with_tiny(parser, tiny)
 
 
-def model_sizes(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+def prepare_work(work: Path, args: argparse.Namespace, long: bool = True) -> Path:
+    """Write into `work` the models `shardwise train` imports (bench_models: the Transformer and
+    the LSTM of `model_sizes`, and with `long` the long-sequence Transformer of --long-*) and the
+    embedded corpus; the corpus's path."""
+    transformer, lstm = model_sizes(args)
+    more = {"long_transformer": long_sizes(args)} if long else {}
+    write_models(work, transformer, lstm, **more)
+    return corpus(work)
+
+
+def model_sizes(args: argparse.Namespace) -> tuple[dict, dict]:
     """The Transformer (`--layers` blocks, GPT-2 small's 12 by default, of the width a multiple
-    of 64 that fills the state), the LSTM (2 layers of the hidden size that fills it) and the
-    long-sequence Transformer (its own factory). Sharding gathers one block at a time, so its
-    saving depends on the depth: a block is a twelfth of this Transformer, half of the LSTM."""
+    of 64 that fills the state) and the LSTM (2 layers of the hidden size that fills it).
+    Sharding gathers one block at a time, so its saving depends on the depth: a block is a
+    twelfth of this Transformer, half of the LSTM."""
     parameters = args.state_gb * 1e9 / BYTES_PER_PARAMETER
     layers = args.layers
     dim = max(64, round(math.sqrt(parameters / (12 * layers)) / 64) * 64)  # 12 dim^2 a block
@@ -103,9 +112,14 @@ def model_sizes(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     transformer["max_len"] = args.max_len
     hidden = max(32, round(math.sqrt(parameters / 16) / 32) * 32)  # 2 layers of ~8 h^2
     lstm = {"embed_dim": 128, "hidden_dim": hidden, "num_layers": 2}
+    return transformer, lstm
+
+
+def long_sizes(args: argparse.Namespace) -> dict:
+    """The long-sequence Transformer of the recompute sides (its own factory)."""
     long = {"dim": args.long_dim, "num_layers": args.long_layers, "max_len": args.long_len}
     long["num_heads"] = max(1, args.long_dim // 64)
-    return transformer, lstm, long
+    return long
 
 
 def side_cases(args: argparse.Namespace) -> tuple[dict[str, Case], dict[str, str]]:

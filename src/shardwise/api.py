@@ -24,7 +24,7 @@ from shardwise.handoff import Preempted
 from shardwise.preflight import RunPlan, default_nproc, preflight
 from shardwise.report.result import RunResult
 from shardwise.run_dir import hold_run_dir, launcher_holds_lock, resolve_run_dir
-from shardwise.techniques import count_beside, processes_beside
+from shardwise.techniques import processes_beside
 from shardwise.train.restarts import restart_count
 from shardwise.train.worker import run_worker
 
@@ -43,7 +43,7 @@ def run(config: TrainConfig) -> RunResult | None:
     config = config.model_copy(update={"run_dir": run_dir})
     with _stopped_by_sigterm():  # from the first line on; the launch installs its own
         _say_what_starts(config)
-        nproc = preflight(config).nproc + count_beside(config)  # e.g. parameter servers
+        nproc = preflight(config).processes  # workers, and e.g. parameter servers
         # This process outlives every worker it starts, so its lock covers the whole run.
         held = launcher_holds_lock(config)
         with hold_run_dir(config, run_dir) if held else contextlib.nullcontext():

@@ -33,7 +33,7 @@ from shardwise.partition import PipelineCut
 from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.stores import check_port_free
-from shardwise.techniques import Beside, count_beside, processes_beside
+from shardwise.techniques import Beside, processes_beside
 from shardwise.train.build import (
     build_sampler,
     load_corpus,
@@ -78,6 +78,11 @@ class RunPlan:
     config: TrainConfig | None = field(default=None, repr=False)  # as the workers get it
     parallelism: Parallelism | None = None  # each technique the workers apply, and with what
     memory: MemoryPrediction | None = None  # each rank's predicted peak, by part
+
+    @property
+    def processes(self) -> int:
+        """Processes this node starts: its workers and those the techniques start beside them."""
+        return self.nproc + sum(other.count for other in self.beside)
 
     @property
     def cuts(self) -> list[str]:
@@ -146,9 +151,10 @@ def preflight(config: TrainConfig) -> RunPlan:
     """Check devices, model, data, batches, cut, resume path, run dir and port; the run's plan."""
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
+    beside = processes_beside(config)  # e.g. parameter servers, on every node
     crowded = None
     if device.type == "cpu":
-        crowded = check_cores(nproc + count_beside(config), config.nproc is None)
+        crowded = check_cores(nproc + sum(other.count for other in beside), config.nproc is None)
     layout = config.layout(nproc * config.nnodes)
     Precision(config.precision, device)  # refuses fp16 without a GPU, before any worker
     check_model_spec(config.model)
@@ -179,7 +185,7 @@ def preflight(config: TrainConfig) -> RunPlan:
         layout,
         stages,
         corpus,
-        processes_beside(config),
+        beside,
         budget,
         contract,
         split,

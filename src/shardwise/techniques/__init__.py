@@ -107,7 +107,6 @@ __all__ = [
     "Footprint",
     "Setting",
     "Technique",
-    "count_beside",
     "freeing_within_a_step",
     "owner",
     "piece_costs",
@@ -132,8 +131,3 @@ def processes_beside(config: Any) -> tuple[Beside, ...]:
     """The processes the techniques in effect start on each node beside the training ranks."""
     found = (technique.beside(config) for technique in registered() if technique.beside)
     return tuple(beside for beside in found if beside is not None and beside.count > 0)
-
-
-def count_beside(config: Any) -> int:
-    """How many processes a node starts beside its training ranks."""
-    return sum(beside.count for beside in processes_beside(config))
