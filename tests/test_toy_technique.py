@@ -65,6 +65,12 @@ def warm(scaled, layout):
         log.write(f"warmed {scaled.scale} on rank {layout.rank}\\n")
 
 
+def refuses_resume(saved, saved_world_size, layout):
+    if os.environ.get("TOY_REFUSES"):  # as a technique whose saved state fits one layout only
+        return f"its toy state of scale {saved.toy_scale} over {saved_world_size} rank(s) is refused"
+    return None
+
+
 TECHNIQUE = Technique(
     name="toy",
     title="A toy technique",
@@ -84,6 +90,7 @@ TECHNIQUE = Technique(
     apply=apply,
     cost=cost,
     warm=warm,
+    refuses_resume=refuses_resume,
 )
 '''
 
@@ -170,6 +177,10 @@ def test_a_run_applies_it_records_it_and_a_resume_keeps_it(
     assert "toy_scale was 1.5, now 2.0: the toy's scale changes what the model computes" in (
         changed.stderr
     )
+    refusing = {**toy, "TOY_REFUSES": "1"}
+    refused = shardwise(refusing, "train", *common, "--resume", "--max-steps", "3", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "its toy state of scale 1.5 over 1 rank(s) is refused" in refused.stderr
     shardwise(toy, "train", *common, "--resume", "--max-steps", "3")  # the same scale goes on
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
 

@@ -26,7 +26,6 @@ from shardwise.train.build import build_sampler, load_corpus, seeded_model, sequ
 from shardwise.train.resume import data_fingerprint, model_fingerprint
 
 NPROC = 2
-NOT_KEPT = {"overwrite"}  # acted on once; a run's config.toml does not keep it
 
 
 def cli_config(flags: list[str]) -> TrainConfig:
@@ -104,11 +103,13 @@ class CliPlan:
         return points, summary
 
     def _report_changed_settings(self, ran: TrainConfig, run_dir: Path) -> None:
-        planned = cli_config(self.command(run_dir)[4:])  # after `python -m shardwise train`
+        # What config.toml keeps of each (not where the run lives or how it started).
+        planned = cli_config(self.command(run_dir)[4:]).settings()  # after `... train`
+        kept = ran.settings()
         changed = [
-            f"{key} {getattr(planned, key)!r} -> {getattr(ran, key)!r}"
-            for key in TrainConfig.model_fields
-            if key not in NOT_KEPT and getattr(planned, key) != getattr(ran, key)
+            f"{key} {planned.get(key)!r} -> {kept.get(key)!r}"
+            for key in sorted(planned.keys() | kept.keys())
+            if planned.get(key) != kept.get(key)
         ]
         if changed:
             print(

@@ -24,7 +24,7 @@ from shardwise.memory.activations import ActivationProfile, PieceActivations
 from shardwise.memory.batches import BatchShape
 from shardwise.parallel.microbatch import bucket_length, rows_for
 from shardwise.parallel.parallelism import Parallelism
-from shardwise.techniques import Footprint, registered
+from shardwise.techniques import Footprint
 
 # AdamW keeps exp_avg and exp_avg_sq, each the size of the parameters.
 OPTIMIZER_COPIES = 2
@@ -136,9 +136,8 @@ def with_costs(footprint: Footprint, parallelism: Parallelism) -> tuple[dict[str
     extra compute and traffic they declare."""
     parts = dict(footprint.parts)
     flops, sent = 0.0, 0
-    for technique in registered():
-        entry = technique_entry(parallelism, technique.name)
-        if technique.cost is None or entry is None:
+    for technique, entry in parallelism.in_effect():
+        if technique.cost is None:
             continue
         cost = technique.cost(entry, dataclasses.replace(footprint, parts=dict(parts)))
         for part, delta in cost.memory.items():
@@ -162,12 +161,6 @@ def optimizer_step(parts: Mapping[str, int]) -> int:
     stepped = parts.get("optimizer", 0) // OPTIMIZER_COPIES
     freed = sum(parts.get(part, 0) for part in ("activations", "buffers", "in_flight"))
     return max(0, stepped - freed)
-
-
-def technique_entry(parallelism: Parallelism, name: str) -> Any:
-    """A technique's entry in `parallelism`: its typed field, or its place in `entries`."""
-    typed = {field.name for field in dataclasses.fields(Parallelism)} - {"layout", "entries"}
-    return getattr(parallelism, name) if name in typed else parallelism.entry(name)
 
 
 def ordered(parts: Mapping[str, int]) -> dict[str, int]:

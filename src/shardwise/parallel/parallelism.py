@@ -15,8 +15,8 @@ every other registered technique (techniques/) keeps its entry in `entries`, by 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from shardwise.parallel.schedules import SCHEDULES, Schedule
 from shardwise.parallel.stages import Autocast
 from shardwise.parallel.sync import SyncStrategy
 from shardwise.parallel.tensor_parallel import PARTS
+from shardwise.techniques import Technique, registered
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,18 @@ class Parallelism:
             self.pipeline.schedule.check(self.pipeline.microbatches, self.layout.pp)
 
     def entry(self, name: str) -> Any:
-        """The entry of the technique called `name`; None when it is off."""
+        """The entry of the technique called `name` (its typed field, or its place in
+        `entries`); None when it is off."""
+        if name in _TYPED:
+            return getattr(self, name)
         return self.entries.get(name)
+
+    def in_effect(self) -> Iterator[tuple[Technique, Any]]:
+        """Each registered technique in effect with its entry, in the order they apply."""
+        for technique in registered():
+            entry = self.entry(technique.name)
+            if entry is not None:
+                yield technique, entry
 
     def with_cuts(self, cuts: Sequence[str]) -> Parallelism:
         """The same, with the pipeline's stages beginning at `cuts`."""
@@ -124,6 +135,11 @@ class Parallelism:
             "precision": self.precision,
             **{name: _record(entry) for name, entry in self.entries.items()},
         }
+
+
+# The techniques with a typed field of their own (the others' entries are in `entries`).
+_NOT_ENTRIES = {"layout", "autocast", "backward", "entries"}
+_TYPED = frozenset(f.name for f in fields(Parallelism)) - _NOT_ENTRIES
 
 
 def _describe(name: str, entry: Any) -> str:

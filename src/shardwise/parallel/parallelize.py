@@ -42,7 +42,6 @@ from shardwise.parallel.tensor_parallel import (
     find_layer_split,
     require_split,
 )
-from shardwise.techniques import registered
 
 
 def parallelize(
@@ -153,9 +152,8 @@ def split_probe(
 
 def apply_techniques(part: nn.Module, parallelism: Parallelism) -> nn.Module:
     """`part` after each technique in effect that changes it (its `apply`), in their order."""
-    for technique in registered():
-        entry = parallelism.entry(technique.name)
-        if entry is not None and technique.apply is not None:
+    for technique, entry in parallelism.in_effect():
+        if technique.apply is not None:
             part = technique.apply(part, entry, parallelism.layout)
     return part
 
@@ -163,9 +161,8 @@ def apply_techniques(part: nn.Module, parallelism: Parallelism) -> nn.Module:
 def warm_techniques(parallelism: Parallelism) -> None:
     """Each technique in effect runs its code once on a toy (its `warm`), so that what the code
     costs once is the process's before a memory baseline is taken. A collective."""
-    for technique in registered():
-        entry = parallelism.entry(technique.name)
-        if entry is not None and technique.warm is not None:
+    for technique, entry in parallelism.in_effect():
+        if technique.warm is not None:
             technique.warm(entry, parallelism.layout)
 
 

@@ -107,7 +107,9 @@ __all__ = [
     "Footprint",
     "Setting",
     "Technique",
+    "expendable_ranks",
     "freeing_within_a_step",
+    "joining",
     "owner",
     "piece_costs",
     "processes_beside",
@@ -131,3 +133,21 @@ def processes_beside(config: Any) -> tuple[Beside, ...]:
     """The processes the techniques in effect start on each node beside the training ranks."""
     found = (technique.beside(config) for technique in registered() if technique.beside)
     return tuple(beside for beside in found if beside is not None and beside.count > 0)
+
+
+def joining(config: Any) -> Callable[[str, float], tuple[Any, Any]] | None:
+    """How each process of `config`'s job joins its group, where processes beside the ranks
+    change it (their `Beside.join`); None: torchrun's group as it is."""
+    joins = [beside.join for beside in processes_beside(config) if beside.join is not None]
+    if len(joins) > 1:
+        raise ShardwiseError("two techniques in effect each start processes of their own group")
+    return joins[0] if joins else None
+
+
+def expendable_ranks(config: Any, world_size: int) -> frozenset[int]:
+    """The ranks of a `world_size`-process job that `config`'s run goes on without."""
+    found: frozenset[int] = frozenset()
+    for beside in processes_beside(config):
+        if beside.expendable is not None:
+            found |= beside.expendable(world_size)
+    return found

@@ -108,6 +108,11 @@ class Beside:
     count: int
     what: str  # as the start line names them: "parameter server(s)"
     doing: str = ""  # what --dry-run says they do
+    # How each process of the job (rank or beside) joins its group with them there:
+    # (device, timeout_s) -> (its DistEnv, the technique's handle on the run); None: torchrun's.
+    join: Callable[[str, float], tuple[Any, Any]] | None = field(default=None, compare=False)
+    # Of the job's `world_size` processes, the ranks the run goes on without when they leave.
+    expendable: Callable[[int], frozenset[int]] | None = field(default=None, compare=False)
 
     def line(self) -> str:
         return f"plus {self.count} {self.what} {self.doing}".rstrip()
@@ -131,6 +136,9 @@ class Technique:
     activations), which on CPU a rank's allocator must hand back to the system for the saving to
     be real (memory/measure.py `hand_back_large_frees`). `beside(config)`: the processes it
     starts on each node beside the training ranks (a `Beside`; None: none).
+    `refuses_resume(saved, saved_world_size, layout)`: why a checkpoint written by a run of
+    config `saved` over `saved_world_size` ranks cannot go on under `layout` with the state it
+    holds for the technique (None: it can), beyond what its settings' `resume` rules say.
     """
 
     name: str
@@ -145,6 +153,7 @@ class Technique:
     warm: Callable[[Any, Any], None] | None = None
     frees_within_a_step: bool = False
     beside: Callable[[Any], Beside | None] | None = None
+    refuses_resume: Callable[[Any, int, Any], str | None] | None = None
 
     @property
     def setting_names(self) -> tuple[str, ...]:

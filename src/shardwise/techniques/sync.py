@@ -295,11 +295,35 @@ def cost(strategy: Any, footprint: Footprint) -> Cost:
 
 
 def beside(config: Any) -> Beside | None:
-    """--sync async's parameter servers, started beside the workers (none otherwise)."""
+    """--sync async's parameter servers, started beside the workers (none otherwise). Every
+    process joins their run (workers meet through their links), and a worker other than the
+    first may leave it: the others train on."""
     if not _async(config) or not config.ps:
         return None
+    servers = int(config.ps)
     doing = "holding the parameters and optimizer state (--sync async)"
-    return Beside(config.ps, "parameter server(s)", doing)
+
+    def join(device: str, timeout_s: float) -> tuple[Any, Any]:
+        from shardwise.parallel.sync.ps_links import join_async_run
+
+        return join_async_run(device, timeout_s, servers)
+
+    def expendable(world_size: int) -> frozenset[int]:
+        return frozenset(range(1, world_size - servers))
+
+    return Beside(servers, "parameter server(s)", doing, join, expendable)
+
+
+def refuses_resume(saved: Any, saved_world_size: int, layout: Any) -> str | None:
+    """PowerSGD's error feedback is each replica's own, and runs on whole-model replicas only,
+    so a checkpoint holding it resumes over as many replicas as wrote it."""
+    if saved.grad_compression != "powersgd" or saved_world_size == layout.replicas:
+        return None
+    return (
+        f"it holds PowerSGD's error feedback of {saved_world_size} data-parallel replicas, "
+        f"this run has {layout.replicas} (each replica's own would be lost or missing); resume "
+        f"with {saved_world_size} replicas, or start a new run"
+    )
 
 
 SYNC = Technique(
@@ -310,4 +334,5 @@ SYNC = Technique(
     entry=entry,
     cost=cost,
     beside=beside,
+    refuses_resume=refuses_resume,
 )

@@ -35,8 +35,10 @@ from shardwise.checkpoint import (
 from shardwise.config import Record, TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.model import ParallelModel
 from shardwise.session import Session
+from shardwise.techniques import registered
 from shardwise.techniques import settings as technique_settings
 from shardwise.train.build import stream_identity
 from shardwise.train.lr_schedule import follow_lr_schedule, lr_factor
@@ -244,14 +246,14 @@ def _check_same_shape(path: Path, what: str, saved: object, live: object) -> Non
         raise CheckpointRejected(path, f"its {what} is {saved!r}, not a {type(live).__name__}")
 
 
-def _check_error_feedback(path: Path, state: TrainerState, dp: int) -> None:
-    # PowerSGD runs on whole-model replicas only, so the saved world size is their number.
-    if saved_config(path, state).grad_compression == "powersgd" and state.world_size != dp:
-        raise ShardwiseError(
-            f"--resume {path}: it holds PowerSGD's error feedback of {state.world_size} "
-            f"data-parallel replicas, this run has {dp} (each replica's own would be lost or "
-            f"missing); resume with {state.world_size} replicas, or start a new run"
-        )
+def _check_technique_state(path: Path, state: TrainerState, layout: Layout) -> None:
+    """Each technique's state in the checkpoint fits this layout (its `refuses_resume`)."""
+    saved = saved_config(path, state)
+    for technique in registered():
+        if technique.refuses_resume is not None:
+            refusal = technique.refuses_resume(saved, state.world_size, layout)
+            if refusal is not None:
+                raise ShardwiseError(f"--resume {path}: {refusal}")
 
 
 def _check_position(path: Path, state: TrainerState, corpus: PreparedCorpus) -> None:
@@ -362,7 +364,7 @@ def resume_training(
 
     def check_and_load(path: Path, state: TrainerState) -> tuple[TrainerState, list[str]]:
         changes = check_resume(path, state, config, corpus, fingerprints, live)
-        _check_error_feedback(path, state, session.layout.replicas)
+        _check_technique_state(path, state, session.layout)
         loaded = session.load(path, model, optimizer, verified=True)
         if loaded != state:  # the state checked above is the one training goes on from
             raise CheckpointRejected(path, "its trainer state changed while it was loaded")

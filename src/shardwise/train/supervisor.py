@@ -24,6 +24,7 @@ import subprocess
 import sys
 from types import FrameType
 
+from shardwise import techniques
 from shardwise.config import TrainConfig
 from shardwise.distributed import job_store
 from shardwise.handoff import GIVE_UP_SIGNAL, LAUNCHER_PID_ENV
@@ -43,9 +44,8 @@ def supervises(config: TrainConfig) -> bool:
 
 
 def expendable_ranks(config: TrainConfig) -> frozenset[int]:
-    """The ranks a run goes on without: its supervised asynchronous workers."""
-    workers = int(os.environ.get("WORLD_SIZE", "1")) - config.ps
-    return frozenset(range(1, workers)) if config.ps > 0 else frozenset()
+    """The ranks this job goes on without (techniques/: their `Beside.expendable`)."""
+    return techniques.expendable_ranks(config, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def supervise(argv: list[str]) -> int:

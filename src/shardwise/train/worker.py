@@ -42,14 +42,14 @@ from shardwise.handoff import (
     write_record,
 )
 from shardwise.memory.measure import hand_back_large_frees
-from shardwise.parallel.sync.ps_links import AsyncRun, join_async_run
+from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
 from shardwise.report.markdown import CONFIG_FILE
 from shardwise.report.summary import SUMMARY_FILE, json_value
 from shardwise.run_dir import hold_run_dir, rank_zero_holds_lock, resolve_run_dir
 from shardwise.safe_write import replace_file
 from shardwise.session import Session
-from shardwise.techniques import freeing_within_a_step
+from shardwise.techniques import freeing_within_a_step, joining
 from shardwise.train.build import load_corpus, pipeline_cut, seeded_model, with_step_budget
 from shardwise.train.export import export_model, whole_model
 from shardwise.train.faults import Faults, read_faults
@@ -142,9 +142,11 @@ def _untrusted(folder: Path | None, exc: ShardwiseError) -> None:
 
 
 def _join(config: TrainConfig) -> tuple[DistEnv, AsyncRun | None]:
-    """This rank's group: torchrun's, or (--ps) its place among workers and parameter servers."""
-    if config.ps:
-        return join_async_run(config.device, config.timeout_s, config.ps)
+    """This rank's group: torchrun's, or its place among processes a technique starts beside
+    the ranks (--sync async: workers and parameter servers)."""
+    join = joining(config)
+    if join is not None:
+        return join(config.device, config.timeout_s)
     return init_distributed(config.device, config.timeout_s), None
 
 
