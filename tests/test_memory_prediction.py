@@ -143,3 +143,16 @@ def test_the_worst_planned_batch_is_the_one_predicted_not_the_mean(
         assert worst.shape.width == max(widths) >= 4 * np.mean(widths)
     else:  # a row over the token budget gets a batch of its own: the most slots of the run
         assert worst.shape.slots == max(batch.shape.slots for batch in planned) > 128
+
+
+def test_each_stage_holds_the_micro_batches_its_own_schedule_keeps_in_flight(
+    corpus: Path,
+) -> None:
+    # 1F1B over 2 stages and 4 micro-batches: the first stage runs 2 forwards before its first
+    # backward, the last one 1; GPipe runs all 4 on both. Same cuts, so the same stage layers.
+    common = {"pp": 2, "microbatches": 4, "split_points": ["blocks.1"]}
+    one_f_one_b = predict(config_for(corpus, **common), world_size=2).ranks
+    gpipe = predict(config_for(corpus, schedule="gpipe", **common), world_size=2).ranks
+    for rank, in_flight in ((0, 2), (1, 1)):
+        ratio = gpipe[rank].parts["activations"] / one_f_one_b[rank].parts["activations"]
+        assert ratio == pytest.approx(4 / in_flight, rel=0.01)

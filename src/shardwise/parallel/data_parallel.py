@@ -29,6 +29,7 @@ from shardwise.parallel.gradients import local_grad
 from shardwise.parallel.sharding import accumulating, is_sharded
 
 if TYPE_CHECKING:  # sync/ imports this module: at run time the traffic is only duck-typed
+    from shardwise.parallel.mesh import Layout
     from shardwise.parallel.sync.traffic import SyncTraffic
 
 # Big enough that a few all-reduces carry a step's gradients, small enough not to double memory.
@@ -50,6 +51,22 @@ def wrap_data_parallel(model: nn.Module, env: DistEnv, bucket_mb: float = 25.0) 
     return DistributedDataParallel(
         model, device_ids=device_ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb
     )
+
+
+def warm_up_data_parallel(layout: Layout) -> None:
+    """One step of DDP around a toy, then dropped. Building DDP the first time loads torch's
+    compiler modules (about 30 MiB resident on CPU with torch 2.13, whatever the model); after
+    this they are part of the baseline a rank's peak is measured from. A collective over the
+    world, DDP's default group, as `wrap_data_parallel`; the RNG is left as it was."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    cuda = layout.device_mesh is not None and layout.device_mesh.device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        toy = nn.Linear(4, 4).to(device)
+    device_ids = [device.index] if cuda else None
+    wrapped = DistributedDataParallel(toy, device_ids=device_ids, gradient_as_bucket_view=True)
+    wrapped(torch.ones(2, 4, device=device)).sum().backward()
 
 
 def _make_buffers_contiguous(model: nn.Module) -> None:

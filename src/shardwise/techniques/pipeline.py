@@ -94,16 +94,24 @@ def entry(config: Any, layout: Any) -> Any:
 
 def cost(stages: Any, footprint: Footprint) -> Cost:
     """A stage holds 1/pp of the state; its activations are those of the micro-batches its
-    schedule keeps in flight on the busiest (first) stage, each 1/microbatches of a batch."""
+    schedule keeps in flight on this rank's (first) stage, each 1/microbatches of a batch."""
     pp = footprint.layout.pp
     keep = {part: footprint.parts.get(part, 0) for part in ("parameters", "gradients", "optimizer")}
     memory = {part: -(size - size // pp) for part, size in keep.items()}
-    held = stages.schedule.in_flight(stages.microbatches, pp, stage=0)
+    stage = stages.schedule.stages_of(footprint.layout.pp_rank, pp)[0]
+    held = stages.schedule.in_flight(stages.microbatches, pp, stage=stage)
     activations = footprint.parts.get("activations", 0)
     # Its own layers' activations (1/pp), for `held` of `microbatches` micro-batches at once.
     stage_activations = activations * held // (pp * stages.microbatches)
     memory["activations"] = stage_activations - activations
     return Cost(memory=memory)
+
+
+def warm(stages: Any, layout: Any) -> None:
+    """torch's pipelining, loaded before the baseline (parallel/pipeline.py)."""
+    from shardwise.parallel.pipeline import warm_up
+
+    warm_up(stages, layout)
 
 
 PIPELINE = Technique(
@@ -113,4 +121,5 @@ PIPELINE = Technique(
     check=check,
     entry=entry,
     cost=cost,
+    warm=warm,
 )

@@ -294,6 +294,11 @@ def cost(strategy: Any, footprint: Footprint) -> Cost:
     return Cost(memory={"buffers": gradients}, step_bytes=ring // every)
 
 
+def warm(strategy: Any, layout: Any) -> None:
+    """The strategy's code, once on a toy before the memory baseline (its `warm_up`)."""
+    strategy.warm_up(layout)
+
+
 def beside(config: Any) -> Beside | None:
     """--sync async's parameter servers, started beside the workers (none otherwise). Every
     process joins their run (workers meet through their links), and a worker other than the
@@ -333,6 +338,7 @@ SYNC = Technique(
     check=check,
     entry=entry,
     cost=cost,
+    warm=warm,
     beside=beside,
     refuses_resume=refuses_resume,
 )

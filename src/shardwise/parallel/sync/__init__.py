@@ -88,6 +88,12 @@ class SyncStrategy(Protocol):
         """Which of `batches` held-out batches this rank evaluates, and over how many ranks."""
         ...
 
+    def warm_up(self, layout: Layout) -> None:
+        """Run its code once on a toy, so that what the code costs once (imports, caches) is
+        in a rank's memory baseline, not counted as the run's state. A collective where `wrap`
+        is one."""
+        ...
+
     def saves_here(self, env: DistEnv) -> bool:
         """Whether this rank writes its part of a checkpoint."""
         ...

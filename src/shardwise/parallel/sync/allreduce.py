@@ -23,7 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.distributed import DistEnv
 from shardwise.errors import ShardwiseError
-from shardwise.parallel.data_parallel import average_over_group, gradient_sync, wrap_data_parallel
+from shardwise.parallel.data_parallel import (
+    average_over_group,
+    gradient_sync,
+    warm_up_data_parallel,
+    wrap_data_parallel,
+)
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.sharding import gradient_payload, is_sharded
 from shardwise.parallel.sync.base import StrategyDefaults
@@ -58,6 +63,11 @@ class AllReduceEveryStep(StrategyDefaults):
                 self.powersgd = register_compression(module, self.options, self.traffic)
             return module
         return module.to(env.device)
+
+    def warm_up(self, layout: Layout) -> None:
+        """DDP's first step on a toy, where `wrap` will use DDP (parallel/data_parallel.py)."""
+        if layout.shard == 1 and layout.replica_size == 1:
+            warm_up_data_parallel(layout)
 
     def skipping(self, module: nn.Module) -> AbstractContextManager[None]:
         return gradient_sync(module, enabled=False)

@@ -25,6 +25,9 @@ class StrategyDefaults:
     # evaluations mid-run): every rank is at the same step.
     meets_between_steps = True
 
+    def warm_up(self, layout: Layout) -> None:
+        """Run its code once on a toy before a rank's memory baseline (here: nothing to run)."""
+
     def after_step(self, module: nn.Module, layout: Layout) -> None:
         """Called after every optimizer step (here: nothing)."""
 
