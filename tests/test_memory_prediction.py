@@ -156,3 +156,13 @@ def test_each_stage_holds_the_micro_batches_its_own_schedule_keeps_in_flight(
     for rank, in_flight in ((0, 2), (1, 1)):
         ratio = gpipe[rank].parts["activations"] / one_f_one_b[rank].parts["activations"]
         assert ratio == pytest.approx(4 / in_flight, rel=0.01)
+
+
+def test_a_tensor_split_divides_what_is_saved_between_its_split_layers(corpus: Path) -> None:
+    whole = predict(config_for(corpus), world_size=2).ranks[0]
+    split = predict(config_for(corpus, tp=2), world_size=2).ranks[0]
+    assert split.parts["parameters"] == whole.parts["parameters"] // 2
+    # Attention heads and the MLP's hidden layer halve; LayerNorms, residuals and the loss's
+    # log-probabilities stay whole on every rank, so the activations fall, but by under half.
+    ratio = split.parts["activations"] / whole.parts["activations"]
+    assert 0.5 < ratio < 0.85

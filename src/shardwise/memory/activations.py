@@ -21,7 +21,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ Autocast = Callable[[], AbstractContextManager[None]]
 # rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
 ROWS = 1
 WIDEST = 64
+_FORMAT = 2  # of a profile remembered on disk: another format is profiled again
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class ActivationProfile:
     whole: Curve
     pieces: tuple[PieceActivations, ...]
     param_bytes: int
+    # Of `whole`, what a tensor split divides over its ranks: the tensors saved between a
+    # column-wise layer's output and its row-wise reader (attention heads, an MLP's hidden
+    # layer). Profiled only for a split (`split_styles`); else nothing.
+    split: Curve = Curve()
 
     @property
     def loss(self) -> Curve:
@@ -112,22 +117,26 @@ def profile_activations(
     autocast: Autocast = contextlib.nullcontext,
     widest: int = WIDEST,
     packed: bool = False,
+    split_styles: Mapping[str, str] | None = None,
 ) -> ActivationProfile:
     """Profile `model` (in training mode, its random state kept) on rows up to `widest` wide.
 
         profile = profile_activations(seeded_model(config, 256), ModelContract(), autocast)
 
     `packed`: the run packs several sequences per row, so the whole call gets `positions` and
-    `segment_ids` as the loop passes them (an attention mask per batch).
+    `segment_ids` as the loop passes them (an attention mask per batch). `split_styles`: a
+    tensor split's styles in words by module name (LayerSplit.labels), to profile `split`.
     """
     widths = _widths(widest)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    whole, by_piece = [], []
+    whole, split, by_piece = [], [], []
     with torch.random.fork_rng(), autocast():
         model.train()
         for width in widths:
             tokens = torch.zeros(ROWS, width, dtype=torch.long)
-            whole.append(_whole_call(model, contract, tokens, weights, packed) / ROWS)
+            saved, inside = _whole_call(model, contract, tokens, weights, packed, split_styles)
+            whole.append(saved / ROWS)
+            split.append(inside / ROWS)
         # The pieces (timed too, by the planner's profile) at two widths: a*w + c*w*w.
         for width in widths[:2]:
             by_piece.append(_piece_costs(model, torch.zeros(ROWS, width, dtype=torch.long)))
@@ -146,7 +155,9 @@ def profile_activations(
             for i, cost in enumerate(by_piece[0])
         )
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return ActivationProfile(Curve.through(widths, whole), pieces, params)
+    return ActivationProfile(
+        Curve.through(widths, whole), pieces, params, Curve.through(widths, split)
+    )
 
 
 def run_once(
@@ -188,6 +199,7 @@ def cached_profile(
     packed: bool,
     mode: str,
     cache_dir: Path | None = None,
+    split_styles: Mapping[str, str] | None = None,
 ) -> ActivationProfile:
     """`profile_activations`, remembered on disk by what decides it: the model's parameters
     (names, shapes, dtypes), the source of its class's module, its call, the precision `mode`,
@@ -196,11 +208,11 @@ def cached_profile(
 
         profile = cached_profile(model, contract, autocast, 64, False, "fp32")
     """
-    key = _profile_key(model, contract, widest, packed, mode)
+    key = _profile_key(model, contract, widest, packed, mode, split_styles)
     path = (cache_dir or default_cache_dir()) / "memory" / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         return _profile_from_json(json.loads(path.read_text()))
-    profile = profile_activations(model, contract, autocast, widest, packed)
+    profile = profile_activations(model, contract, autocast, widest, packed, split_styles)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -210,14 +222,21 @@ def cached_profile(
 
 
 def _profile_key(
-    model: nn.Module, contract: ModelContract, widest: int, packed: bool, mode: str
+    model: nn.Module,
+    contract: ModelContract,
+    widest: int,
+    packed: bool,
+    mode: str,
+    split_styles: Mapping[str, str] | None,
 ) -> str:
     shapes = [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()]
     try:
         source = Path(inspect.getfile(type(model))).read_bytes()
     except (OSError, TypeError):  # defined where no file holds it: never reused across runs
         source = repr(id(type(model))).encode()
-    text = repr((shapes, type(model).__qualname__, contract.describe(), widest, packed, mode))
+    split = sorted((split_styles or {}).items())
+    values = (shapes, type(model).__qualname__, contract.describe(), widest, packed, mode, split)
+    text = repr((_FORMAT, *values))
     return hashlib.sha256(text.encode() + hashlib.sha256(source).digest()).hexdigest()[:24]
 
 
@@ -231,7 +250,8 @@ def _profile_from_json(values: dict) -> ActivationProfile:
         )
         for piece in values["pieces"]
     )
-    return ActivationProfile(Curve(**values["whole"]), pieces, int(values["param_bytes"]))
+    whole, split = Curve(**values["whole"]), Curve(**values["split"])
+    return ActivationProfile(whole, pieces, int(values["param_bytes"]), split)
 
 
 def _widths(widest: int) -> tuple[int, int, int]:
@@ -246,23 +266,46 @@ def _whole_call(
     tokens: torch.Tensor,
     weights: set[int],
     packed: bool,
-) -> int:
-    """Bytes autograd saves for the call and its loss (each storage once, weights aside)."""
+    split_styles: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
+    """Bytes autograd saves for the call and its loss (each storage once, weights aside), and
+    of those the bytes saved inside a tensor split's regions (`split_styles`: after a
+    column-wise layer whose output stays split, up to and with its row-wise reader)."""
     seen: dict[int, int] = {}
+    inside: set[int] = set()
+    region = [False]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in weights:
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+            if region[0]:
+                inside.add(storage.data_ptr())
         return tensor
 
+    def entered(module: nn.Module, args: object, out: object) -> None:
+        region[0] = True
+
+    def left(module: nn.Module, args: object, out: object) -> None:
+        region[0] = False
+
+    hooks = []
+    for name, style in (split_styles or {}).items():
+        if style == "column-wise":  # its output stays split: the region begins after it
+            hooks.append(model.get_submodule(name).register_forward_hook(entered))
+        elif style == "row-wise":  # its input (saved) was split, its output is whole again
+            hooks.append(model.get_submodule(name).register_forward_hook(left))
     kwargs = {}
     if packed:  # one sequence per row: the mask and positions of the packed call, same shapes
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         kwargs = {"positions": positions, "segment_ids": torch.zeros_like(tokens)}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        token_loss_sum(contract(model, tokens, **kwargs), torch.zeros_like(tokens))
-    return sum(seen.values())
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            token_loss_sum(contract(model, tokens, **kwargs), torch.zeros_like(tokens))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(seen.values()), sum(seen[pointer] for pointer in inside)
 
 
 def _piece_costs(model: nn.Module, tokens: torch.Tensor) -> list | None:

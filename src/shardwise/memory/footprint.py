@@ -118,7 +118,10 @@ def base_footprint(
         "in_flight": 0,
         "baseline": baseline,
     }
-    return Footprint(parts, layout, per_block, blocks, boundary)
+    # What a tensor split divides: its share of the whole call, as of a stage's own.
+    whole = profile.whole.bytes(shape)
+    split = min(profile.split.bytes(shape) / whole, 1.0) if whole else 0.0
+    return Footprint(parts, layout, per_block, blocks, boundary, split)
 
 
 @dataclass(frozen=True)

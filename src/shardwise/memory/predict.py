@@ -33,6 +33,8 @@ from shardwise.memory.footprint import (
 from shardwise.memory.sizes import format_size
 from shardwise.parallel.mesh import Layout
 from shardwise.parallel.parallelism import Parallelism
+from shardwise.parallel.parallelize import layer_split_for
+from shardwise.parallel.tensor_parallel import PARTS
 from shardwise.partition import balance
 from shardwise.precision import Precision
 from shardwise.train.build import build_sampler, model_call, seeded_model, sequence_lengths
@@ -144,7 +146,7 @@ class MemoryPredictor:
 
     def profile(self, config: TrainConfig) -> ActivationProfile:
         """The model's activation profile under `config`'s precision (profiled once each)."""
-        key = (config.precision, config.packs_rows)
+        key = (config.precision, config.packs_rows, config.tp > 1)
         if key not in self._profiles:
             with torch.random.fork_rng():  # the caller's random state stays as it was
                 model = seeded_model(self.config, self.corpus.vocab_size)
@@ -155,8 +157,15 @@ class MemoryPredictor:
             mode = "bf16" if config.precision == "fp16" else config.precision
             autocast = Precision(mode, torch.device("cpu")).autocast
             widest = min(int(self.lengths.max()) - 1, WIDEST)
+            split = layer_split_for(model, config.tp, PARTS, contract)  # None without a split
             self._profiles[key] = cached_profile(
-                model, contract, autocast, widest, config.packs_rows, mode
+                model,
+                contract,
+                autocast,
+                widest,
+                config.packs_rows,
+                mode,
+                split_styles=None if split is None else split.labels,
             )
             run_once(model, contract, autocast)  # a profile read from disk ran none of it
         return self._profiles[key]

@@ -40,6 +40,7 @@ from shardwise.errors import ShardwiseError, first_line
 from shardwise.models.contract import probing
 from shardwise.parallel.faithful import Forward, token_bound
 from shardwise.parallel.layer_split import LayerSplit
+from shardwise.parallel.mesh import Layout
 from shardwise.parallel.structural_split import structural_split
 
 PARTS = ("head", "embed", "mlp", "attn")
@@ -69,6 +70,23 @@ def find_layer_split(
     sizes = [table.num_embeddings for table in tables if isinstance(table, nn.Embedding)]
     bound = min(sizes, default=vocab_size or token_bound(model))  # ids the token table takes
     return LayerSplit(tp, styles, labels, token_bound=bound)
+
+
+def warm_up(layout: Layout) -> None:
+    """A column-wise then row-wise pair of toy layers split over the tensor-parallel ranks,
+    one forward and backward, then dropped: DTensor's first operations build what stays with
+    the process (dispatch tables and sharding caches, tens of MiB on CPU), which after this is
+    part of the baseline a rank's peak is measured from. A collective over "tp"; the RNG is
+    left as it was."""
+    if layout.tp == 1 or layout.device_mesh is None:
+        return
+    cuda = layout.device_mesh.device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        toy = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)).to(device)
+    styles = {"0": ColwiseParallel(), "1": RowwiseParallel()}
+    parallelize_module(toy, layout.submesh("tp"), styles)
+    toy(torch.ones(2, 8, device=device)).sum().backward()
 
 
 def require_split(plan: LayerSplit, model: nn.Module) -> None:

@@ -78,6 +78,7 @@ class Footprint:
     activations_per_block: int = 0  # the largest block's saved activations for the worst batch
     blocks: int = 1  # blocks (layers) on this rank
     boundary_bytes: int = 0  # one block's output for the worst batch (what recompute keeps)
+    split_share: float = 0.0  # of the activations, what a tensor split divides over its ranks
 
     @property
     def total(self) -> int:

@@ -24,12 +24,23 @@ def entry(config: Any, layout: Any) -> Any:
 
 def cost(split: Any, footprint: Footprint) -> Cost:
     """The split layers' state divides by tp (counted as all of it: an upper bound on the
-    saving, since embeddings and norms may stay whole); activations inside them too."""
+    saving, since embeddings and norms may stay whole); so do the activations saved between a
+    column-wise layer and its row-wise reader (the profile's `split_share` of them)."""
     tp = footprint.layout.tp
     parts = ("parameters", "gradients", "optimizer")
-    return Cost(memory={part: -(footprint.parts.get(part, 0) * (tp - 1) // tp) for part in parts})
+    memory = {part: -(footprint.parts.get(part, 0) * (tp - 1) // tp) for part in parts}
+    inside = footprint.parts.get("activations", 0) * footprint.split_share
+    memory["activations"] = -int(inside * (tp - 1) / tp)
+    return Cost(memory=memory)
+
+
+def warm(split: Any, layout: Any) -> None:
+    """DTensor's first steps, on a toy split as the run's layers are (parallel/)."""
+    from shardwise.parallel.tensor_parallel import warm_up
+
+    warm_up(layout)
 
 
 TENSOR_SPLIT = Technique(
-    name="tensor", title="Tensor split (--tp 2 or more)", entry=entry, cost=cost
+    name="tensor", title="Tensor split (--tp 2 or more)", entry=entry, cost=cost, warm=warm
 )
