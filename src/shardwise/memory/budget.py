@@ -47,11 +47,9 @@ def kept_budget(
     config must pass too). A CPU rank's baseline is this process's resident memory: the
     launcher, like a worker, has torch, the corpus and the data plan loaded; a GPU rank's is
     what its device holds at the start, nothing the prediction does not count itself."""
-    predictor = MemoryPredictor(config, corpus, baseline=0)
-    predictor.profile(config)  # the model built and run once here, as in every rank's start
     release_freed_memory()
     launcher = resident_bytes()
-    predictor.baseline = launcher if device.type == "cpu" else 0
+    predictor = MemoryPredictor(config, corpus, launcher if device.type == "cpu" else 0)
     prediction = predictor.predict(config, layout, cuts)
     budget = memory_budget(config.memory_budget, device, nproc, launcher=launcher)
     over = over_budget(prediction, budget, nproc)

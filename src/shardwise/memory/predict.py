@@ -21,7 +21,7 @@ import torch
 from shardwise.config import TrainConfig
 from shardwise.config.parallelism import parallelism_from
 from shardwise.data.prepare import PreparedCorpus
-from shardwise.memory.activations import WIDEST, ActivationProfile, cached_profile, run_once
+from shardwise.memory.activations import WIDEST, ActivationProfile, cached_profile
 from shardwise.memory.batches import PlannedBatch, planned_shapes, worst_batches
 from shardwise.memory.footprint import (
     StepCost,
@@ -167,7 +167,6 @@ class MemoryPredictor:
                 mode,
                 split_styles=None if split is None else split.labels,
             )
-            run_once(model, contract, autocast)  # a profile read from disk ran none of it
         return self._profiles[key]
 
     def planned(self, config: TrainConfig, data_ranks: int) -> list[list[PlannedBatch]]:
