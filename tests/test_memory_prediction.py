@@ -166,3 +166,25 @@ def test_a_tensor_split_divides_what_is_saved_between_its_split_layers(corpus: P
     # log-probabilities stay whole on every rank, so the activations fall, but by under half.
     ratio = split.parts["activations"] / whole.parts["activations"]
     assert 0.5 < ratio < 0.85
+
+
+def test_what_a_call_saves_once_is_not_counted_once_a_row() -> None:
+    # Under bf16 autocast a call saves its weights cast to 16 bits once, whatever its rows: a
+    # curve per row alone would count them eight times for eight rows.
+    import torch
+
+    from shardwise.memory.activations import _whole_call, profile_activations
+    from shardwise.memory.batches import BatchShape
+    from shardwise.models import RecurrentLM
+    from shardwise.models.contract import ModelContract
+    from shardwise.precision import Precision
+
+    model = RecurrentLM(vocab_size=64, embed_dim=32, hidden_dim=128, num_layers=1)
+    autocast = Precision("bf16", torch.device("cpu")).autocast
+    profile = profile_activations(model, ModelContract(), autocast, widest=32)
+    assert profile.whole.per_call(32) > 100_000  # the cast weights: (4*128) x (32+128) x 2 bytes
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.random.fork_rng(), autocast():
+        tokens = torch.zeros(8, 32, dtype=torch.long)
+        saved, _ = _whole_call(model, ModelContract(), tokens, weights, packed=False)
+    assert profile.whole.bytes(BatchShape(rows=8, width=32)) == pytest.approx(saved, rel=0.05)

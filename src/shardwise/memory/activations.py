@@ -43,40 +43,57 @@ Autocast = Callable[[], AbstractContextManager[None]]
 # rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
 ROWS = 1
 WIDEST = 64
-_FORMAT = 2  # of a profile remembered on disk: another format is profiled again
+_FORMAT = 3  # of a profile remembered on disk: another format is profiled again
 
 
 @dataclass(frozen=True)
 class Curve:
-    """Bytes per row as k + a*w + c*w*w for rows of width w (fitted through three profiles).
+    """Bytes as rows * (k + a*w + c*w*w) + (ck + ca*w + cc*w*w) for rows of width w: what each
+    row saves, and what a call saves once whatever its rows (an attention mask, the weights
+    cast to 16 bits), each fitted through three profiled widths.
 
-    >>> curve = Curve.through((8, 4, 2), (80, 40, 20))
+    >>> curve = Curve.through((8, 4, 2), (80, 40, 20), once=(5, 5, 5))
     >>> curve.bytes(BatchShape(rows=3, width=100))
-    3000
+    3005
     """
 
     k: float = 0.0
     a: float = 0.0
     c: float = 0.0
+    ck: float = 0.0
+    ca: float = 0.0
+    cc: float = 0.0
 
     @classmethod
-    def through(cls, widths: Sequence[int], per_row: Sequence[float]) -> Curve:
-        """The curve through three (width, bytes per row) points."""
+    def through(
+        cls, widths: Sequence[int], per_row: Sequence[float], once: Sequence[float] = (0, 0, 0)
+    ) -> Curve:
+        """The curve through three (width, bytes per row) points, and (width, bytes per call)."""
         w = torch.tensor([[1.0, x, x * x] for x in widths], dtype=torch.float64)
         k, a, c = torch.linalg.solve(w, torch.tensor(per_row, dtype=torch.float64)).tolist()
-        return cls(k, a, c)
+        ck, ca, cc = torch.linalg.solve(w, torch.tensor(once, dtype=torch.float64)).tolist()
+        return cls(k, a, c, ck, ca, cc)
 
     def per_row(self, width: int) -> float:
         return max(self.k + self.a * width + self.c * width * width, 0.0)
 
+    def per_call(self, width: int) -> float:
+        return max(self.ck + self.ca * width + self.cc * width * width, 0.0)
+
     def bytes(self, shape: BatchShape) -> int:
-        return round(shape.rows * self.per_row(shape.width))
+        if shape.rows <= 0:
+            return 0
+        return round(shape.rows * self.per_row(shape.width) + self.per_call(shape.width))
 
     def __add__(self, other: Curve) -> Curve:
-        return Curve(self.k + other.k, self.a + other.a, self.c + other.c)
+        return Curve(*(x + y for x, y in zip(_terms(self), _terms(other), strict=True)))
 
     def __sub__(self, other: Curve) -> Curve:
-        return Curve(self.k - other.k, self.a - other.a, self.c - other.c)
+        return Curve(*(x - y for x, y in zip(_terms(self), _terms(other), strict=True)))
+
+
+def _terms(curve: Curve) -> tuple[float, ...]:
+    return (curve.k, curve.a, curve.c, curve.ck, curve.ca, curve.cc)
 
 
 @dataclass(frozen=True)
@@ -129,14 +146,13 @@ def profile_activations(
     """
     widths = _widths(widest)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    whole, split, by_piece = [], [], []
+    found, by_piece = [], []
     with torch.random.fork_rng(), autocast():
         model.train()
-        for width in widths:
-            tokens = torch.zeros(ROWS, width, dtype=torch.long)
-            saved, inside = _whole_call(model, contract, tokens, weights, packed, split_styles)
-            whole.append(saved / ROWS)
-            split.append(inside / ROWS)
+        shapes = [(ROWS, width) for width in widths] + [(2 * ROWS, widths[0])]
+        for rows, width in shapes:
+            tokens = torch.zeros(rows, width, dtype=torch.long)
+            found.append(_whole_call(model, contract, tokens, weights, packed, split_styles))
         # The pieces (timed too, by the planner's profile) at two widths: a*w + c*w*w.
         for width in widths[:2]:
             by_piece.append(_piece_costs(model, torch.zeros(ROWS, width, dtype=torch.long)))
@@ -155,9 +171,15 @@ def profile_activations(
             for i, cost in enumerate(by_piece[0])
         )
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return ActivationProfile(
-        Curve.through(widths, whole), pieces, params, Curve.through(widths, split)
-    )
+    curves = []
+    for kind in (0, 1):  # all saved bytes, and those inside a tensor split's regions
+        one, two = [bytes_[kind] for bytes_ in found[:3]], found[3][kind]
+        # What the call saves once whatever its rows (the weights cast to 16 bits, a mask):
+        # one row's bytes twice less two rows' at the widest width, held the same at every width.
+        once = max(2 * one[0] - two, 0)
+        per_row = [(saved - once) / ROWS for saved in one]
+        curves.append(Curve.through(widths, per_row, (once, once, once)))
+    return ActivationProfile(curves[0], pieces, params, curves[1])
 
 
 def run_once(
