@@ -67,7 +67,8 @@ def warm(scaled, layout):
 
 def refuses_resume(saved, saved_world_size, layout):
     if os.environ.get("TOY_REFUSES"):  # as a technique whose saved state fits one layout only
-        return f"its toy state of scale {saved.toy_scale} over {saved_world_size} rank(s) is refused"
+        scale = saved.toy_scale
+        return f"its toy state of scale {scale} over {saved_world_size} rank(s) is refused"
     return None
 
 

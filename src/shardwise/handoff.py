@@ -37,10 +37,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: aborted (a second Ctrl-C), nothing saved
 EXIT_STOPPED = 128 + signal.SIGTERM  # a worker the agent stopped: what SIGTERM's death reports
 
 
-class Preempted(Exception):  # a way for a run to end, not an error
+class Preempted(BaseException):  # a way for a run to end, not an error
     """The run stopped on a signal after `step`; `checkpoint` holds it (None: nothing saved).
 
     raise Preempted(37, Path("runs/a/checkpoints/step_00000037"), "SIGTERM")
+
+    A BaseException, as KeyboardInterrupt is: raised from a signal handler, it may land in any
+    code, and an `except Exception` meant for that code's own failures (a probe that tries a
+    model several ways) must not take the stop for one of them.
     """
 
     def __init__(

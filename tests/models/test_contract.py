@@ -180,3 +180,23 @@ def test_a_model_too_short_for_max_len_is_refused_before_training() -> None:
     contract_for(model, "user:m", vocab_size=VOCAB, max_len=128)
     with pytest.raises(ShardwiseError, match=r"--max-len 129 tokens .*lower --max-len"):
         contract_for(model, "user:m", vocab_size=VOCAB, max_len=129)
+
+
+def test_a_stop_during_the_probe_is_a_stop_not_a_verdict_on_the_model() -> None:
+    # SIGTERM's handler raises Preempted wherever the launcher is, the model's probe included,
+    # which tries each reading of the batch and takes a failure for "not this one".
+    from shardwise.handoff import Preempted
+    from shardwise.models import build_model
+    from shardwise.models.contract import model_contract
+
+    model = build_model("gru", vocab_size=16)
+    calls = {"n": 0}
+
+    def stop_on_the_third_call(module: nn.Module, args: tuple) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside the layout probe
+            raise Preempted(None, None, "SIGTERM")
+
+    model.register_forward_pre_hook(stop_on_the_third_call)
+    with pytest.raises(Preempted):
+        model_contract(model, "gru", vocab_size=16)
