@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -21,6 +22,8 @@ import torch.distributed as dist
 
 from shardwise.errors import ShardwiseError, first_line
 from shardwise.signed_store import job_secret, signed
+
+_LET_GLOO_FINISH_S = 0.05  # see shutdown_distributed
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,11 @@ def shutdown_distributed() -> None:
         # A rank that tears down gloo while a peer still holds its connections can abort the
         # peer ("terminate called without an active exception"): meet first, then leave.
         dist.barrier()
+        # gloo's worker thread drops the barrier's work once it completes, which takes the GIL
+        # (the work holds tensors Python owns). Let it, before this process can drop a DDP
+        # reducer, whose process group's destructor joins that thread with the GIL held: an
+        # own-loop script whose model died right after close() hung there at exit.
+        time.sleep(_LET_GLOO_FINISH_S)
         dist.destroy_process_group()
 
 
