@@ -56,6 +56,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -198,10 +199,22 @@ class Contenders:
         out.mkdir(parents=True, exist_ok=True)
         log = self.scratch / f"{out.name}.log"
         with log.open("w") as sink:
-            done = subprocess.run(command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
+            # Its own session, so that a tree that hangs (seen once: a contender's rank stuck
+            # at exit in gloo's teardown) is killed whole after --contender-timeout-s.
+            run = subprocess.Popen(
+                command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                run.wait(timeout=self.args.contender_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+                raise RuntimeError(
+                    f"{shlex.join(command)} ran past {self.args.contender_timeout_s:g}s: killed"
+                ) from None
+        if run.returncode != 0:
             tail = "\n".join(log.read_text().splitlines()[-30:])
-            raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}):\n{tail}")
+            raise RuntimeError(f"{shlex.join(command)} failed ({run.returncode}):\n{tail}")
 
 
 def torchrun() -> list[str]:
@@ -381,6 +394,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cli-flags", default="", help="extra `shardwise train` flags")
     parser.add_argument(
         "--heavy-tailed", action="store_true", help="every contender on a heavy-tailed corpus"
+    )
+    parser.add_argument(
+        "--contender-timeout-s", type=float, default=1200, help="a contender run's time limit"
     )
     return parse_with_tiny(parser, {"rounds": 1, "tokens": 20_000, "dump_every": 5_000})
 
