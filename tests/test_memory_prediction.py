@@ -156,6 +156,10 @@ def test_each_stage_holds_the_micro_batches_its_own_schedule_keeps_in_flight(
     for rank, in_flight in ((0, 2), (1, 1)):
         ratio = gpipe[rank].parts["activations"] / one_f_one_b[rank].parts["activations"]
         assert ratio == pytest.approx(4 / in_flight, rel=0.01)
+    # Receive buffers for every micro-batch, made before the step: the last stage's for the
+    # activations it receives, whatever the schedule; the first keeps its outputs in flight too.
+    assert one_f_one_b[1].parts["in_flight"] == gpipe[1].parts["in_flight"] > 0
+    assert gpipe[0].parts["in_flight"] > one_f_one_b[0].parts["in_flight"] > 0
 
 
 def test_a_tensor_split_divides_what_is_saved_between_its_split_layers(corpus: Path) -> None:

@@ -94,7 +94,11 @@ def entry(config: Any, layout: Any) -> Any:
 
 def cost(stages: Any, footprint: Footprint) -> Cost:
     """A stage holds 1/pp of the state; its activations are those of the micro-batches its
-    schedule keeps in flight on this rank's (first) stage, each 1/microbatches of a batch."""
+    schedule keeps in flight on this rank's (first) stage, each 1/microbatches of a batch.
+    In flight besides (`in_flight`): torch's pipelining receives into a buffer a micro-batch
+    made before the step, so a stage that receives activations (all but the first) or
+    gradients (all but the last) holds a whole batch of stage boundaries in each, and a stage
+    that sends keeps each micro-batch's output until its backward."""
     pp = footprint.layout.pp
     keep = {part: footprint.parts.get(part, 0) for part in ("parameters", "gradients", "optimizer")}
     memory = {part: -(size - size // pp) for part, size in keep.items()}
@@ -104,6 +108,10 @@ def cost(stages: Any, footprint: Footprint) -> Cost:
     # Its own layers' activations (1/pp), for `held` of `microbatches` micro-batches at once.
     stage_activations = activations * held // (pp * stages.microbatches)
     memory["activations"] = stage_activations - activations
+    first, last = stage == 0, stage == stages.schedule.stage_count(pp) - 1
+    boundary = footprint.boundary_bytes  # a block's input for the whole batch: a stage's too
+    outputs = 0 if last else held * boundary // stages.microbatches
+    memory["in_flight"] = (int(not first) + int(not last)) * boundary + outputs
     return Cost(memory=memory)
 
 
