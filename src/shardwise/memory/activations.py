@@ -182,37 +182,6 @@ def profile_activations(
     return ActivationProfile(curves[0], pieces, params, curves[1])
 
 
-def run_once(
-    model: nn.Module, contract: ModelContract, autocast: Autocast = contextlib.nullcontext
-) -> None:
-    """One small training call of `model` on the host (forward, loss, backward), every trace
-    of it undone: gradients, buffers, random state and mode are as they were.
-
-    What running a model's code costs a process once (the autograd engine, kernels' lazily
-    built tables and workspaces: 15-25 MiB resident on CPU with torch 2.13, whatever the
-    model's size) is then the process's, so a memory baseline taken after it holds it and a
-    rank's peak above that baseline is the run's state, which the prediction counts.
-    """
-    params = list(model.parameters())
-    if any(param.device.type != "cpu" for param in params):
-        return
-    trained = [param for param in params if param.requires_grad]
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    training = model.training
-    tokens = torch.zeros(ROWS, 16, dtype=torch.long)
-    try:
-        with torch.random.fork_rng(devices=[]), autocast():
-            model.train()
-            loss = token_loss_sum(contract(model, tokens), tokens)
-            if trained:  # gradients returned, not accumulated: `.grad` stays the caller's
-                torch.autograd.grad(loss, trained, allow_unused=True)
-    finally:
-        with torch.no_grad():
-            for buffer, kept in buffers:
-                buffer.copy_(kept)
-        model.train(training)
-
-
 def cached_profile(
     model: nn.Module,
     contract: ModelContract,

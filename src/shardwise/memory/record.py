@@ -13,7 +13,6 @@ on the whole peak and on what training added above the baseline, the part the pr
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,6 @@ from torch import nn
 from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import DistEnv, all_gather_floats
-from shardwise.memory.activations import run_once
 from shardwise.memory.measure import (
     MemoryMeter,
     mmap_threshold,
@@ -33,7 +31,6 @@ from shardwise.memory.measure import (
 from shardwise.memory.predict import MemoryPrediction, MemoryPredictor
 from shardwise.parallel.parallelism import Parallelism
 from shardwise.parallel.parallelize import warm_techniques
-from shardwise.train.build import model_call
 
 
 @dataclass
@@ -54,17 +51,14 @@ class MemoryWatch:
         cuts: Sequence[str] | None,
         parallelism: Parallelism | None = None,
     ) -> MemoryWatch:
-        """Predict (rank 0), then start measuring: `model` is the whole model as built. On
-        CPU the model runs once first (memory/activations.py `run_once`), and with the run's
-        `parallelism` its techniques on a toy (every rank): their one-time cost is the
-        baseline's, not the run's (parallelize.warm_techniques)."""
+        """Predict (rank 0), then start measuring: `model` is the whole model as built. With
+        the run's `parallelism`, its techniques run once on a toy first (every rank): their
+        one-time cost is the baseline's, not the run's (parallelize.warm_techniques). The
+        model's own code has run by then (its contract probe, the profile)."""
         prediction = None
         if env.is_main:
             predictor = MemoryPredictor(config, corpus, baseline=0)
             prediction = predictor.predict(config, config.layout(env.world_size), cuts)
-        if env.device.type == "cpu":  # the model's code, run once: its one-time cost too
-            autocast = parallelism.autocast if parallelism is not None else contextlib.nullcontext
-            run_once(model, model_call(config, model), autocast)
         if parallelism is not None:
             warm_techniques(parallelism)
         release_freed_memory()  # the profile's and the toys' freed pages: not the baseline's
