@@ -43,16 +43,16 @@ Autocast = Callable[[], AbstractContextManager[None]]
 # rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
 ROWS = 1
 WIDEST = 64
-_FORMAT = 3  # of a profile remembered on disk: another format is profiled again
+_FORMAT = 4  # of a profile remembered on disk: another format is profiled again
 
 
 @dataclass(frozen=True)
 class Curve:
-    """Bytes as rows * (k + a*w + c*w*w) + (ck + ca*w + cc*w*w) for rows of width w: what each
-    row saves, and what a call saves once whatever its rows (an attention mask, the weights
-    cast to 16 bits), each fitted through three profiled widths.
+    """Bytes as rows * (k + a*w + c*w*w) + once for rows of width w: what each row saves
+    (fitted through three profiled widths), and what a call saves once whatever its rows (the
+    weights cast to 16 bits).
 
-    >>> curve = Curve.through((8, 4, 2), (80, 40, 20), once=(5, 5, 5))
+    >>> curve = Curve.through((8, 4, 2), (80, 40, 20), once=5)
     >>> curve.bytes(BatchShape(rows=3, width=100))
     3005
     """
@@ -60,40 +60,28 @@ class Curve:
     k: float = 0.0
     a: float = 0.0
     c: float = 0.0
-    ck: float = 0.0
-    ca: float = 0.0
-    cc: float = 0.0
+    once: float = 0.0
 
     @classmethod
-    def through(
-        cls, widths: Sequence[int], per_row: Sequence[float], once: Sequence[float] = (0, 0, 0)
-    ) -> Curve:
-        """The curve through three (width, bytes per row) points, and (width, bytes per call)."""
+    def through(cls, widths: Sequence[int], per_row: Sequence[float], once: float = 0.0) -> Curve:
+        """The curve through three (width, bytes per row) points, and `once` bytes a call."""
         w = torch.tensor([[1.0, x, x * x] for x in widths], dtype=torch.float64)
         k, a, c = torch.linalg.solve(w, torch.tensor(per_row, dtype=torch.float64)).tolist()
-        ck, ca, cc = torch.linalg.solve(w, torch.tensor(once, dtype=torch.float64)).tolist()
-        return cls(k, a, c, ck, ca, cc)
+        return cls(k, a, c, once)
 
     def per_row(self, width: int) -> float:
         return max(self.k + self.a * width + self.c * width * width, 0.0)
 
-    def per_call(self, width: int) -> float:
-        return max(self.ck + self.ca * width + self.cc * width * width, 0.0)
-
     def bytes(self, shape: BatchShape) -> int:
         if shape.rows <= 0:
             return 0
-        return round(shape.rows * self.per_row(shape.width) + self.per_call(shape.width))
+        return round(shape.rows * self.per_row(shape.width) + max(self.once, 0.0))
 
     def __add__(self, other: Curve) -> Curve:
-        return Curve(*(x + y for x, y in zip(_terms(self), _terms(other), strict=True)))
+        return Curve(self.k + other.k, self.a + other.a, self.c + other.c, self.once + other.once)
 
     def __sub__(self, other: Curve) -> Curve:
-        return Curve(*(x - y for x, y in zip(_terms(self), _terms(other), strict=True)))
-
-
-def _terms(curve: Curve) -> tuple[float, ...]:
-    return (curve.k, curve.a, curve.c, curve.ck, curve.ca, curve.cc)
+        return Curve(self.k - other.k, self.a - other.a, self.c - other.c, self.once - other.once)
 
 
 @dataclass(frozen=True)
@@ -175,10 +163,10 @@ def profile_activations(
     for kind in (0, 1):  # all saved bytes, and those inside a tensor split's regions
         one, two = [bytes_[kind] for bytes_ in found[:3]], found[3][kind]
         # What the call saves once whatever its rows (the weights cast to 16 bits, a mask):
-        # one row's bytes twice less two rows' at the widest width, held the same at every width.
+        # one row's bytes twice less two rows' at the widest width.
         once = max(2 * one[0] - two, 0)
         per_row = [(saved - once) / ROWS for saved in one]
-        curves.append(Curve.through(widths, per_row, (once, once, once)))
+        curves.append(Curve.through(widths, per_row, once))
     return ActivationProfile(curves[0], pieces, params, curves[1])
 
 

@@ -60,11 +60,10 @@ def warm_up_data_parallel(layout: Layout) -> None:
     world, DDP's default group, as `wrap_data_parallel`; the RNG is left as it was."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    cuda = layout.device_mesh is not None and layout.device_mesh.device_type == "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = layout.device
     with torch.random.fork_rng(devices=[]):
         toy = nn.Linear(4, 4).to(device)
-    device_ids = [device.index] if cuda else None
+    device_ids = [device.index] if device.type == "cuda" else None
     wrapped = DistributedDataParallel(toy, device_ids=device_ids, gradient_as_bucket_view=True)
     wrapped(torch.ones(2, 4, device=device)).sum().backward()
 

@@ -136,6 +136,13 @@ class Layout:
         return self.rank // self.tp % self.dp
 
     @property
+    def device(self) -> torch.device:
+        """The device this rank computes on, as its mesh says (the CPU without one)."""
+        if self.device_mesh is not None and self.device_mesh.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
 

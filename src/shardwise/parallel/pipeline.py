@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -148,7 +148,7 @@ class StagePipeline:
         return out.requires_grad_(train and dtype.is_floating_point)
 
 
-def warm_up(stages: Any, layout: Layout) -> None:
+def warm_up() -> None:
     """Load torch's pipelining before a rank's memory baseline: on CPU its modules (and what
     they import: fx, export, dynamo's pieces) are 35-75 MiB resident, which the first
     schedule would otherwise add to the run's peak, as if they were state."""

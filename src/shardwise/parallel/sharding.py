@@ -117,8 +117,7 @@ def warm_up(sharding: Sharding, layout: Layout) -> None:
     """
     if layout.shard == 1 or layout.device_mesh is None:
         return
-    kind = layout.device_mesh.device_type
-    device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else None
+    device = layout.device
     with torch.random.fork_rng(devices=[]):
         toy = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).to(device)
     toy = shard_model(toy, sharding, layout)

@@ -80,8 +80,7 @@ def warm_up(layout: Layout) -> None:
     left as it was."""
     if layout.tp == 1 or layout.device_mesh is None:
         return
-    cuda = layout.device_mesh.device_type == "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = layout.device
     with torch.random.fork_rng(devices=[]):
         toy = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)).to(device)
     styles = {"0": ColwiseParallel(), "1": RowwiseParallel()}

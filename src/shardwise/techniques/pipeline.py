@@ -119,7 +119,7 @@ def warm(stages: Any, layout: Any) -> None:
     """torch's pipelining, loaded before the baseline (parallel/pipeline.py)."""
     from shardwise.parallel.pipeline import warm_up
 
-    warm_up(stages, layout)
+    warm_up()
 
 
 PIPELINE = Technique(
