@@ -146,7 +146,7 @@ class MemoryPredictor:
 
     def profile(self, config: TrainConfig) -> ActivationProfile:
         """The model's activation profile under `config`'s precision (profiled once each)."""
-        key = (config.precision, config.packs_rows, config.tp > 1)
+        key = (config.precision, config.packs_rows, config.tp)
         if key not in self._profiles:
             with torch.random.fork_rng():  # the caller's random state stays as it was
                 model = seeded_model(self.config, self.corpus.vocab_size)
