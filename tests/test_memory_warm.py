@@ -5,6 +5,7 @@ new."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -55,3 +56,40 @@ def test_after_the_warm_up_applying_ddp_and_the_pipeline_loads_nothing_new() -> 
         assert found["sync warm"], "DDP's first step loaded nothing: nothing to warm"
         # ...and once they have, the run's own DDP and pipeline load nothing more.
         assert found["applied after"] == []
+
+
+_OPTIMIZER_WARMED = """
+import subprocess
+import sys
+import torch
+from shardwise.config import TrainConfig
+from shardwise.train.trainer import build_optimizer, warm_optimizer
+
+def loaded_by(build):
+    before = set(sys.modules)
+    build()
+    return sorted(set(sys.modules) - before)
+
+def run_step():
+    model = torch.nn.Linear(8, 8)
+    optimizer = build_optimizer(model.parameters(), TrainConfig())
+    model(torch.ones(2, 8)).sum().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    optimizer.step()
+
+print(len(loaded_by(lambda: warm_optimizer(TrainConfig(), torch.device("cpu")))))
+print(loaded_by(run_step))
+"""
+
+
+def test_after_the_optimizer_warm_up_the_runs_optimizer_loads_nothing_new() -> None:
+    # A fresh interpreter: in this one an earlier test may have loaded what AdamW imports.
+    done = subprocess.run(
+        [sys.executable, "-c", _OPTIMIZER_WARMED], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    warmed, after = done.stdout.splitlines()
+    # The first AdamW of a process imports hundreds of modules (so this check could fail)...
+    assert int(warmed) > 50
+    # ...and once the toy has taken them, the run's optimizer, clip and step load nothing more.
+    assert after == "[]"

@@ -13,7 +13,7 @@ on the whole peak and on what training added above the baseline, the part the pr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,17 +50,21 @@ class MemoryWatch:
         model: nn.Module,
         cuts: Sequence[str] | None,
         parallelism: Parallelism | None = None,
+        warm: Callable[[], None] | None = None,
     ) -> MemoryWatch:
         """Predict (rank 0), then start measuring: `model` is the whole model as built. With
-        the run's `parallelism`, its techniques run once on a toy first (every rank): their
-        one-time cost is the baseline's, not the run's (parallelize.warm_techniques). The
-        model's own code has run by then (its contract probe, the profile)."""
+        the run's `parallelism`, its techniques run once on a toy first (every rank), and then
+        `warm` (the loop's own code on a toy: its optimizer): their one-time cost is the
+        baseline's, not the run's (parallelize.warm_techniques). The model's own code has run
+        by then (its contract probe, the profile)."""
         prediction = None
         if env.is_main:
             predictor = MemoryPredictor(config, corpus, baseline=0)
             prediction = predictor.predict(config, config.layout(env.world_size), cuts)
         if parallelism is not None:
             warm_techniques(parallelism)
+        if warm is not None:
+            warm()
         release_freed_memory()  # the profile's and the toys' freed pages: not the baseline's
         return cls(env, MemoryMeter.start(env.device, held=model_bytes(model)), prediction)
 

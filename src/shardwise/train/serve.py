@@ -10,8 +10,6 @@ process would.
 
 from __future__ import annotations
 
-import torch
-
 from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
 from shardwise.parallel.sync.exchange import Channel, Inbox, assign_shards
@@ -19,6 +17,7 @@ from shardwise.parallel.sync.param_server import ParameterServer
 from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.train.build import load_corpus, seeded_model, with_step_budget
 from shardwise.train.lr_schedule import warmup_cosine
+from shardwise.train.trainer import build_optimizer
 
 
 def serve_parameters(config: TrainConfig, env: DistEnv, exchange: AsyncRun) -> dict:
@@ -31,7 +30,7 @@ def serve_parameters(config: TrainConfig, env: DistEnv, exchange: AsyncRun) -> d
     shards = assign_shards([param.numel() for param in params], len(exchange.servers))
     positions = shards[exchange.servers.index(exchange.rank)]
     shard = [params[i].detach().clone() for i in positions]
-    optimizer = torch.optim.AdamW(shard, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(shard, config)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     server = ParameterServer(
         shard,

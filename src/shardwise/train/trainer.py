@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,27 @@ from shardwise.train.preemption import Preempted, PreemptionCheck
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
 from shardwise.train.summary import run_summary
 from shardwise.train.timing import StepClock
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """The run's optimizer: AdamW at the config's learning rate and weight decay."""
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def warm_optimizer(config: TrainConfig, device: torch.device) -> None:
+    """The optimizer's and clipping's code, run once on a toy before the memory baseline.
+
+    Building the first AdamW in a process imports several hundred modules (torch's compiler
+    stack among them: 25-70 MiB resident, whatever the model), and the first clip and step load
+    their kernels. That is what the process costs once, as the techniques' warm-ups
+    (parallelize.warm_techniques), not the run's state, so the baseline takes it.
+    """
+    toy = nn.Parameter(torch.ones(4, device=device))
+    optimizer = build_optimizer([toy], config)
+    (toy * toy).sum().backward()
+    torch.nn.utils.clip_grad_norm_([toy], 1.0, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass(frozen=True)
@@ -81,11 +103,17 @@ class Trainer:
         self.model_fingerprint = model_fingerprint(model)  # of the whole model, before any cut
         # Predicted (rank 0) and measured from here, before the run allocates anything.
         cuts = stages and stages.cuts
-        self.memory = MemoryWatch.start(config, corpus, self.env, model, cuts, session.parallelism)
-        self.model = session.prepare(model, cuts=stages.cuts if stages else None)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        self.memory = MemoryWatch.start(
+            config,
+            corpus,
+            self.env,
+            model,
+            cuts,
+            session.parallelism,
+            warm=lambda: warm_optimizer(config, self.env.device),
         )
+        self.model = session.prepare(model, cuts=stages.cuts if stages else None)
+        self.optimizer = build_optimizer(self.model.parameters(), config)
         self.scheduler = warmup_cosine(
             self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
         )
