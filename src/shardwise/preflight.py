@@ -23,6 +23,7 @@ from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import resolve_device
 from shardwise.errors import ShardwiseError
 from shardwise.memory.budget import kept_budget
+from shardwise.memory.measure import hand_back_large_frees
 from shardwise.memory.predict import MemoryPrediction
 from shardwise.models import check_model_spec
 from shardwise.models.contract import ModelContract
@@ -34,6 +35,7 @@ from shardwise.precision import Precision
 from shardwise.run_dir import check_run_dir, resolve_run_dir
 from shardwise.stores import check_port_free
 from shardwise.techniques import Beside, processes_beside
+from shardwise.techniques import freeing_within_a_step as frees_within
 from shardwise.train.build import (
     build_sampler,
     load_corpus,
@@ -169,6 +171,13 @@ def preflight(config: TrainConfig) -> RunPlan:
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
     planned = with_step_budget(config, corpus, nproc * config.nnodes)  # once: it plans the batches
+    processes = nproc + sum(other.count for other in beside)
+    if device.type == "cpu" and (
+        processes > 1 or config.nnodes > 1 or frees_within(config, layout)
+    ):
+        # This process trains none of it (or would fix it anyway): large allocations as fresh
+        # mappings let the profile count the pages a kernel writes (memory/activations.py).
+        hand_back_large_frees()
     budget = _budget(config, planned.max_steps)
     # Refused here, in one line, when a rank would not fit: before any worker starts.
     memory = kept_budget(

@@ -8,9 +8,15 @@ What autograd saves grows with a row's width w as k + a*w + c*w*w (c: anything k
 of positions, such as an attention mask), so the whole call through the model's contract, loss
 included, profiled on rows of three widths, fixes its curve exactly, and the run's worst batch
 is read off the curve instead of being run. Each pipeline piece (partition/profile.py's
-`profile_pieces`, the cut planner's profile) is profiled at two widths, for a*w + c*w*w: what a
-stage holds, and what one block holds for the techniques that work block by block. Profiling
-happens under the run's autocast, so bf16 activations count as bf16.
+`profile_pieces`, the cut planner's profile) is profiled at the same shapes, for its own curve:
+what a stage holds, and what one block holds for the techniques that work block by block.
+Profiling happens under the run's autocast, so bf16 activations count as bf16.
+
+Each storage is counted twice: every byte it asks for (what a GPU's allocator holds), and on
+the host the pages its forward wrote, where this process can tell them (`counts_pages`). A
+fused kernel may save a workspace larger than its forward writes: oneDNN's LSTM writes about
+two fifths of it, its backward the rest, one layer at a time, so a host holds the written
+pages of every layer plus one layer's rest (`workspace`), not every byte.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from shardwise.data.cache import default_cache_dir
 from shardwise.errors import ShardwiseError
 from shardwise.loss import token_loss_sum
 from shardwise.memory.batches import BatchShape
+from shardwise.memory.measure import mmap_threshold
 from shardwise.models.contract import ModelContract
 from shardwise.parallel.stages import model_pieces, probe_boundaries
 from shardwise.partition import profile_pieces
+from shardwise.partition.profile import Saved, SavedStorages
 
 Autocast = Callable[[], AbstractContextManager[None]]
 
@@ -43,7 +51,7 @@ Autocast = Callable[[], AbstractContextManager[None]]
 # rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
 ROWS = 1
 WIDEST = 64
-_FORMAT = 4  # of a profile remembered on disk: another format is profiled again
+_FORMAT = 6  # of a profile remembered on disk: another format is profiled again
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,22 @@ class Curve:
 
     @classmethod
     def through(cls, widths: Sequence[int], per_row: Sequence[float], once: float = 0.0) -> Curve:
-        """The curve through three (width, bytes per row) points, and `once` bytes a call."""
+        """The curve through three (width, bytes per row) points, and `once` bytes a call.
+
+        What a row saves never grows less than linearly with its width (a term in w*w is a
+        tensor per pair of positions), so where the three points bend the other way (a kernel
+        rounding its buffers to its own blocks) the line through the two widest is taken: a
+        negative w*w term, read 8x beyond the profiled widths, loses a tenth of an LSTM's.
+
+        >>> Curve.through((64, 32, 16), (6430, 3230, 1500))  # bends down: the line instead
+        Curve(k=30.0, a=100.0, c=0.0, once=0.0)
+        """
         w = torch.tensor([[1.0, x, x * x] for x in widths], dtype=torch.float64)
         k, a, c = torch.linalg.solve(w, torch.tensor(per_row, dtype=torch.float64)).tolist()
+        if c < 0:
+            (wide, narrow), (most, less) = widths[:2], per_row[:2]
+            a = (most - less) / (wide - narrow)
+            k, c = most - a * wide, 0.0
         return cls(k, a, c, once)
 
     def per_row(self, width: int) -> float:
@@ -86,12 +107,27 @@ class Curve:
 
 @dataclass(frozen=True)
 class PieceActivations:
-    """One pipeline piece: its parameters' bytes, what it saves, and its output's bytes."""
+    """One pipeline piece: its parameters' bytes, what it saves, and its output's bytes.
+
+    As profiled, `saved` counts every saved byte, `touched` those its forward wrote and
+    `workspace` the largest saved storage's rest, written by its backward (on the host: a
+    fused kernel's workspace, oneDNN's LSTM's, is sized for both). A run's view of the profile
+    (`ActivationProfile.on_host` or `.on_device`) says which it holds.
+    """
 
     names: tuple[str, ...]
     param_bytes: int
     saved: Curve
     output_per_token: int  # bytes of its output per (row, position): a stage boundary's
+    touched: Curve | None = None  # as profiled; None in a run's view
+    workspace: Curve = Curve()
+
+    def view(self, on_host: bool) -> PieceActivations:
+        if self.touched is None:  # a view already
+            return self
+        if on_host:
+            return dataclasses.replace(self, saved=self.touched, touched=None)
+        return dataclasses.replace(self, touched=None, workspace=Curve())
 
 
 @dataclass(frozen=True)
@@ -101,6 +137,11 @@ class ActivationProfile:
     `loss` is what the whole call holds beyond its pieces (the loss's log-probabilities and
     whatever the model's own forward adds, such as an attention mask): the last stage's.
     `pieces` is empty for a model that cannot be cut into pieces.
+
+    As profiled it holds both ways of counting what autograd saves (`PieceActivations`); a
+    prediction takes the view its device holds: a GPU's allocator holds every byte a storage
+    asks for (`on_device`); a host holds the pages written, the forward's, plus one storage's
+    rest while its backward writes it (`on_host`: `workspace`).
     """
 
     whole: Curve
@@ -110,10 +151,28 @@ class ActivationProfile:
     # column-wise layer's output and its row-wise reader (attention heads, an MLP's hidden
     # layer). Profiled only for a split (`split_styles`); else nothing.
     split: Curve = Curve()
+    touched: Curve | None = None  # as profiled; None in a run's view
+    workspace: Curve = Curve()
 
     @property
     def loss(self) -> Curve:
         return self.whole - sum((piece.saved for piece in self.pieces), Curve())
+
+    def on_host(self) -> ActivationProfile:
+        """What a host holds: the pages written, and the workspace its backward writes."""
+        return self._view(True)
+
+    def on_device(self) -> ActivationProfile:
+        """What a GPU's allocator holds: every saved byte, written or not."""
+        return self._view(False)
+
+    def _view(self, on_host: bool) -> ActivationProfile:
+        pieces = tuple(piece.view(on_host) for piece in self.pieces)
+        if self.touched is None:
+            return dataclasses.replace(self, pieces=pieces)
+        if on_host:
+            return dataclasses.replace(self, whole=self.touched, pieces=pieces, touched=None)
+        return dataclasses.replace(self, pieces=pieces, touched=None, workspace=Curve())
 
 
 def profile_activations(
@@ -134,40 +193,38 @@ def profile_activations(
     """
     widths = _widths(widest)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # One row at each width, then two rows at the widest: what a row saves, and what a call
+    # saves once whatever its rows (`_fitted`).
+    shapes = [(ROWS, width) for width in widths] + [(2 * ROWS, widths[0])]
     found, by_piece = [], []
     with torch.random.fork_rng(), autocast():
         model.train()
-        shapes = [(ROWS, width) for width in widths] + [(2 * ROWS, widths[0])]
         for rows, width in shapes:
             tokens = torch.zeros(rows, width, dtype=torch.long)
             found.append(_whole_call(model, contract, tokens, weights, packed, split_styles))
-        # The pieces (timed too, by the planner's profile) at two widths: a*w + c*w*w.
-        for width in widths[:2]:
-            by_piece.append(_piece_costs(model, torch.zeros(ROWS, width, dtype=torch.long)))
+        # The pieces (timed too, by the planner's profile), at the same shapes.
+        for rows, width in shapes:
+            by_piece.append(_piece_costs(model, torch.zeros(rows, width, dtype=torch.long)))
     pieces: tuple[PieceActivations, ...] = ()
     if by_piece[0] is not None:
         outputs = _output_bytes(model, autocast)
-        pieces = tuple(
-            PieceActivations(
-                cost.names,
-                cost.param_bytes,
-                Curve.through(
-                    (0, *widths[:2]), [0, *(costs[i].activation_bytes / ROWS for costs in by_piece)]
-                ),
-                outputs[i],
+        found_pieces = []
+        for i, cost in enumerate(by_piece[0]):
+            saved, touched, workspace = _curves(widths, [costs[i].saved for costs in by_piece])
+            found_pieces.append(
+                PieceActivations(
+                    cost.names, cost.param_bytes, saved, outputs[i], touched, workspace
+                )
             )
-            for i, cost in enumerate(by_piece[0])
-        )
+        pieces = tuple(found_pieces)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    curves = []
-    for kind in (0, 1):  # all saved bytes, and those inside a tensor split's regions
-        one, two = [bytes_[kind] for bytes_ in found[:3]], found[3][kind]
-        # What the call saves once whatever its rows (the weights cast to 16 bits, a mask):
-        # one row's bytes twice less two rows' at the widest width.
-        once = max(2 * one[0] - two, 0)
-        per_row = [(saved - once) / ROWS for saved in one]
-        curves.append(Curve.through(widths, per_row, once))
-    return ActivationProfile(curves[0], pieces, params, curves[1])
+    whole, touched, workspace = _curves(widths, [every for every, _ in found])
+    if not counts_pages():  # every saved byte, on the host too
+        pieces = tuple(dataclasses.replace(p, touched=None, workspace=Curve()) for p in pieces)
+        touched, workspace = None, Curve()
+    # Of all saved bytes, those inside a tensor split's regions.
+    split = _fitted(widths, [inside.bytes for _, inside in found])
+    return ActivationProfile(whole, pieces, params, split, touched, workspace)
 
 
 def cached_profile(
@@ -190,7 +247,9 @@ def cached_profile(
     key = _profile_key(model, contract, widest, packed, mode, split_styles)
     path = (cache_dir or default_cache_dir()) / "memory" / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return _profile_from_json(json.loads(path.read_text()))
+        found = _profile_from_json(json.loads(path.read_text()))
+        if found.touched is not None or not counts_pages():
+            return found  # else profiled again, now counting the pages written
     profile = profile_activations(model, contract, autocast, widest, packed, split_styles)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,17 +279,55 @@ def _profile_key(
 
 
 def _profile_from_json(values: dict) -> ActivationProfile:
+    def curve(values: dict | None) -> Curve | None:
+        return None if values is None else Curve(**values)
+
     pieces = tuple(
         PieceActivations(
             tuple(piece["names"]),
             int(piece["param_bytes"]),
             Curve(**piece["saved"]),
             int(piece["output_per_token"]),
+            curve(piece["touched"]),
+            Curve(**piece["workspace"]),
         )
         for piece in values["pieces"]
     )
     whole, split = Curve(**values["whole"]), Curve(**values["split"])
-    return ActivationProfile(whole, pieces, int(values["param_bytes"]), split)
+    touched, workspace = curve(values["touched"]), Curve(**values["workspace"])
+    return ActivationProfile(whole, pieces, int(values["param_bytes"]), split, touched, workspace)
+
+
+def counts_pages() -> bool:
+    """Whether a profile here tells the pages a kernel writes from those it only asked for: with
+    glibc's mmap threshold fixed (memory/measure.py), a large tensor is a fresh mapping whose
+    pages are resident once written. With the threshold glibc moves, a storage may take heap
+    pages another tensor of the same call wrote, so resident says nothing: every byte counts."""
+    return mmap_threshold() is not None
+
+
+def _curves(widths: Sequence[int], saved: Sequence[Saved]) -> tuple[Curve, Curve, Curve]:
+    """Curves of what the profiled calls saved: all bytes, those written by the forward, and
+    the largest storage's rest (`partition.profile.Saved`)."""
+    return (
+        _fitted(widths, [call.bytes for call in saved]),
+        _fitted(widths, [call.touched for call in saved]),
+        _fitted(widths, [call.untouched_max for call in saved]),
+    )
+
+
+def _fitted(widths: Sequence[int], saved: Sequence[float]) -> Curve:
+    """The curve through bytes saved by one row at each of three `widths` and by two rows at
+    the first (widest): what the call saves once whatever its rows (the weights cast to 16
+    bits, a mask) is one row's bytes twice less two rows'; the rest is per row, a constant
+    (a recurrent layer's states) plus terms in w and w*w.
+
+    >>> _fitted((8, 4, 2), [5 + 152, 5 + 64, 5 + 32, 5 + 2 * 152])  # 8 + 10w + w*w a row
+    Curve(k=8.0, a=10.0, c=1.0, once=5)
+    """
+    one, two = saved[: len(widths)], saved[len(widths)]
+    once = max(2 * one[0] - two, 0)
+    return Curve.through(widths, [(bytes_ - once) / ROWS for bytes_ in one], once)
 
 
 def _widths(widest: int) -> tuple[int, int, int]:
@@ -246,27 +343,17 @@ def _whole_call(
     weights: set[int],
     packed: bool,
     split_styles: Mapping[str, str] | None = None,
-) -> tuple[int, int]:
-    """Bytes autograd saves for the call and its loss (each storage once, weights aside), and
-    of those the bytes saved inside a tensor split's regions (`split_styles`: after a
-    column-wise layer whose output stays split, up to and with its row-wise reader)."""
-    seen: dict[int, int] = {}
-    inside: set[int] = set()
-    region = [False]
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-            if region[0]:
-                inside.add(storage.data_ptr())
-        return tensor
+) -> tuple[Saved, Saved]:
+    """What autograd saves for the call and its loss (each storage once, weights aside), and
+    of that what is saved inside a tensor split's regions (`split_styles`: after a column-wise
+    layer whose output stays split, up to and with its row-wise reader)."""
+    saved = SavedStorages(weights)
 
     def entered(module: nn.Module, args: object, out: object) -> None:
-        region[0] = True
+        saved.mark = True
 
     def left(module: nn.Module, args: object, out: object) -> None:
-        region[0] = False
+        saved.mark = False
 
     hooks = []
     for name, style in (split_styles or {}).items():
@@ -279,12 +366,12 @@ def _whole_call(
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         kwargs = {"positions": positions, "segment_ids": torch.zeros_like(tokens)}
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with saved:
             token_loss_sum(contract(model, tokens, **kwargs), torch.zeros_like(tokens))
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(seen.values()), sum(seen[pointer] for pointer in inside)
+    return saved.sizes(), saved.sizes(marked=True)
 
 
 def _piece_costs(model: nn.Module, tokens: torch.Tensor) -> list | None:

@@ -4,7 +4,8 @@
     parts = with_costs(base, parallelism)   # each registered technique in effect, in order
 
 The base is the model's state as AdamW trains it (parameters, their gradients, two moments of
-the parameters' dtype) and the activations the profile predicts for the rank's worst batch;
+the parameters' dtype) and the activations the profile predicts for the rank's worst batch (in
+the view of the device: on a host, the pages written, and the workspace a backward writes);
 after the techniques' terms, AdamW's step adds its temporary where it exceeds what the backward
 held (`optimizer_step`).
 Under a pipeline the base is this rank's own stage scaled to a whole replica (pp stages like
@@ -34,6 +35,7 @@ PARTS = (
     "gradients",
     "optimizer",
     "activations",
+    "workspace",
     "buffers",
     "in_flight",
     "optimizer_step",
@@ -105,15 +107,20 @@ def base_footprint(
         blocks = len(repeated)
         per_block = max(saved[i] for i in repeated)
         boundary = max(inputs[first + i] for i in repeated) * shape.slots
+    # What a backward writes beyond the saved pages (a host's view of the profile: a fused
+    # kernel's workspace), for one storage at a time: the largest this rank holds.
+    workspace = profile.workspace.bytes(shape)
     if staged:  # this rank's stage: its pieces' state and saved tensors, the loss on the last
         params = sum(piece.param_bytes for piece in held)
         activations = sum(saved) + (profile.loss.bytes(shape) if last else 0)
+        workspace = max(piece.workspace.bytes(shape) for piece in held)
     scale = parallelism.layout.pp if staged else 1
     parts = {
         "parameters": scale * params,
         "gradients": scale * params,
         "optimizer": scale * OPTIMIZER_COPIES * params,
         "activations": scale * activations,
+        "workspace": scale * workspace,
         "buffers": 0,
         "in_flight": 0,
         "baseline": baseline,
@@ -162,7 +169,7 @@ def optimizer_step(parts: Mapping[str, int]) -> int:
     0
     """
     stepped = parts.get("optimizer", 0) // OPTIMIZER_COPIES
-    freed = sum(parts.get(part, 0) for part in ("activations", "buffers", "in_flight"))
+    freed = sum(parts.get(part, 0) for part in ("activations", "workspace", "buffers", "in_flight"))
     return max(0, stepped - freed)
 
 

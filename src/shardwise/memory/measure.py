@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,6 +111,42 @@ def release_freed_memory() -> None:
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     if trim is not None:
         trim(0)
+
+
+_PAGE = 4096
+
+
+def touched_bytes(storage: torch.UntypedStorage) -> int:
+    """Of a host storage's bytes, those in pages resident now (mincore): the pages a kernel
+    wrote, where the storage is a fresh mapping or heap pages given back before it was made
+    (`release_freed_memory`). A GPU's storage, or a system without mincore: all of them.
+
+    >>> written = torch.ones(1 << 20).untyped_storage()  # 4 MiB, every page written
+    >>> touched_bytes(written) == written.nbytes()
+    True
+    """
+    nbytes = storage.nbytes()
+    pointer = storage.data_ptr()
+    if storage.device.type != "cpu" or nbytes == 0 or pointer == 0:
+        return nbytes
+    mincore = _mincore()
+    if mincore is None:
+        return nbytes
+    start = pointer - pointer % _PAGE
+    pages = -(-(pointer + nbytes - start) // _PAGE)
+    resident = (ctypes.c_ubyte * pages)()
+    if mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * _PAGE), resident) != 0:
+        return nbytes
+    return min(sum(page & 1 for page in resident) * _PAGE, nbytes)
+
+
+@functools.cache
+def _mincore() -> Any:  # a ctypes function, or None
+    name = ctypes.util.find_library("c")
+    found = getattr(ctypes.CDLL(name), "mincore", None) if name else None
+    if found is not None:
+        found.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return found
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -126,6 +126,11 @@ class MemoryPredictor:
         """`config`'s prediction over `layout` for `ranks` (default: all), with the pipeline
         cut at `cuts` (default: its split points, else balanced by memory)."""
         profile = self.profile(config)
+        # A GPU's allocator holds every byte a saved storage asks for; a host, the pages
+        # written (memory/activations.py).
+        auto = config.device == "auto" and not torch.cuda.is_available()
+        host = config.device == "cpu" or auto
+        profile = profile.on_host() if host else profile.on_device()
         parallelism = parallelism_from(config, layout)
         if parallelism.pipeline is not None and profile.pieces:
             chosen = cuts or config.split_points or self._balanced_cuts(profile, parallelism)

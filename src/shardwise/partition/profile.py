@@ -19,10 +19,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shardwise.memory.measure import release_freed_memory, touched_bytes
 from shardwise.parallel.stages import Piece, model_pieces
 
 # Parameters, gradients, and AdamW's exp_avg and exp_avg_sq: four copies of every weight.
 STATE_COPIES = 4
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Bytes autograd saves for a backward: all of them; of those, what the forward wrote (on
+    the host: pages resident; a fused kernel such as oneDNN's LSTM sizes its saved workspace
+    for its backward's writes too); and the largest one storage's bytes not yet written, which
+    its backward writes while the rest are still held.
+
+    >>> Saved(100, 60, 30).peak
+    90
+    """
+
+    bytes: int
+    touched: int
+    untouched_max: int
+
+    @property
+    def peak(self) -> int:
+        """What the saved storages hold at most: all written, one of them whole."""
+        return self.touched + self.untouched_max
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class PieceCost:
     param_count: int
     param_bytes: int
     activation_bytes: int  # saved for its backward, per micro-batch in flight
+    saved: Saved | None = None  # the same, with what its forward wrote of it (on the host)
     output_bytes: int = 0  # what it passes on (the next piece's input)
     recompute_bytes: int = 0  # made again in its backward, one piece at a time (recompute)
 
@@ -57,7 +80,7 @@ def profile_pieces(model: nn.Module, tokens: torch.Tensor, repeats: int = 3) -> 
     with torch.random.fork_rng():  # dropout inside the profile must not shift training's RNG
         for piece in model_pieces(model):
             params = _parameters(model, piece)
-            activation_bytes = _saved_bytes(piece, x, params)
+            saved = _saved_bytes(piece, x, params)
             times = [_forward_backward_s(piece, x, params) for _ in range(max(1, repeats))]
             with torch.no_grad():
                 x = piece.run(x)
@@ -67,7 +90,8 @@ def profile_pieces(model: nn.Module, tokens: torch.Tensor, repeats: int = 3) -> 
                     time_s=statistics.median(times),
                     param_count=sum(p.numel() for p in params),
                     param_bytes=sum(p.numel() * p.element_size() for p in params),
-                    activation_bytes=activation_bytes,
+                    activation_bytes=saved.bytes,
+                    saved=saved,
                     output_bytes=x.numel() * x.element_size(),
                 )
             )
@@ -94,20 +118,56 @@ def _forward_backward_s(piece: Piece, x: torch.Tensor, params: list[nn.Parameter
     return time.perf_counter() - started
 
 
-def _saved_bytes(piece: Piece, x: torch.Tensor, params: list[nn.Parameter]) -> int:
-    """Bytes of the distinct non-parameter tensors autograd saves in one forward."""
-    weights = {p.data_ptr() for p in params}
-    seen: dict[int, int] = {}
+class SavedStorages:
+    """The distinct storages autograd saves for a backward inside the block (those in `skip`,
+    the weights, aside), kept until measured.
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in weights:
-            seen[pointer] = max(seen.get(pointer, 0), tensor.untyped_storage().nbytes())
+        with SavedStorages(skip=weights) as saved:
+            loss = model(x).sum()
+        saved.sizes()   # Saved(bytes=..., touched=..., untouched_max=...)
+
+    On the host, freed heap pages are handed back first (memory/measure.py), so that a page
+    counts as touched only where the forward wrote it.
+    """
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip = skip
+        self.storages: dict[int, torch.UntypedStorage] = {}
+        self.marked: set[int] = set()  # saved while `mark` was on
+        self.mark = False
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def __enter__(self) -> SavedStorages:
+        release_freed_memory()
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self.skip:
+            if storage.nbytes() >= self.storages.get(pointer, storage).nbytes():
+                self.storages[pointer] = storage
+            if self.mark:
+                self.marked.add(pointer)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def sizes(self, marked: bool = False) -> Saved:
+        """What the storages (those saved while `mark` was on, with `marked`) hold now."""
+        chosen = [s for p, s in self.storages.items() if not marked or p in self.marked]
+        sizes = [(storage.nbytes(), touched_bytes(storage)) for storage in chosen]
+        rest = max((size - written for size, written in sizes), default=0)
+        return Saved(sum(size for size, _ in sizes), sum(written for _, written in sizes), rest)
+
+
+def _saved_bytes(piece: Piece, x: torch.Tensor, params: list[nn.Parameter]) -> Saved:
+    """What autograd saves in one forward of `piece`: distinct non-parameter storages."""
+    with SavedStorages({p.untyped_storage().data_ptr() for p in params}) as saved:
         piece.run(_input(x))
-    return sum(seen.values())
+    return saved.sizes()
 
 
 def _synchronize(device: torch.device) -> None:

@@ -108,6 +108,9 @@ def cost(stages: Any, footprint: Footprint) -> Cost:
     # Its own layers' activations (1/pp), for `held` of `microbatches` micro-batches at once.
     stage_activations = activations * held // (pp * stages.microbatches)
     memory["activations"] = stage_activations - activations
+    # A backward's workspace is one micro-batch's, on this stage (1/pp of the scaled part).
+    workspace = footprint.parts.get("workspace", 0)
+    memory["workspace"] = workspace // (pp * stages.microbatches) - workspace
     first, last = stage == 0, stage == stages.schedule.stage_count(pp) - 1
     boundary = footprint.boundary_bytes  # a block's input for the whole batch: a stage's too
     outputs = 0 if last else held * boundary // stages.microbatches
