@@ -192,3 +192,32 @@ def test_what_a_call_saves_once_is_not_counted_once_a_row() -> None:
         tokens = torch.zeros(8, 32, dtype=torch.long)
         saved, _ = _whole_call(model, ModelContract(), tokens, weights, packed=False)
     assert profile.whole.bytes(BatchShape(rows=8, width=32)) == pytest.approx(saved.bytes, rel=0.05)
+
+
+def test_a_backward_writing_a_workspace_holds_its_gradients_in_and_out() -> None:
+    # The host's view of an LSTM: its backward writes the rest of the largest workspace while
+    # it holds the gradient of its block's output and writes that of its input (a block's
+    # boundary each). A model whose saved tensors are all written has no such part: its peak
+    # is where the backward starts, with every saved tensor still held.
+    from shardwise.memory.activations import ActivationProfile, Curve, PieceActivations
+    from shardwise.memory.batches import BatchShape
+    from shardwise.memory.footprint import base_footprint
+    from shardwise.parallel.mesh import Layout
+    from shardwise.parallel.parallelism import Parallelism
+    from shardwise.parallel.sync import sync_strategy
+
+    def profile(workspace: Curve) -> ActivationProfile:
+        block = Curve(a=100.0)
+        pieces = tuple(
+            PieceActivations((name,), 1000, block, 16, workspace=workspace)
+            for name in ("blocks.0", "blocks.1")
+        )
+        return ActivationProfile(block + block, pieces, 2000, workspace=workspace)
+
+    shape, layout = BatchShape(rows=2, width=10), Layout()
+    parallelism = Parallelism(layout, sync_strategy("allreduce"))
+    written = base_footprint(profile(Curve()), layout, parallelism, shape, 0)
+    assert written.parts["workspace"] == 0
+    fused = base_footprint(profile(Curve(a=50.0)), layout, parallelism, shape, 0)
+    assert fused.parts["workspace"] == 50 * 20 + 2 * 16 * 20
+    assert fused.parts["activations"] == written.parts["activations"] == 2 * 100 * 20

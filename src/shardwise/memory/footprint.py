@@ -114,6 +114,8 @@ def base_footprint(
         params = sum(piece.param_bytes for piece in held)
         activations = sum(saved) + (profile.loss.bytes(shape) if last else 0)
         workspace = max(piece.workspace.bytes(shape) for piece in held)
+    if workspace:  # the backward writing it holds its output's gradient and writes its input's
+        workspace += 2 * boundary
     scale = parallelism.layout.pp if staged else 1
     parts = {
         "parameters": scale * params,
