@@ -5,13 +5,16 @@ new."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import write_corpus
 from ranks import run_ranks
 from shardwise.distributed import DistEnv
 
@@ -63,7 +66,7 @@ import subprocess
 import sys
 import torch
 from shardwise.config import TrainConfig
-from shardwise.train.trainer import build_optimizer, warm_optimizer
+from shardwise.optim import build_optimizer, warm_optimizer
 
 def loaded_by(build):
     before = set(sys.modules)
@@ -93,3 +96,38 @@ def test_after_the_optimizer_warm_up_the_runs_optimizer_loads_nothing_new() -> N
     assert int(warmed) > 50
     # ...and once the toy has taken them, the run's optimizer, clip and step load nothing more.
     assert after == "[]"
+
+
+_LAUNCHER_WARMED = """
+import sys
+import torch
+from shardwise.config import TrainConfig
+from shardwise.memory.budget import kept_budget
+from shardwise.train.build import load_corpus
+
+config = TrainConfig(
+    data=sys.argv[1], model="transformer", max_len=32, max_steps=2, batching="fixed",
+    batch_size=2,
+)
+corpus = load_corpus(config)
+before = "torch._dynamo" in sys.modules
+kept_budget(config, corpus, config.layout(2), None, torch.device("cpu"), 2)
+print(before, "torch._dynamo" in sys.modules)
+"""
+
+
+def test_the_launchers_baseline_holds_the_optimizers_imports_as_a_ranks_does(
+    tmp_path: Path,
+) -> None:
+    # A CPU rank's baseline is the launcher's resident memory: it must hold what each rank's
+    # holds before its baseline, the first AdamW's imports (torch's compiler stack) among them.
+    data = write_corpus(tmp_path / "corpus.txt")
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER_WARMED, str(data)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=os.environ | {"SHARDWISE_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

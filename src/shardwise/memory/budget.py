@@ -26,6 +26,7 @@ from shardwise.memory.alternatives import changes_that_fit
 from shardwise.memory.measure import release_freed_memory, resident_bytes
 from shardwise.memory.predict import MemoryPrediction, MemoryPredictor
 from shardwise.memory.sizes import format_size
+from shardwise.optim import warm_optimizer
 from shardwise.parallel.mesh import Layout
 
 PROC = Path("/proc")
@@ -46,7 +47,12 @@ def kept_budget(
     not fit its budget, naming the changes that do (`check`: the device checks a changed
     config must pass too). A CPU rank's baseline is this process's resident memory: the
     launcher, like a worker, has torch, the corpus and the data plan loaded; a GPU rank's is
-    what its device holds at the start, nothing the prediction does not count itself."""
+    what its device holds at the start, nothing the prediction does not count itself. On CPU
+    the launcher first takes the optimizer's step on a toy, as each rank does before its
+    baseline: a process's first AdamW imports torch's compiler stack (25-70 MiB, whatever the
+    model), which a rank's baseline holds."""
+    if device.type == "cpu":
+        warm_optimizer(config, device)
     release_freed_memory()
     launcher = resident_bytes()
     predictor = MemoryPredictor(config, corpus, launcher if device.type == "cpu" else 0)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from shardwise.config import TrainConfig
 from shardwise.distributed import DistEnv
+from shardwise.optim import build_optimizer
 from shardwise.parallel.sync.exchange import Channel, Inbox, assign_shards
 from shardwise.parallel.sync.param_server import ParameterServer
 from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.train.build import load_corpus, seeded_model, with_step_budget
 from shardwise.train.lr_schedule import warmup_cosine
-from shardwise.train.trainer import build_optimizer
 
 
 def serve_parameters(config: TrainConfig, env: DistEnv, exchange: AsyncRun) -> dict:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from shardwise.checkpoint import TrainerState
@@ -31,6 +29,7 @@ from shardwise.data.sampler import SamplerPosition
 from shardwise.distributed import all_gather_floats, all_reduce_sum
 from shardwise.errors import ShardwiseError
 from shardwise.memory.record import MemoryWatch
+from shardwise.optim import build_optimizer, warm_optimizer
 from shardwise.partition import PipelineCut
 from shardwise.report import MetricsWriter, TrainProgress
 from shardwise.run_dir import holds_lease
@@ -45,27 +44,6 @@ from shardwise.train.preemption import Preempted, PreemptionCheck
 from shardwise.train.resume import data_fingerprint, model_fingerprint, resume_training
 from shardwise.train.summary import run_summary
 from shardwise.train.timing import StepClock
-
-
-def build_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """The run's optimizer: AdamW at the config's learning rate and weight decay."""
-    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def warm_optimizer(config: TrainConfig, device: torch.device) -> None:
-    """The optimizer's and clipping's code, run once on a toy before the memory baseline.
-
-    Building the first AdamW in a process imports several hundred modules (torch's compiler
-    stack among them: 25-70 MiB resident, whatever the model), and the first clip and step load
-    their kernels. That is what the process costs once, as the techniques' warm-ups
-    (parallelize.warm_techniques), not the run's state, so the baseline takes it.
-    """
-    toy = nn.Parameter(torch.ones(4, device=device))
-    optimizer = build_optimizer([toy], config)
-    (toy * toy).sum().backward()
-    torch.nn.utils.clip_grad_norm_([toy], 1.0, foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass(frozen=True)
