@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shardwise.memory.measure import release_freed_memory, touched_bytes
+from shardwise.memory.measure import touched_bytes
 from shardwise.parallel.stages import Piece, model_pieces
 
 # Parameters, gradients, and AdamW's exp_avg and exp_avg_sq: four copies of every weight.
@@ -126,8 +126,9 @@ class SavedStorages:
             loss = model(x).sum()
         saved.sizes()   # Saved(bytes=..., touched=..., untouched_max=...)
 
-    On the host, freed heap pages are handed back first (memory/measure.py), so that a page
-    counts as touched only where the forward wrote it.
+    On the host a page counts as written where it is resident: exact for a storage that is a
+    fresh mapping (memory/activations.py `counts_pages`); a small one on the heap may sit in
+    pages another tensor wrote, and then counts whole.
     """
 
     def __init__(self, skip: set[int]) -> None:
@@ -138,7 +139,6 @@ class SavedStorages:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
     def __enter__(self) -> SavedStorages:
-        release_freed_memory()
         self._hooks.__enter__()
         return self
 
