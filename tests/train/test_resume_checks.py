@@ -16,11 +16,28 @@ from shardwise.train.resume import _setting_changes
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Three steps of a small GRU with a checkpoint after each, trained once for the module:
+    its corpus and its run dir, which no test touches (each tampers with its own copy)."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(root / "corpus.txt")
+    with pytest.MonkeyPatch.context() as patch:  # as conftest's private_corpus_cache does
+        patch.setenv("SHARDWISE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        train(quick_config(corpus, root / "run", max_steps=3, checkpoint_every=1), nproc=1)
+    return corpus, root / "run"
+
+
 @pytest.fixture
-def run(corpus: Path, tmp_path: Path) -> Path:
-    """Three steps of a small GRU with a checkpoint after each."""
-    train(quick_config(corpus, tmp_path / "run", max_steps=3, checkpoint_every=1), nproc=1)
-    return tmp_path / "run"
+def corpus(trained: tuple[Path, Path]) -> Path:
+    """The corpus the trained run read: a resume on it names no change of data."""
+    return trained[0]
+
+
+@pytest.fixture
+def run(trained: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A private copy of the trained run, as fresh as a run of its own: a resume writes into it."""
+    return Path(shutil.copytree(trained[1], tmp_path / "run"))
 
 
 def step_dir(run: Path, step: int) -> Path:
