@@ -154,9 +154,10 @@ def preflight(config: TrainConfig) -> RunPlan:
     nproc = default_nproc(config)
     device = resolve_device(config.device, nproc)
     beside = processes_beside(config)  # e.g. parameter servers, on every node
+    processes = nproc + sum(other.count for other in beside)  # on this node
     crowded = None
     if device.type == "cpu":
-        crowded = check_cores(nproc + sum(other.count for other in beside), config.nproc is None)
+        crowded = check_cores(processes, config.nproc is None)
     layout = config.layout(nproc * config.nnodes)
     Precision(config.precision, device)  # refuses fp16 without a GPU, before any worker
     check_model_spec(config.model)
@@ -171,7 +172,6 @@ def preflight(config: TrainConfig) -> RunPlan:
     if config.nnodes == 1 and config.rdzv_endpoint:
         check_port_free(config.rdzv_endpoint)
     planned = with_step_budget(config, corpus, nproc * config.nnodes)  # once: it plans the batches
-    processes = nproc + sum(other.count for other in beside)
     if device.type == "cpu" and (
         processes > 1 or config.nnodes > 1 or frees_within(config, layout)
     ):

@@ -118,8 +118,9 @@ _PAGE = 4096
 
 def touched_bytes(storage: torch.UntypedStorage) -> int:
     """Of a host storage's bytes, those in pages resident now (mincore): the pages a kernel
-    wrote, where the storage is a fresh mapping or heap pages given back before it was made
-    (`release_freed_memory`). A GPU's storage, or a system without mincore: all of them.
+    wrote, where the storage is a fresh mapping (a large one under a fixed mmap threshold); a
+    storage in reused heap pages reads as written. A GPU's storage, or a system without
+    mincore: all of them.
 
     >>> written = torch.ones(1 << 20).untyped_storage()  # 4 MiB, every page written
     >>> touched_bytes(written) == written.nbytes()

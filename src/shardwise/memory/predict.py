@@ -21,6 +21,7 @@ import torch
 from shardwise.config import TrainConfig
 from shardwise.config.parallelism import parallelism_from
 from shardwise.data.prepare import PreparedCorpus
+from shardwise.distributed import resolve_device
 from shardwise.memory.activations import WIDEST, ActivationProfile, cached_profile
 from shardwise.memory.batches import PlannedBatch, planned_shapes, worst_batches
 from shardwise.memory.footprint import (
@@ -128,8 +129,7 @@ class MemoryPredictor:
         profile = self.profile(config)
         # A GPU's allocator holds every byte a saved storage asks for; a host, the pages
         # written (memory/activations.py).
-        auto = config.device == "auto" and not torch.cuda.is_available()
-        host = config.device == "cpu" or auto
+        host = config.device != "cuda" and resolve_device(config.device).type == "cpu"
         profile = profile.on_host() if host else profile.on_device()
         parallelism = parallelism_from(config, layout)
         if parallelism.pipeline is not None and profile.pieces:

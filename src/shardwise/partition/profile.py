@@ -32,19 +32,11 @@ class Saved:
     the host: pages resident; a fused kernel such as oneDNN's LSTM sizes its saved workspace
     for its backward's writes too); and the largest one storage's bytes not yet written, which
     its backward writes while the rest are still held.
-
-    >>> Saved(100, 60, 30).peak
-    90
     """
 
     bytes: int
     touched: int
     untouched_max: int
-
-    @property
-    def peak(self) -> int:
-        """What the saved storages hold at most: all written, one of them whole."""
-        return self.touched + self.untouched_max
 
 
 @dataclass(frozen=True)
