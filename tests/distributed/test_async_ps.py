@@ -12,9 +12,9 @@ from helpers import final_weights, quick_config, train, write_corpus
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 
-SETTINGS = {"max_steps": 12, "lr": 5e-3, "log_every": 4, "clip_norm": 1.0}
+SETTINGS = {"max_steps": 24, "lr": 5e-3, "log_every": 4, "clip_norm": 1.0}
 ASYNC = {"sync": "async", "ps": 1}
-# name: (nproc, settings); every run trains the same 12 steps' tokens from the same seed.
+# name: (nproc, settings); every run trains the same 24 steps' tokens from the same seed.
 RUNS = {
     "one process": (1, {}),
     "one worker, two servers": (1, {**ASYNC, "ps": 2, "max_staleness": 0}),
@@ -57,10 +57,12 @@ def test_workers_held_in_step_train_as_synchronous_data_parallel(runs: dict) -> 
 def test_workers_apart_still_learn_close_to_synchronous_training(runs: dict) -> None:
     summary, apart = runs["two workers apart"]
     synchronous = runs["synchronous"][0]["eval_loss"]
-    # Measured on this corpus: 1.0 against 0.72 after 12 steps (stale gradients cost most
-    # early on, when the loss falls fastest); lost or unapplied pushes stay near a uniform
-    # guess's 5.5.
+    # Measured on this corpus with two CPU hogs beside the run: 0.53-0.55 against 0.50 after
+    # 24 steps, five runs. After 12 steps the gap was 1.3x-1.65x and moved with the order the
+    # pushes happened to arrive in (same staleness histogram every time): stale gradients cost
+    # most early on, when the loss falls fastest. Lost or unapplied pushes stay near a
+    # uniform guess's 5.5.
     assert summary["eval_loss"] < math.log(summary["vocab_size"]) - 2
-    assert summary["eval_loss"] < synchronous * 1.6
+    assert summary["eval_loss"] < synchronous * 1.25
     assert sum(summary["sync_staleness_histogram"].values()) >= SETTINGS["max_steps"]
     assert all(torch.isfinite(tensor).all() for tensor in final_weights(apart).values())
