@@ -24,6 +24,7 @@ import shardwise
 from shardwise.config import SECTIONS, Record, TrainConfig, load_config, read_toml
 from shardwise.errors import ShardwiseError, print_error
 from shardwise.handoff import EXIT_INTERRUPTED, Preempted
+from shardwise.memory.kernels import bound_kernel_caches
 
 # Exit statuses (README, "Exit status"): 0 done, 2 an error, 75 preempted with a checkpoint
 # (--resume continues), 128 + N stopped by signal N before one was saved, 130 aborted (Ctrl-C).
@@ -36,6 +37,7 @@ _METAVARS: dict[object, str] = {int: "INT", float: "FLOAT", str: "TEXT", Path: "
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    bound_kernel_caches()  # before any kernel here, and for every process started from here
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -53,6 +53,7 @@ from shardwise.distributed import (
 )
 from shardwise.errors import ShardwiseError, print_error
 from shardwise.loss import count_targets, token_loss_sum
+from shardwise.memory.kernels import bound_kernel_caches
 from shardwise.models.contract import ModelContract, contract_for
 from shardwise.parallel.data_parallel import gradient_sync, unwrap
 from shardwise.parallel.model import ParallelModel
@@ -431,6 +432,7 @@ def setup(config: TrainConfig | str | Path | None = None, **settings: Any) -> Se
     script does not catch ends it in one `shardwise: error:` line, as `shardwise train`'s do.
     """
     _user_errors_in_one_line()
+    bound_kernel_caches()  # in time where this process has run no oneDNN kernel yet
     config = _session_config(config, settings)
     env = init_distributed(config.device, config.timeout_s)
     torch.manual_seed(config.seed)

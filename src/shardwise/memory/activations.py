@@ -17,6 +17,9 @@ the host the pages its forward wrote, where this process can tell them (`counts_
 fused kernel may save a workspace larger than its forward writes: oneDNN's LSTM writes about
 two fifths of it, its backward the rest, one layer at a time, so a host holds the written
 pages of every layer plus one layer's rest (`workspace`), not every byte.
+
+A host also keeps what its kernel caches compiled for each new batch shape (`kernels`,
+memory/kernels.py): measured here, after the profile's shapes, on shapes never run before.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +43,11 @@ from shardwise.data.cache import default_cache_dir
 from shardwise.errors import ShardwiseError
 from shardwise.loss import token_loss_sum
 from shardwise.memory.batches import BatchShape
+from shardwise.memory.kernels import (
+    KernelCache,
+    kept_by_new_shapes,
+    kernel_cache_capacities,
+)
 from shardwise.memory.measure import mmap_threshold
 from shardwise.models.contract import ModelContract
 from shardwise.parallel.stages import model_pieces, probe_boundaries
@@ -51,7 +60,7 @@ Autocast = Callable[[], AbstractContextManager[None]]
 # rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
 ROWS = 1
 WIDEST = 64
-_FORMAT = 6  # of a profile remembered on disk: another format is profiled again
+_FORMAT = 7  # of a profile remembered on disk: another format is profiled again
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,8 @@ class ActivationProfile:
     As profiled it holds both ways of counting what autograd saves (`PieceActivations`); a
     prediction takes the view its device holds: a GPU's allocator holds every byte a storage
     asks for (`on_device`); a host holds the pages written, the forward's, plus one storage's
-    rest while its backward writes it (`on_host`: `workspace`).
+    rest while its backward writes it (`on_host`: `workspace`), and what its kernel caches
+    keep for each new batch shape (`kernels`; a GPU's view has none).
     """
 
     whole: Curve
@@ -153,6 +163,7 @@ class ActivationProfile:
     split: Curve = Curve()
     touched: Curve | None = None  # as profiled; None in a run's view
     workspace: Curve = Curve()
+    kernels: KernelCache = field(default_factory=KernelCache)
 
     @property
     def loss(self) -> Curve:
@@ -168,11 +179,16 @@ class ActivationProfile:
 
     def _view(self, on_host: bool) -> ActivationProfile:
         pieces = tuple(piece.view(on_host) for piece in self.pieces)
+        kernels = self.kernels if on_host else KernelCache()
         if self.touched is None:
-            return dataclasses.replace(self, pieces=pieces)
+            return dataclasses.replace(self, pieces=pieces, kernels=kernels)
         if on_host:
-            return dataclasses.replace(self, whole=self.touched, pieces=pieces, touched=None)
-        return dataclasses.replace(self, pieces=pieces, touched=None, workspace=Curve())
+            return dataclasses.replace(
+                self, whole=self.touched, pieces=pieces, touched=None, kernels=kernels
+            )
+        return dataclasses.replace(
+            self, pieces=pieces, touched=None, workspace=Curve(), kernels=kernels
+        )
 
 
 def profile_activations(
@@ -199,6 +215,7 @@ def profile_activations(
     found, by_piece = [], []
     with torch.random.fork_rng(), autocast():
         model.train()
+        kernels = _kernels(model, contract, packed, shapes)  # first: its caches hold none yet
         for rows, width in shapes:
             tokens = torch.zeros(rows, width, dtype=torch.long)
             found.append(_whole_call(model, contract, tokens, weights, packed, split_styles))
@@ -224,7 +241,61 @@ def profile_activations(
         touched, workspace = None, Curve()
     # Of all saved bytes, those inside a tensor split's regions.
     split = _fitted(widths, [inside.bytes for _, inside in found])
-    return ActivationProfile(whole, pieces, params, split, touched, workspace)
+    return ActivationProfile(whole, pieces, params, split, touched, workspace, kernels)
+
+
+def _kernels(
+    model: nn.Module, contract: ModelContract, packed: bool, profiled: Sequence[tuple[int, int]]
+) -> KernelCache:
+    """What the kernel caches keep for each batch shape, measured on shapes this process
+    never ran, after one forward and backward at the narrowest profiled shape has
+    loaded what a first backward loads once. Measured once a process for a model and
+    precision: a later profile of it (another tensor split) would find its kernels cached."""
+    key = (_model_key(model), packed, _autocast_dtype())
+    if key in _MEASURED:
+        return _MEASURED[key]
+
+    def step(rows: int, width: int) -> None:
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        _forward(model, contract, tokens, packed).backward()
+        model.zero_grad(set_to_none=True)
+
+    warm = min(profiled, key=lambda shape: shape[0] * shape[1])
+    step(*warm)
+    widest = max(width for _, width in profiled)
+    kept = kept_by_new_shapes(step, _unseen_shapes(widest, {*profiled, *_RUN}))
+    if kept.most is not None:  # the warm shape's kernels were in the caches from the start
+        kept = dataclasses.replace(kept, most=kept.most + kept.per_shape)
+    _MEASURED[key] = kept
+    return kept
+
+
+# What the kernel caches keep, as measured in this process, by model, packing and precision,
+# and the shapes those measurements ran: another measurement takes others.
+_MEASURED: dict[tuple, KernelCache] = {}
+_RUN: set[tuple[int, int]] = set()
+
+
+def _model_key(model: nn.Module) -> tuple:
+    shapes = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items())
+    return type(model).__qualname__, shapes
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+def _unseen_shapes(widest: int, taken: set[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Shapes not `taken`: one row, narrowing from `widest` - 1, then two rows, and so on.
+
+    >>> list(itertools.islice(_unseen_shapes(4, {(1, 3)}), 4))
+    [(1, 2), (1, 1), (2, 3), (2, 2)]
+    """
+    for rows in itertools.count(1):
+        for width in range(max(widest - 1, 1), 0, -1):
+            if (rows, width) not in taken:
+                _RUN.add((rows, width))
+                yield rows, width
 
 
 def cached_profile(
@@ -267,13 +338,14 @@ def _profile_key(
     mode: str,
     split_styles: Mapping[str, str] | None,
 ) -> str:
-    shapes = [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()]
+    shapes = list(_model_key(model)[1])
     try:
         source = Path(inspect.getfile(type(model))).read_bytes()
     except (OSError, TypeError):  # defined where no file holds it: never reused across runs
         source = repr(id(type(model))).encode()
     split = sorted((split_styles or {}).items())
     values = (shapes, type(model).__qualname__, contract.describe(), widest, packed, mode, split)
+    values += (sorted(kernel_cache_capacities().items()),)  # what the kernel caches keep
     text = repr((_FORMAT, *values))
     return hashlib.sha256(text.encode() + hashlib.sha256(source).digest()).hexdigest()[:24]
 
@@ -295,7 +367,9 @@ def _profile_from_json(values: dict) -> ActivationProfile:
     )
     whole, split = Curve(**values["whole"]), Curve(**values["split"])
     touched, workspace = curve(values["touched"]), Curve(**values["workspace"])
-    return ActivationProfile(whole, pieces, int(values["param_bytes"]), split, touched, workspace)
+    kernels = KernelCache(**values["kernels"])
+    params = int(values["param_bytes"])
+    return ActivationProfile(whole, pieces, params, split, touched, workspace, kernels)
 
 
 def counts_pages() -> bool:
@@ -361,17 +435,24 @@ def _whole_call(
             hooks.append(model.get_submodule(name).register_forward_hook(entered))
         elif style == "row-wise":  # its input (saved) was split, its output is whole again
             hooks.append(model.get_submodule(name).register_forward_hook(left))
-    kwargs = {}
-    if packed:  # one sequence per row: the mask and positions of the packed call, same shapes
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        kwargs = {"positions": positions, "segment_ids": torch.zeros_like(tokens)}
     try:
         with saved:
-            token_loss_sum(contract(model, tokens, **kwargs), torch.zeros_like(tokens))
+            _forward(model, contract, tokens, packed)
     finally:
         for hook in hooks:
             hook.remove()
     return saved.sizes(), saved.sizes(marked=True)
+
+
+def _forward(
+    model: nn.Module, contract: ModelContract, tokens: torch.Tensor, packed: bool
+) -> torch.Tensor:
+    """The whole call's summed token loss on `tokens` (targets: token 0)."""
+    kwargs = {}
+    if packed:  # one sequence per row: the mask and positions of the packed call, same shapes
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        kwargs = {"positions": positions, "segment_ids": torch.zeros_like(tokens)}
+    return token_loss_sum(contract(model, tokens, **kwargs), torch.zeros_like(tokens))
 
 
 def _piece_costs(model: nn.Module, tokens: torch.Tensor) -> list | None:

@@ -97,12 +97,35 @@ def _fixed(
 
 
 def worst_batches(
-    planned: list[list[PlannedBatch]], cost: Callable[[BatchShape], float]
-) -> list[PlannedBatch]:
-    """Per data rank, the planned micro-batch of the highest `cost` (the first, on a tie).
+    planned: list[list[PlannedBatch]],
+    cost: Callable[[BatchShape], float],
+    kept: Callable[[int], float] = lambda distinct: 0,
+    shaped: Callable[[BatchShape], BatchShape] = lambda shape: shape,
+) -> list[tuple[PlannedBatch, int]]:
+    """Per data rank, the planned micro-batch of the highest cost (the first, on a tie), and
+    how many distinct shapes the model had run by then, that one's included.
+
+    A micro-batch costs `cost(shape)` while it runs, and what stays behind grows with the
+    distinct shapes the model ran by then: `kept(distinct)` (a host's kernel caches, memory/
+    kernels.py), so a later batch can cost more than a wider, earlier one. `shaped`: the shape
+    the model runs a planned one at (a pipeline's micro-batch, padded to its length bucket).
 
     >>> plans = [[PlannedBatch(1, BatchShape(8, 10)), PlannedBatch(2, BatchShape(2, 60))]]
-    >>> worst_batches(plans, cost=lambda s: s.rows * s.width * s.width)[0].step
+    >>> worst_batches(plans, cost=lambda s: s.rows * s.width * s.width)[0][0].step
     2
+    >>> plans = [[PlannedBatch(step, BatchShape(1, width)) for step, width in enumerate((9, 3, 4))]]
+    >>> worst_batches(plans, cost=lambda s: s.width, kept=lambda distinct: 5 * distinct)[0]
+    (PlannedBatch(step=2, shape=BatchShape(rows=1, width=4, packed=False)), 3)
     """
-    return [max(batches, key=lambda b: (cost(b.shape), -b.step)) for batches in planned]
+    found = []
+    for batches in planned:
+        seen: set[BatchShape] = set()
+        best: tuple[float, int, PlannedBatch, int] | None = None
+        for batch in batches:
+            seen.add(shaped(batch.shape))
+            here = (cost(batch.shape) + kept(len(seen)), -batch.step, batch, len(seen))
+            if best is None or here[:2] > best[:2]:
+                best = here
+        assert best is not None, "a data rank without planned batches"
+        found.append((best[2], best[3]))
+    return found

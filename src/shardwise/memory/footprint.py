@@ -5,7 +5,8 @@
 
 The base is the model's state as AdamW trains it (parameters, their gradients, two moments of
 the parameters' dtype) and the activations the profile predicts for the rank's worst batch (in
-the view of the device: on a host, the pages written, and the workspace a backward writes);
+the view of the device: on a host, the pages written, and the workspace a backward writes),
+and on a host what its kernel caches keep of the batch shapes met by then;
 after the techniques' terms, AdamW's step adds its temporary where it exceeds what the backward
 held (`optimizer_step`).
 Under a pipeline the base is this rank's own stage scaled to a whole replica (pp stages like
@@ -39,6 +40,7 @@ PARTS = (
     "buffers",
     "in_flight",
     "optimizer_step",
+    "kernels",
     "baseline",
 )
 _TOKEN_BYTES = 8  # a stage's first input when it holds the embedding: int64 token ids
@@ -91,8 +93,10 @@ def base_footprint(
     parallelism: Parallelism,
     shape: BatchShape,
     baseline: int,
+    distinct: int = 0,
 ) -> Footprint:
-    """Rank `layout.rank`'s footprint before any technique, for its worst batch `shape`."""
+    """Rank `layout.rank`'s footprint before any technique, for its worst batch `shape`, met
+    after `distinct` batch shapes (what a host's kernel caches keep of them: `kernels`)."""
     held, last = rank_pieces(profile, parallelism, layout.pp_rank)
     staged = parallelism.pipeline is not None and parallelism.layout.pp > 1 and bool(held)
     params, activations = profile.param_bytes, profile.whole.bytes(shape)
@@ -125,6 +129,7 @@ def base_footprint(
         "workspace": scale * workspace,
         "buffers": 0,
         "in_flight": 0,
+        "kernels": profile.kernels.bytes(distinct),
         "baseline": baseline,
     }
     # What a tensor split divides: its share of the whole call, as of a stage's own.

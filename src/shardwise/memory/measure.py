@@ -103,10 +103,11 @@ def mmap_threshold() -> int | None:
     return int(given) if given.isdigit() else FIXED_MMAP_THRESHOLD if _HANDING_BACK else None
 
 
-def release_freed_memory() -> None:
+def release_freed_memory(collect: bool = True) -> None:
     """Hand freed heap pages back to the system (glibc's malloc_trim, where there is one), so
-    that what is resident is what is held."""
-    gc.collect()
+    that what is resident is what is held; `collect`: Python's cycles first (gc.collect)."""
+    if collect:
+        gc.collect()
     name = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     if trim is not None:

@@ -135,14 +135,20 @@ class MemoryPredictor:
         if parallelism.pipeline is not None and profile.pieces:
             chosen = cuts or config.split_points or self._balanced_cuts(profile, parallelism)
             parallelism = parallelism.with_cuts(chosen)
-        # Each data rank's costliest planned micro-batch, by what the whole call saves.
-        worst = worst_batches(self.planned(config, layout.data_ranks), profile.whole.bytes)
+        # Each data rank's costliest planned micro-batch: what the whole call saves, and what
+        # the kernel caches keep of the distinct shapes the model ran by then.
+        worst = worst_batches(
+            self.planned(config, layout.data_ranks),
+            profile.whole.bytes,
+            profile.kernels.bytes,
+            lambda planned: model_shape(planned, parallelism, self._max_len),
+        )
         found = []
         for rank in ranks if ranks is not None else range(layout.world_size):
             placed = dataclasses.replace(layout, rank=rank)
-            batch = worst[placed.data_rank]
+            batch, distinct = worst[placed.data_rank]
             shape = model_shape(batch.shape, parallelism, self._max_len)
-            base = base_footprint(profile, placed, parallelism, shape, self.baseline)
+            base = base_footprint(profile, placed, parallelism, shape, self.baseline, distinct)
             parts, step = with_costs(base, dataclasses.replace(parallelism, layout=placed))
             found.append(
                 RankPrediction(rank, ordered(parts), PlannedBatch(batch.step, shape), step)

@@ -22,6 +22,7 @@ from torch import nn
 from shardwise.config import TrainConfig
 from shardwise.data.prepare import PreparedCorpus
 from shardwise.distributed import DistEnv, all_gather_floats
+from shardwise.memory.kernels import kernel_cache_capacities
 from shardwise.memory.measure import (
     MemoryMeter,
     mmap_threshold,
@@ -119,6 +120,8 @@ class MemoryWatch:
             "device": self.env.device.type,
             "ranks": ranks,
             "mmap_threshold": mmap_threshold() if self.env.device.type == "cpu" else None,
+            # The host's kernel caches' capacities ("": the libraries' default).
+            "kernel_caches": kernel_cache_capacities(),
         }
 
 

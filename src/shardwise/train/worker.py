@@ -41,6 +41,7 @@ from shardwise.handoff import (
     write_rank_summary,
     write_record,
 )
+from shardwise.memory.kernels import bound_kernel_caches
 from shardwise.memory.measure import hand_back_large_frees
 from shardwise.parallel.sync.ps_links import AsyncRun
 from shardwise.report import format_summary, plot_metrics, write_report, write_summary
@@ -174,6 +175,7 @@ def train(
     `folder` is the launcher's: where a restarted group learns what ended the last attempt;
     `faults`: what a test asked this rank for (train/faults.py).
     """
+    bound_kernel_caches()  # inherited from the launcher, else before this rank's first kernel
     if env.device.type == "cpu" and freeing_within_a_step(config, config.layout(env.world_size)):
         hand_back_large_frees()  # before anything large is allocated (memory/measure.py)
     run_dir = Path(str(broadcast_object(str(resolve_run_dir(config)), env)))
