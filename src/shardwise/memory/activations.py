@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -48,9 +49,9 @@ from shardwise.memory.kernels import (
     kept_by_new_shapes,
     kernel_cache_capacities,
 )
-from shardwise.memory.measure import mmap_threshold
+from shardwise.memory.measure import backward_scratch, mmap_threshold
 from shardwise.models.contract import ModelContract
-from shardwise.parallel.stages import model_pieces, probe_boundaries
+from shardwise.parallel.stages import Piece, model_pieces, probe_boundaries
 from shardwise.partition import profile_pieces
 from shardwise.partition.profile import Saved, SavedStorages
 
@@ -60,7 +61,7 @@ Autocast = Callable[[], AbstractContextManager[None]]
 # rows, so one row fixes the curves, cheaply enough for the launcher to profile in seconds.
 ROWS = 1
 WIDEST = 64
-_FORMAT = 7  # of a profile remembered on disk: another format is profiled again
+_FORMAT = 8  # of a profile remembered on disk: another format is profiled again
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,14 @@ class PieceActivations:
     output_per_token: int  # bytes of its output per (row, position): a stage boundary's
     touched: Curve | None = None  # as profiled; None in a run's view
     workspace: Curve = Curve()
+    scratch: int = 0  # what its backward holds besides, on the host (measure.backward_scratch)
 
     def view(self, on_host: bool) -> PieceActivations:
         if self.touched is None:  # a view already
             return self
         if on_host:
             return dataclasses.replace(self, saved=self.touched, touched=None)
-        return dataclasses.replace(self, touched=None, workspace=Curve())
+        return dataclasses.replace(self, touched=None, workspace=Curve(), scratch=0)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class ActivationProfile:
     touched: Curve | None = None  # as profiled; None in a run's view
     workspace: Curve = Curve()
     kernels: KernelCache = field(default_factory=KernelCache)
+    scratch: int = 0  # what the whole call's backward holds besides, on the host
 
     @property
     def loss(self) -> Curve:
@@ -179,16 +182,12 @@ class ActivationProfile:
 
     def _view(self, on_host: bool) -> ActivationProfile:
         pieces = tuple(piece.view(on_host) for piece in self.pieces)
-        kernels = self.kernels if on_host else KernelCache()
+        device = {} if on_host else {"kernels": KernelCache(), "scratch": 0}
         if self.touched is None:
-            return dataclasses.replace(self, pieces=pieces, kernels=kernels)
+            return dataclasses.replace(self, pieces=pieces, **device)
         if on_host:
-            return dataclasses.replace(
-                self, whole=self.touched, pieces=pieces, touched=None, kernels=kernels
-            )
-        return dataclasses.replace(
-            self, pieces=pieces, touched=None, workspace=Curve(), kernels=kernels
-        )
+            return dataclasses.replace(self, whole=self.touched, pieces=pieces, touched=None)
+        return dataclasses.replace(self, pieces=pieces, touched=None, workspace=Curve(), **device)
 
 
 def profile_activations(
@@ -222,6 +221,8 @@ def profile_activations(
         # The pieces (timed too, by the planner's profile), at the same shapes.
         for rows, width in shapes:
             by_piece.append(_piece_costs(model, torch.zeros(rows, width, dtype=torch.long)))
+        narrowest = torch.zeros(ROWS, widths[-1], dtype=torch.long)
+        scratch, piece_scratch = _scratch(model, contract, narrowest, packed)
     pieces: tuple[PieceActivations, ...] = ()
     if by_piece[0] is not None:
         outputs = _output_bytes(model, autocast)
@@ -230,7 +231,13 @@ def profile_activations(
             saved, touched, workspace = _curves(widths, [costs[i].saved for costs in by_piece])
             found_pieces.append(
                 PieceActivations(
-                    cost.names, cost.param_bytes, saved, outputs[i], touched, workspace
+                    cost.names,
+                    cost.param_bytes,
+                    saved,
+                    outputs[i],
+                    touched,
+                    workspace,
+                    piece_scratch[i],
                 )
             )
         pieces = tuple(found_pieces)
@@ -241,7 +248,30 @@ def profile_activations(
         touched, workspace = None, Curve()
     # Of all saved bytes, those inside a tensor split's regions.
     split = _fitted(widths, [inside.bytes for _, inside in found])
-    return ActivationProfile(whole, pieces, params, split, touched, workspace, kernels)
+    return ActivationProfile(whole, pieces, params, split, touched, workspace, kernels, scratch)
+
+
+def _scratch(
+    model: nn.Module, contract: ModelContract, tokens: torch.Tensor, packed: bool
+) -> tuple[int, list[int]]:
+    """What the backward holds besides on the host (measure.backward_scratch), of the whole
+    call and of each piece on the previous one's output, at `tokens`' (narrow) shape: what is
+    left there is not the batch's."""
+    params = list(model.parameters())
+    whole = backward_scratch(lambda: (_forward(model, contract, tokens, packed), params))
+    per_piece: list[int] = []
+    try:
+        pieces = model_pieces(model)
+    except ShardwiseError:  # no pieces: a model of the user's without layer_names()
+        return whole, per_piece
+    x = tokens
+    for piece in pieces:
+        mine = [p for name in piece.names for p in model.get_submodule(name).parameters()]
+        given = x.detach().requires_grad_(x.is_floating_point())
+        per_piece.append(backward_scratch(functools.partial(_run_piece, piece, given, mine)))
+        with torch.no_grad():
+            x = piece.run(x)
+    return whole, per_piece
 
 
 def _kernels(
@@ -296,6 +326,12 @@ def _unseen_shapes(widest: int, taken: set[tuple[int, int]]) -> Iterator[tuple[i
             if (rows, width) not in taken:
                 _RUN.add((rows, width))
                 yield rows, width
+
+
+def _run_piece(
+    piece: Piece, given: torch.Tensor, params: list[nn.Parameter]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return piece.run(given), [given, *params]
 
 
 def cached_profile(
@@ -362,14 +398,15 @@ def _profile_from_json(values: dict) -> ActivationProfile:
             int(piece["output_per_token"]),
             curve(piece["touched"]),
             Curve(**piece["workspace"]),
+            int(piece["scratch"]),
         )
         for piece in values["pieces"]
     )
     whole, split = Curve(**values["whole"]), Curve(**values["split"])
     touched, workspace = curve(values["touched"]), Curve(**values["workspace"])
-    kernels = KernelCache(**values["kernels"])
+    kernels, scratch = KernelCache(**values["kernels"]), int(values["scratch"])
     params = int(values["param_bytes"])
-    return ActivationProfile(whole, pieces, params, split, touched, workspace, kernels)
+    return ActivationProfile(whole, pieces, params, split, touched, workspace, kernels, scratch)
 
 
 def counts_pages() -> bool:

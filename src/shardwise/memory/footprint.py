@@ -6,7 +6,8 @@
 The base is the model's state as AdamW trains it (parameters, their gradients, two moments of
 the parameters' dtype) and the activations the profile predicts for the rank's worst batch (in
 the view of the device: on a host, the pages written, and the workspace a backward writes),
-and on a host what its kernel caches keep of the batch shapes met by then;
+and on a host what its kernel caches keep of the batch shapes met by then and what its backward
+holds besides (`scratch`: a recurrent kernel's own copies of its weights);
 after the techniques' terms, AdamW's step adds its temporary where it exceeds what the backward
 held (`optimizer_step`).
 Under a pipeline the base is this rank's own stage scaled to a whole replica (pp stages like
@@ -37,6 +38,7 @@ PARTS = (
     "optimizer",
     "activations",
     "workspace",
+    "scratch",
     "buffers",
     "in_flight",
     "optimizer_step",
@@ -120,6 +122,9 @@ def base_footprint(
         workspace = max(piece.workspace.bytes(shape) for piece in held)
     if workspace:  # the backward writing it holds its output's gradient and writes its input's
         workspace += 2 * boundary
+    # What a backward holds besides on the host, whatever the batch (a recurrent kernel's own
+    # copies of its weights): the whole call's, or the largest of this stage's pieces'.
+    scratch = max((piece.scratch for piece in held), default=0) if staged else profile.scratch
     scale = parallelism.layout.pp if staged else 1
     parts = {
         "parameters": scale * params,
@@ -127,6 +132,7 @@ def base_footprint(
         "optimizer": scale * OPTIMIZER_COPIES * params,
         "activations": scale * activations,
         "workspace": scale * workspace,
+        "scratch": scratch,
         "buffers": 0,
         "in_flight": 0,
         "kernels": profile.kernels.bytes(distinct),
@@ -176,7 +182,8 @@ def optimizer_step(parts: Mapping[str, int]) -> int:
     0
     """
     stepped = parts.get("optimizer", 0) // OPTIMIZER_COPIES
-    freed = sum(parts.get(part, 0) for part in ("activations", "workspace", "buffers", "in_flight"))
+    gone = ("activations", "workspace", "scratch", "buffers", "in_flight")
+    freed = sum(parts.get(part, 0) for part in gone)
     return max(0, stepped - freed)
 
 

@@ -21,6 +21,7 @@ import functools
 import gc
 import os
 import resource
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,34 @@ def release_freed_memory(collect: bool = True) -> None:
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     if trim is not None:
         trim(0)
+
+
+def backward_scratch(forward: Callable[[], tuple[torch.Tensor, Sequence[torch.Tensor]]]) -> int:
+    """Bytes a backward holds on the host beyond what its forward left resident, the gradients
+    it returns and its seed: a kernel's own buffers. oneDNN's recurrent layers copy their weights
+    into their own layout for the backward and write the weights' gradients there first, about
+    twice the layer's weights, whatever the batch.
+
+    `forward()` runs a forward and returns its output and the tensors to differentiate. It runs
+    twice, measured the second time: the first compiles the shape's kernels (memory/kernels.py
+    counts those). 0 on a GPU, with nothing to differentiate, or where the peak cannot be reset.
+    """
+    for measured in (False, True):
+        out, wrt = forward()
+        wrt = [tensor for tensor in wrt if tensor.requires_grad]
+        if out.device.type != "cpu" or not out.requires_grad or not wrt:
+            return 0
+        seed = torch.ones_like(out)
+        release_freed_memory(collect=False)
+        if measured and not reset_peak_resident():
+            return 0
+        before = resident_bytes()
+        grads = torch.autograd.grad(out, wrt, seed)
+        if measured:
+            held = sum(grad.untyped_storage().nbytes() for grad in grads)
+            return max(peak_resident_bytes() - before - held - seed.untyped_storage().nbytes(), 0)
+        del out, grads, seed
+    return 0
 
 
 _PAGE = 4096
