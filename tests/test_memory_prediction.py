@@ -12,6 +12,7 @@ import pytest
 
 import shardwise.techniques as techniques
 from shardwise.config import TrainConfig
+from shardwise.memory.batches import NEAR_PEAK
 from shardwise.memory.footprint import PARTS
 from shardwise.memory.predict import MemoryPredictor
 from shardwise.techniques import Cost, Technique
@@ -140,11 +141,15 @@ def test_the_worst_planned_batch_is_the_one_predicted_not_the_mean(
     for batch in planned:
         seen.add(batch.shape)
         kept.append(profile.kernels.bytes(len(seen)))
-    costs = [held + kernels for held, kernels in zip(saved, kept, strict=True)]
-    # The predicted batch is the costliest of every planned one, at its own step...
+    costs = np.array([held + kernels for held, kernels in zip(saved, kept, strict=True)])
+    # The predicted batch is where the rank peaks: of the batches within 2% of the costliest,
+    # the widest, at its first step...
+    near = np.flatnonzero(costs >= (1 - NEAR_PEAK) * costs.max())
+    chosen = near[np.argmax(np.array(saved)[near])]
     parts = prediction.ranks[0].parts
-    assert profile.whole.bytes(worst.shape) + parts["kernels"] == max(costs)
-    assert worst.step == planned[int(np.argmax(costs))].step
+    assert profile.whole.bytes(worst.shape) + parts["kernels"] == costs[chosen]
+    assert worst.step == planned[chosen].step
+    assert costs[chosen] >= (1 - NEAR_PEAK) * costs.max()
     # ...far costlier than the mean planned batch: the tail decides, not the mean.
     assert parts["activations"] >= 2 * np.mean(saved)
     if config.batching == "fixed":  # the batch holding the longest row, padded to it

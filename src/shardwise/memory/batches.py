@@ -96,19 +96,27 @@ def _fixed(
         yield PlannedBatch(index // grad_accum + 1, shape_of(work, request.indices, False))
 
 
+# Batches whose cost is within this share of a rank's costliest count as reaching its peak: of
+# those, the widest (by `cost`) and first is the one named, as a measured peak is first reached.
+NEAR_PEAK = 0.02
+
+
 def worst_batches(
     planned: list[list[PlannedBatch]],
     cost: Callable[[BatchShape], float],
     kept: Callable[[int], float] = lambda distinct: 0,
     shaped: Callable[[BatchShape], BatchShape] = lambda shape: shape,
 ) -> list[tuple[PlannedBatch, int]]:
-    """Per data rank, the planned micro-batch of the highest cost (the first, on a tie), and
-    how many distinct shapes the model had run by then, that one's included.
+    """Per data rank, the planned micro-batch at which it peaks, and how many distinct shapes
+    the model had run by then, that one's included.
 
     A micro-batch costs `cost(shape)` while it runs, and what stays behind grows with the
     distinct shapes the model ran by then: `kept(distinct)` (a host's kernel caches, memory/
-    kernels.py), so a later batch can cost more than a wider, earlier one. `shaped`: the shape
-    the model runs a planned one at (a pipeline's micro-batch, padded to its length bucket).
+    kernels.py), so a later batch can cost more than a wider, earlier one. Of the batches
+    within `NEAR_PEAK` of the costliest, the one of the highest `cost` is named, the first on a
+    tie: a batch as wide as an earlier one is not the peak for the few kernels kept since.
+    `shaped`: the shape the model runs a planned one at (a pipeline's micro-batch, padded to
+    its length bucket).
 
     >>> plans = [[PlannedBatch(1, BatchShape(8, 10)), PlannedBatch(2, BatchShape(2, 60))]]
     >>> worst_batches(plans, cost=lambda s: s.rows * s.width * s.width)[0][0].step
@@ -116,16 +124,21 @@ def worst_batches(
     >>> plans = [[PlannedBatch(step, BatchShape(1, width)) for step, width in enumerate((9, 3, 4))]]
     >>> worst_batches(plans, cost=lambda s: s.width, kept=lambda distinct: 5 * distinct)[0]
     (PlannedBatch(step=2, shape=BatchShape(rows=1, width=4, packed=False)), 3)
+    >>> plans = [[PlannedBatch(step, BatchShape(1, w)) for step, w in enumerate((99, 3, 99))]]
+    >>> worst_batches(plans, cost=lambda s: 100 * s.width, kept=lambda d: d)[0][0].step
+    0
     """
     found = []
     for batches in planned:
         seen: set[BatchShape] = set()
-        best: tuple[float, int, PlannedBatch, int] | None = None
+        costs = []
         for batch in batches:
             seen.add(shaped(batch.shape))
-            here = (cost(batch.shape) + kept(len(seen)), -batch.step, batch, len(seen))
-            if best is None or here[:2] > best[:2]:
-                best = here
-        assert best is not None, "a data rank without planned batches"
-        found.append((best[2], best[3]))
+            own = cost(batch.shape)
+            costs.append((own + kept(len(seen)), own, batch, len(seen)))
+        assert costs, "a data rank without planned batches"
+        peak = max(total for total, *_ in costs)
+        near = [entry for entry in costs if entry[0] >= (1 - NEAR_PEAK) * peak]
+        _, _, batch, distinct = max(near, key=lambda entry: (entry[1], -entry[2].step))
+        found.append((batch, distinct))
     return found
