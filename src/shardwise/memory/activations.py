@@ -19,14 +19,15 @@ two fifths of it, its backward the rest, one layer at a time, so a host holds th
 pages of every layer plus one layer's rest (`workspace`), not every byte.
 
 A host also keeps what its kernel caches compiled for each new batch shape (`kernels`,
-memory/kernels.py): measured here, after the profile's shapes, on shapes never run before.
+memory/kernels.py), measured here first, on shapes never run before, while the caches hold
+nothing of the model; and what a backward holds besides what it saved (`scratch`: a recurrent
+kernel's copies of its weights), measured last, at the narrowest shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import inspect
 import itertools
@@ -51,9 +52,9 @@ from shardwise.memory.kernels import (
 )
 from shardwise.memory.measure import backward_scratch, mmap_threshold, release_freed_memory
 from shardwise.models.contract import ModelContract
-from shardwise.parallel.stages import Piece, model_pieces, probe_boundaries
+from shardwise.parallel.stages import model_pieces, probe_boundaries
 from shardwise.partition import profile_pieces
-from shardwise.partition.profile import Saved, SavedStorages
+from shardwise.partition.profile import Saved, SavedStorages, backward_scratch_by_piece
 
 Autocast = Callable[[], AbstractContextManager[None]]
 
@@ -274,19 +275,10 @@ def _measured_scratch(
 ) -> tuple[int, list[int]]:
     params = list(model.parameters())
     whole = backward_scratch(lambda: (_forward(model, contract, tokens, packed), params))
-    per_piece: list[int] = []
     try:
-        pieces = model_pieces(model)
+        return whole, backward_scratch_by_piece(model, tokens)
     except ShardwiseError:  # no pieces: a model of the user's without layer_names()
-        return whole, per_piece
-    x = tokens
-    for piece in pieces:
-        mine = [p for name in piece.names for p in model.get_submodule(name).parameters()]
-        given = x.detach().requires_grad_(x.is_floating_point())
-        per_piece.append(backward_scratch(functools.partial(_run_piece, piece, given, mine)))
-        with torch.no_grad():
-            x = piece.run(x)
-    return whole, per_piece
+        return whole, []
 
 
 def _kernels(
@@ -342,12 +334,6 @@ def _unseen_shapes(widest: int, taken: set[tuple[int, int]]) -> Iterator[tuple[i
             if (rows, width) not in taken:
                 _RUN.add((rows, width))
                 yield rows, width
-
-
-def _run_piece(
-    piece: Piece, given: torch.Tensor, params: list[nn.Parameter]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return piece.run(given), [given, *params]
 
 
 def cached_profile(

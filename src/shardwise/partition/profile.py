@@ -12,6 +12,7 @@ in flight.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shardwise.memory.measure import touched_bytes
+from shardwise.memory.measure import backward_scratch, touched_bytes
 from shardwise.parallel.stages import Piece, model_pieces
 
 # Parameters, gradients, and AdamW's exp_avg and exp_avg_sq: four copies of every weight.
@@ -88,6 +89,27 @@ def profile_pieces(model: nn.Module, tokens: torch.Tensor, repeats: int = 3) -> 
                 )
             )
     return costs
+
+
+def backward_scratch_by_piece(model: nn.Module, tokens: torch.Tensor) -> list[int]:
+    """Per piece of `model`, in forward order, what its backward holds on the host besides
+    what it saved, its gradients and its seed (memory/measure.py `backward_scratch`), each on
+    the previous piece's output for `tokens`."""
+    x = tokens
+    found = []
+    for piece in model_pieces(model):
+        given = _input(x)
+        run = functools.partial(_run_piece, piece, given, _parameters(model, piece))
+        found.append(backward_scratch(run))
+        with torch.no_grad():
+            x = piece.run(x)
+    return found
+
+
+def _run_piece(
+    piece: Piece, given: torch.Tensor, params: list[nn.Parameter]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return piece.run(given), [given, *params]
 
 
 def _parameters(model: nn.Module, piece: Piece) -> list[nn.Parameter]:
